@@ -1,0 +1,42 @@
+"""`ditstudio`: the command line. Each subcommand lives in its own module with `add_parser(subparsers)` and
+`run(args) -> int`; this file only wires them together, so the CLI stays as thin as the UI."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app import doctor
+
+# Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, generate, models,
+# bench, chat, eval.
+COMMANDS = [doctor]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ditstudio",
+        description="Efficient diffusion transformers and visual-autoregressive models: "
+        "generate, chat, fine-tune, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # User errors (bad names, bad paths, bad values) get one clear line, not a traceback.
+        print(f"ditstudio {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
