@@ -49,3 +49,15 @@ def list_models(directory: Path | None = None) -> list[ModelEntry]:
         if any((folder / n).is_file() for n in ("config.json", "model_index.json")):
             entries.append(ModelEntry(folder.name, folder, _task_of(folder), _folder_bytes(folder)))
     return entries
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A shipped model's name (see `ditstudio models`) or a path to a model folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    known = {m.name: m.path for m in list_models()}
+    if name_or_path in known:
+        return known[name_or_path]
+    raise ValueError(f"unknown model {name_or_path!r}: not a folder, and not one of the shipped models "
+                     f"({', '.join(sorted(known)) or 'none found in ' + str(models_dir())})")

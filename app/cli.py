@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import doctor
+from app import doctor, evaluate
 
 # Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, generate, models,
 # bench, chat, eval.
-COMMANDS = [doctor]
+COMMANDS = [doctor, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

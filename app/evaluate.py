@@ -1,0 +1,58 @@
+"""`ditstudio eval --model NAME_OR_PATH`: re-run a shipped model's evaluation (the kind, sample count and seed
+its model card names) and print the metrics beside the ones on the card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from app.catalog import resolve_model
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="reproduce a shipped model's metrics with the project's own evaluation")
+    p.add_argument("--model", required=True, help="a shipped model's name or a model folder")
+    p.add_argument("--n", type=int, default=None, help="samples (default: as on the model card)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: as on the model card)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None, device: str = "cpu") -> dict:
+    card_path = folder / "card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{folder} has no card.json: it is not a shipped model with a recorded evaluation")
+    card = json.loads(card_path.read_text())
+    spec = card.get("eval", {})
+    n = n or spec.get("n", 256)
+    seed = spec.get("seed", 0) if seed is None else seed
+    kind = spec.get("kind")
+    if kind == "clip":
+        from shapes.clip import ShapesCLIP, evaluate_clip
+        metrics = evaluate_clip(ShapesCLIP.from_pretrained(folder, device=device), n=n, seed=seed)
+    elif kind == "vae":
+        from diffusers import AutoencoderKL
+
+        from shapes.vae import evaluate_vae
+        metrics = evaluate_vae(AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval(),
+                               n=n, seed=seed)
+    else:
+        raise ValueError(f"{folder}/card.json names evaluation kind {kind!r}; known: clip, vae")
+    return {"model": folder.name, "n": n, "seed": seed, "metrics": metrics, "card_metrics": card.get("metrics", {}),
+            "targets": card.get("targets", {})}
+
+
+def run(args) -> int:
+    result = evaluate_folder(resolve_model(args.model), n=args.n, seed=args.seed, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']}: n={result['n']} seed={result['seed']}")
+    print(f"  {'metric':28s} {'now':>10s} {'card':>10s}  target")
+    for k, v in result["metrics"].items():
+        card = result["card_metrics"].get(k, "")
+        fmt = (lambda x: f"{x:10.4f}" if isinstance(x, float) else f"{x!s:>10}")
+        print(f"  {k:28s} {fmt(v)} {fmt(card)}  {result['targets'].get(k, '')}")
+    return 0

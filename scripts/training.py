@@ -1,0 +1,176 @@
+"""What every training script here shares: an accelerate run folder with checkpoint + resume, a JSONL log, a
+loss/metric plot, and the model card written beside the shipped weights.
+
+Resume loses no step beyond the last checkpoint: `accelerator.save_state` stores model, optimiser, LR
+schedule and RNG states, and each script draws step `s`'s batch from `seed + s` (the shapes world is a
+function of its seed), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, plot, and the final model")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--keep-ckpts", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this process after that step, as an interruption would (resume by running again)")
+
+
+@dataclass
+class Run:
+    """One training run's folder and bookkeeping."""
+    args: object
+    accelerator: Accelerator
+    out: Path
+    start_step: int = 0
+    t0: float = field(default_factory=time.time)
+    train_seconds_before: float = 0.0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.ckpt_root.is_dir():
+            return None
+        ckpts = [p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d+", p.name)]
+        return max(ckpts, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+    def resume(self) -> int:
+        """Load the newest checkpoint if there is one; returns the step to continue from."""
+        ckpt = self.latest_checkpoint()
+        if ckpt is None:
+            return 0
+        self.accelerator.load_state(str(ckpt))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        self.start_step = meta["step"]
+        self.train_seconds_before = meta.get("train_seconds", 0.0)
+        self.accelerator.print(f"resumed from {ckpt} at step {self.start_step}")
+        return self.start_step
+
+    def train_seconds(self) -> float:
+        return self.train_seconds_before + time.time() - self.t0
+
+    def interrupted(self, step: int) -> bool:
+        """True once `--stop-after` is reached: the caller returns without saving the final model."""
+        return self.args.stop_after is not None and step >= self.args.stop_after and step < self.args.steps
+
+    def checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.ckpt_root / f"step_{step}"
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            (path / "meta.json").write_text(json.dumps({"step": step, "train_seconds": self.train_seconds()}))
+            ckpts = sorted((p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d+", p.name)),
+                           key=lambda p: int(p.name.split("_")[1]))
+            for old in ckpts[: -self.args.keep_ckpts]:
+                for f in sorted(old.rglob("*"), reverse=True):
+                    f.unlink() if f.is_file() else f.rmdir()
+                old.rmdir()
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict]:
+        path = self.out / "log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def plot(self, metric_keys: list[str]) -> Path:
+        """Loss (every logged step) and each metric (every evaluation) against the step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.read_log()
+        fig, axes = plt.subplots(1, 1 + len(metric_keys), figsize=(4 * (1 + len(metric_keys)), 3))
+        axes = list(axes) if len(metric_keys) else [axes]
+        loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        if loss:
+            axes[0].plot(*zip(*loss))
+        axes[0].set(title="training loss", xlabel="step", yscale="log")
+        for ax, key in zip(axes[1:], metric_keys):
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o")
+            ax.set(title=key, xlabel="step")
+        fig.tight_layout()
+        path = self.out / "training.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+
+def start_run(args, *, split_batches: bool = False) -> Run:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, split_batches=split_batches)
+    set_seed(args.seed)
+    return Run(args=args, accelerator=accelerator, out=out)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_model_card(folder: Path, *, title: str, summary: str, run: Run, metrics: dict, targets: dict,
+                     extra: dict | None = None) -> None:
+    """README.md (for people) and card.json (for `ditstudio eval` and doctor) beside the weights."""
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    card = {
+        "title": title,
+        "size_bytes": weights,
+        "command": command_line(),
+        "steps": run.args.steps,
+        "batch_size": run.args.batch_size,
+        "seed": run.args.seed,
+        "device": device_name(run.accelerator.device),
+        "num_processes": run.accelerator.num_processes,
+        "train_seconds": round(run.train_seconds(), 1),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "metrics": metrics,
+        "targets": targets,
+        **(extra or {}),
+    }
+    (folder / "card.json").write_text(json.dumps(card, indent=2))
+    rows = "\n".join(f"| {k} | {v:.4g} | {targets.get(k, '')} |" if isinstance(v, float) else
+                     f"| {k} | {v} | {targets.get(k, '')} |" for k, v in metrics.items())
+    (folder / "README.md").write_text(
+        f"# {title}\n\n{summary}\n\n"
+        f"- weights: {weights / 1e6:.2f} MB (fp16 safetensors)\n"
+        f"- trained with: `{card['command']}`\n"
+        f"- {card['steps']} steps at batch {card['batch_size']}, seed {card['seed']}, on {card['device']} "
+        f"(× {card['num_processes']}), {card['train_seconds']:.0f} s, torch {card['torch']}, {card['date']}\n\n"
+        f"## Metrics (held-out, seeded; reproduce with `ditstudio eval --model {folder.name}`)\n\n"
+        f"| metric | value | target |\n| --- | --- | --- |\n{rows}\n")
