@@ -104,6 +104,8 @@ def main(args) -> dict:
         if run.interrupted(step):
             bar.close()
             return {}
+        if run.out_of_time(step):
+            break
     bar.close()
 
     metrics = {}

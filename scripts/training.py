@@ -33,6 +33,8 @@ def add_common_args(p) -> None:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--keep-ckpts", type=int, default=2)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds of training; past it the run ends early, then saves and evaluates as usual")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this process after that step, as an interruption would (resume by running again)")
 
@@ -75,6 +77,18 @@ class Run:
     def interrupted(self, step: int) -> bool:
         """True once `--stop-after` is reached: the caller returns without saving the final model."""
         return self.args.stop_after is not None and step >= self.args.stop_after and step < self.args.steps
+
+    def out_of_time(self, step: int) -> bool:
+        """True once `--time-limit` has passed; records the step actually reached for the model card."""
+        if self.args.time_limit is None:
+            return False
+        # Every process must stop at the same step, or the others wait forever in the next collective.
+        over = torch.tensor(float(self.train_seconds() >= self.args.time_limit), device=self.accelerator.device)
+        if self.accelerator.reduce(over, reduction="max").item() == 0:
+            return False
+        self.accelerator.print(f"time limit reached at step {step} of {self.args.steps}")
+        self.args.steps = step
+        return True
 
     def checkpoint(self, step: int) -> None:
         acc = self.accelerator
