@@ -221,3 +221,40 @@ def evaluate_clip(clip: ShapesCLIP, n: int = 1024, seed: int = 0) -> dict:
         i2t += (sim.argmax(0) == target).float().mean().item() / groups
     metrics.update(retrieval_top1_256=t2i, image_to_text_top1_256=i2t, n=n, shapes=len(SHAPES))
     return metrics
+
+
+# ----- Fréchet distance on the image tower's features (the shapes world's FID) -----
+FID_KINDS = ("class", "caption")  # which real-image distribution a reference describes
+FID_REFERENCE_N = 10_000
+FID_REFERENCE_SEED = 4242  # kept apart from evaluation seeds
+
+
+def fid_feature_fn(clip: ShapesCLIP):
+    """uint8 (B, 3, H, W) images -> (B, embed_dim) unnormalised image embeddings."""
+    return lambda images: clip.encode_image(images, normalize=False).float().cpu()
+
+
+def fid_stats_path(folder: str | Path, kind: str) -> Path:
+    if kind not in FID_KINDS:
+        raise ValueError(f"unknown Fréchet reference {kind!r}; shipped: {FID_KINDS}")
+    return Path(folder) / f"fid_stats_{kind}_64px.npz"
+
+
+def compute_reference_stats(clip: ShapesCLIP, folder: str | Path, n: int = FID_REFERENCE_N) -> None:
+    """Mean and covariance of the image features of `n` rendered 64 px scenes per kind, saved beside the CLIP."""
+    from .metrics import feature_stats, image_features, save_stats
+
+    for kind in FID_KINDS:
+        images = eval_set(kind, n, FID_REFERENCE_SEED)["image"]
+        save_stats(fid_stats_path(folder, kind), *feature_stats(image_features(images, fid_feature_fn(clip))))
+
+
+def frechet_to_reference(clip: ShapesCLIP, folder: str | Path, images: torch.Tensor, kind: str = "caption") -> float:
+    """Fréchet distance between `images` ((B, 3, H, W) uint8 or float in [-1, 1]) and the shipped reference
+    statistics of real scenes of `kind`. Use thousands of images: the estimate is biased upwards at small B."""
+    from .metrics import frechet_distance_images, load_stats
+
+    path = fid_stats_path(folder, kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: compute it with shapes.clip.compute_reference_stats")
+    return frechet_distance_images(images, load_stats(path), fid_feature_fn(clip))

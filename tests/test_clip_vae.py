@@ -144,3 +144,19 @@ def test_shipped_weights_budget():
     for d in (SHIPPED_CLIP, SHIPPED_VAE):
         card = json.loads((d / "card.json").read_text())
         assert {"command", "steps", "device", "train_seconds", "metrics"} <= card.keys()
+
+
+@needs_clip
+def test_shipped_frechet_reference_separates_real_from_degraded():
+    from shapes.clip import frechet_to_reference
+    from shapes.metrics import degrade
+
+    clip = ShapesCLIP.from_pretrained(SHIPPED_CLIP)
+    real = eval_set("caption", 1000, seed=11)["image"]
+    fd_real = frechet_to_reference(clip, SHIPPED_CLIP, real)
+    fd_blur = frechet_to_reference(clip, SHIPPED_CLIP, degrade(real, blur_sigma=1.5, noise_std=0.0))
+    fd_wrong = frechet_to_reference(clip, SHIPPED_CLIP, eval_set("class", 1000, seed=11)["image"])
+    assert fd_real < 2.0, fd_real
+    assert fd_blur > 10 * fd_real and fd_wrong > 10 * fd_real, (fd_real, fd_blur, fd_wrong)
+    with pytest.raises(ValueError, match="unknown Fréchet reference"):
+        frechet_to_reference(clip, SHIPPED_CLIP, real, kind="video")
