@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
+from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import CausalVariant
 
 from .problem import Problem, tiny_like
@@ -200,6 +201,19 @@ def _sdpa_run(p: Problem, kernel: SDPBackend, gqa_native: bool) -> Tensor:
         if p.form == "causal":  # square only, so SDPA's top-left alignment is the right one
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=p.scale, **gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.additive_mask(), scale=p.scale, **gqa)
+
+
+def _sdpa_traced(p: Problem, kernel: SDPBackend) -> Tensor:
+    """The SDPA call as torch.compile can trace it: `sdpa_kernel` (which dynamo understands) instead of
+    flipping the global switches, GQA by repeated heads (valid for every kernel), and rectangular causal as the
+    cached additive bias (dynamo cannot build torch's CausalBias subclass)."""
+    k, v = _repeat_kv(p)
+    if p.form == "causal":
+        mask, causal = None, True
+    else:
+        mask, causal = p.additive_mask(), False
+    with sdpa_kernel([kernel]):
+        return F.scaled_dot_product_attention(p.q, k, v, attn_mask=mask, is_causal=causal, scale=p.scale)
 
 
 def _sdpa_static(name: str, p: Problem) -> tuple[bool, str]:
@@ -482,3 +496,27 @@ BACKENDS: dict[str, Backend] = {
     "xformers": Backend(xformers, xformers_supports),
     "reference": Backend(reference, reference_supports),
 }
+
+# What torch.compile can trace (see dispatch._decide_traced): the SDPA kernels through `sdpa_kernel`, and the
+# float64 reference (plain tensor ops). Flex and xformers are left to eager calls.
+_SDPA_KERNELS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+TRACEABLE: dict[str, Callable[[Problem], Tensor]] = {
+    **{name: functools.partial(_sdpa_traced, kernel=kernel) for name, kernel in _SDPA_KERNELS.items()},
+    "reference": reference,
+}
+
+
+def static_supports(name: str, p: Problem) -> tuple[bool, str]:
+    """The rules a backend can be judged by without running it (no probe)."""
+    if name not in TRACEABLE:
+        return False, f"{name} is not traceable by torch.compile; traceable: {sorted(TRACEABLE)}"
+    if name == "reference":
+        return True, ""
+    ok, reason = _sdpa_static(name, p)
+    if ok and name == "sdpa_flash" and p.q.device.type == "cuda":
+        if p.v.shape[-1] != p.q.shape[-1]:
+            return False, "CUDA flash attention needs the same head_dim for q, k and v"
+        if p.form == "causal_bottom_right":  # eager calls reach flash's bottom-right kernel; a graph cannot
+            return False, "traced calls give flash no bottom-right causal mask"
+    return ok, reason

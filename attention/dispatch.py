@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .backends import BACKENDS
+from .backends import BACKENDS, TRACEABLE, static_supports
 from .problem import IndexArg, Problem, prepare
 
 ENV_VAR = "DITSTUDIO_ATTENTION_BACKEND"
@@ -194,8 +194,33 @@ def clear_decision_cache() -> None:
     _AUTO_DECISIONS.clear()
 
 
+def _decide_traced(p: Problem, backend: str | None) -> Decision:
+    """The decision while torch.compile traces a model. Probes run kernels and the SDPA switches are global
+    state, neither of which a graph can hold, so: the ``backend`` argument if given, else the decision an
+    eager call with the same features cached, else the first backend of the table row whose static rules
+    (device, dtype, mask form) pass. ``use_backend`` and the env var are read at trace time like any Python
+    state (a change needs a recompile)."""
+    name = backend if backend is not None else (_FORCED.get() or os.environ.get(ENV_VAR, "").strip() or "auto")
+    _check_name(name, "backend")
+    if name != "auto":
+        ok, reason = static_supports(name, p)
+        if not ok:
+            raise ValueError(f"attention backend {name!r} does not support this call under torch.compile: {reason}")
+        return Decision(name, "forced (traced)", [], "traced")
+    cached = _AUTO_DECISIONS.get((p.features, AUTO_TABLE.version))
+    if cached is not None and cached.backend in TRACEABLE:
+        return cached
+    key, order = table_row(p.q.device, p.q.dtype, p.q.shape[-1], TABLE_PATTERN[p.form], p.needs_grad)
+    for candidate in list(order) + FALLBACK:
+        if candidate in TRACEABLE and static_supports(candidate, p)[0]:
+            return Decision(candidate, f"first statically valid traceable backend of AUTO_TABLE{key}", [], "traced")
+    return Decision("reference", "fallback (traced)", [], "traced")
+
+
 def decide(p: Problem, backend: str | None = None) -> Decision:
     """Pick the backend for a prepared Problem (see module docstring for the order of authority)."""
+    if torch.compiler.is_compiling():
+        return _decide_traced(p, backend)
     name, source = _requested(backend)
     if name != "auto":
         ok, reason = BACKENDS[name].supports(p)
@@ -271,6 +296,8 @@ def attention(
     p = prepare(q, k, v, pattern=pattern, segments=segments, key_padding_mask=key_padding_mask,
                 q_index=q_index, kv_index=kv_index, scale=scale)
     decision = decide(p, backend)
+    if torch.compiler.is_compiling():
+        return p.finish(TRACEABLE[decision.backend](p))
     return p.finish(BACKENDS[decision.backend].run(p))
 
 

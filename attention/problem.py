@@ -202,6 +202,10 @@ def _check_index_tensor(name: str, idx: Tensor, limit: int, device) -> None:
         _fail(f"{name} must hold integer indices (int64/int32), got {idx.dtype}")
     if idx.device != device:
         _fail(f"{name} is on {idx.device}, q/k/v on {device}")
+    # The range check reads the indices on the host (a GPU sync); a traced graph cannot, and there
+    # torch.gather's own bounds check still fails loudly on a bad index.
+    if torch.compiler.is_compiling():
+        return
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
         _fail(f"{name} out of range: indices must lie in [0, {limit}), got min {int(idx.min())}, max {int(idx.max())}")
 
@@ -327,8 +331,11 @@ def prepare(
     if pattern == "dense" and not keyed:
         form, mask_mod = "none", None
     elif pattern == "causal" and not keyed and not gathered and Nq_full <= Nk_full:
-        form = "causal" if Nq == Nk else "causal_bottom_right"
-        mask_mod, mask_key = full_mod, ("causal",)
+        if Nq == 1:  # one query at the end of the keys (a decode step) sees every key: no mask at all
+            form, mask_mod = "none", None
+        else:
+            form = "causal" if Nq == Nk else "causal_bottom_right"
+            mask_mod, mask_key = full_mod, ("causal",)
     elif pattern == "block_causal" and not keyed and not gathered:
         form, mask_mod, mask_key = "block_causal", full_mod, ("block_causal", segs)
     else:

@@ -639,3 +639,42 @@ def test_cuda_backend_matches_oracle(backend, case):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_auto_matches_oracle(case):
     _check_against_oracle(None, case, "cuda", torch.bfloat16, rtol=3e-2, grad_rtol=6e-2, backward=True)
+
+
+# ----- torch.compile: the layer traces into one graph (no graph break), so compiled models and CUDA graphs
+# keep attention inside them; the traced path equals the eager one -----
+_Q = torch.Generator().manual_seed(5)
+
+
+def _t(*shape):
+    return torch.randn(*shape, generator=_Q)
+
+
+@pytest.mark.parametrize("case", ["dense", "cross", "causal", "causal_rect_gqa", "decode_step", "block_causal",
+                                  "key_padding", "subset"])
+def test_traces_without_graph_breaks(case):
+    q, k, v = _t(2, 4, 8, 32), _t(2, 4, 8, 32), _t(2, 4, 8, 32)
+    kv = _t(2, 2, 12, 32)
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    kpm[1, 5:] = False
+    idx = torch.tensor([[0, 2, 4], [1, 3, 7]])
+    args, kw = {
+        "dense": ((q, k, v), {}),
+        "cross": ((q, kv[:, :, :5], kv[:, :, :5]), {}),
+        "causal": ((q, k, v), {"pattern": "causal"}),
+        "causal_rect_gqa": ((q[:, :, :5], kv, kv), {"pattern": "causal"}),
+        "decode_step": ((q[:, :, :1], kv, kv), {"pattern": "causal"}),
+        "block_causal": ((q, k, v), {"pattern": "block_causal", "segments": [1, 3, 4]}),
+        "key_padding": ((q, k, v), {"key_padding_mask": kpm}),
+        "subset": ((q, k, v), {"q_index": idx, "kv_index": idx}),
+    }[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, **kw), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*args), attention(*args, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_needs_no_mask():
+    q, kv = _t(1, 4, 1, 32), _t(1, 4, 9, 32)
+    assert prepare(q, kv, kv, pattern="causal").form == "none"
+    torch.testing.assert_close(attention(q, kv, kv, pattern="causal"), attention(q, kv, kv, backend="reference"),
+                               rtol=1e-5, atol=1e-5)
