@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import CausalVariant
 
-from .problem import Problem, tiny_like
+from .problem import Problem, block_causal_pieces, tiny_like
 
 
 class Backend(NamedTuple):
@@ -198,9 +198,28 @@ def _sdpa_run(p: Problem, kernel: SDPBackend, gqa_native: bool) -> Tensor:
     with _OnlyKernel(kernel):
         if p.form == "none":
             return F.scaled_dot_product_attention(q, k, v, scale=p.scale, **gqa)
+        if p.form == "block_causal":
+            return _block_causal_split(p.with_kv(k, v), lambda q_, k_, v_, bias: F.scaled_dot_product_attention(
+                q_, k_, v_, attn_mask=bias, scale=p.scale, **gqa))
         if p.form == "causal":  # square only, so SDPA's top-left alignment is the right one
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=p.scale, **gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.additive_mask(), scale=p.scale, **gqa)
+
+
+def _block_causal_split(p: Problem, call: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+    """Block-causal attention as dense prefix calls plus one small masked call (problem.block_causal_pieces),
+    concatenated along the tokens. `call(q, k, v, bias)` runs one SDPA piece."""
+    Nq, Nk = p.q.shape[2], p.k.shape[2]
+    pieces = block_causal_pieces(p.mask_key[1], Nq, Nk)
+    if len(pieces) == 1 and pieces[0][3]:
+        return call(p.q, p.k, p.v, p.additive_mask())
+    outs = []
+    for q_start, q_end, keys, masked in pieces:
+        bias = None
+        if masked:
+            bias = p.additive_mask()[q_start:q_end, :keys].contiguous()
+        outs.append(call(p.q[:, :, q_start:q_end], p.k[:, :, :keys], p.v[:, :, :keys], bias))
+    return torch.cat(outs, dim=2)
 
 
 def _sdpa_traced(p: Problem, kernel: SDPBackend) -> Tensor:
@@ -208,6 +227,10 @@ def _sdpa_traced(p: Problem, kernel: SDPBackend) -> Tensor:
     flipping the global switches, GQA by repeated heads (valid for every kernel), and rectangular causal as the
     cached additive bias (dynamo cannot build torch's CausalBias subclass)."""
     k, v = _repeat_kv(p)
+    if p.form == "block_causal":
+        with sdpa_kernel([kernel]):
+            return _block_causal_split(p.with_kv(k, v), lambda q_, k_, v_, bias: F.scaled_dot_product_attention(
+                q_, k_, v_, attn_mask=bias, scale=p.scale))
     if p.form == "causal":
         mask, causal = None, True
     else:

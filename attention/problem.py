@@ -8,7 +8,9 @@ come out as zeros. Backends never see user arguments, so none can silently drop 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Sequence
@@ -94,6 +96,10 @@ class Problem:
             return _cached_bias(self.mask_key, self.q.shape[2], self.k.shape[2], self.q.device, self.q.dtype)
         return _bias(self.dense_mask(), self.q.dtype)
 
+    def with_kv(self, k: Tensor, v: Tensor) -> "Problem":
+        """The same problem with other K/V tensors (e.g. GQA heads repeated for a kernel without GQA)."""
+        return self if (k is self.k and v is self.v) else dataclasses.replace(self, k=k, v=v)
+
     def finish(self, out: Tensor) -> Tensor:
         """Zero the rows that have no key or are padding (same rule for every backend)."""
         if self.zero_rows is None:
@@ -114,6 +120,32 @@ def _bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def _cached_bias(mask_key: tuple, q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return _bias(_cached_dense_mask(mask_key, q_len, kv_len, device), dtype)
+
+
+# A block-causal query segment at least this long runs as its own dense call against its key prefix (see
+# block_causal_pieces); shorter leading segments share one masked call.
+MIN_DENSE_PIECE = 64
+
+
+@functools.lru_cache(maxsize=128)
+def block_causal_pieces(segments: tuple, q_len: int, kv_len: int) -> tuple[tuple[int, int, int, bool], ...]:
+    """Split a block-causal call into (q_start, q_end, keys, masked) pieces, in q's own row indexing.
+
+    A query in segment s sees exactly keys [0, end_s): a full prefix, so each long trailing segment is a
+    *dense* rectangular call on q[q_start:q_end] against k[:keys], with no mask and no wasted work. The short
+    leading segments (VAR's 1, 4, 9, ... token scales) go together into one masked call. For VAR-d30's 680
+    tokens this computes 63% of the dense pairs instead of 100% (the useful share is 62%).
+    """
+    ends = list(itertools.accumulate(segments))
+    q0 = kv_len - q_len  # position of the first query (queries are the last q_len tokens)
+    pieces = []
+    s = len(segments) - 1
+    while s >= 0 and ends[s] > q0 and min(segments[s], ends[s] - q0) >= MIN_DENSE_PIECE:
+        pieces.append((max(ends[s] - segments[s] - q0, 0), ends[s] - q0, ends[s], False))
+        s -= 1
+    if s >= 0 and ends[s] > q0:
+        pieces.append((0, ends[s] - q0, ends[s], True))
+    return tuple(reversed(pieces))
 
 
 @functools.lru_cache(maxsize=32)
