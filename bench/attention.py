@@ -258,6 +258,23 @@ def run_case(c: Case, backends: list[str], device, dtype, quick: bool, n_sets: i
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # The same call inside a torch.compile'd graph (fullgraph: the layer must trace without a break), as a
+    # compiled model runs it: the layer's Python dispatch cost is gone there.
+    row["compiled_ms"] = None
+    if not c.train and device.type == "cuda":
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda q_, k_, v_: attn.attention(q_, k_, v_, **kwargs), fullgraph=True,
+                                     dynamic=False)
+            with torch.no_grad():
+                err = (compiled(q, k, v).float() - check).abs().max().item() if check is not None else None
+                row["compiled_ms"] = timer(lambda a: compiled(a[0], a[1], a[2]), device, quick, rotate)
+            row["compiled_max_abs_diff"] = err
+            print(f"  {c.name:16s} {'auto compiled':15s} {row['compiled_ms']:.4g} ms", flush=True)
+        except Exception as e:  # record, never abort the benchmark
+            row["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"  {c.name:16s} {'auto compiled':15s} {row['compiled_error'][:150]}", flush=True)
+
     auto = row["backends"].pop("auto")
     ok = {n: r for n, r in row["backends"].items() if r["ok"]}
     with torch.no_grad() if not c.train else torch.enable_grad():
@@ -327,11 +344,13 @@ def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
         "",
         "Each cell: median ms / useful TFLOP/s. auto ms: attention(backend='auto') timed, dispatch included; "
         "auto/best: auto's time over the best backend's, both re-timed alternately 3 times (target <= 1.05). "
+        "compiled ms: the same auto call inside a torch.compile'd fullgraph (no Python dispatch), over the best "
+        "backend's eager time. "
         "pattern eff.: best useful TFLOP/s over the best dense TFLOP/s at the same shape (target >= 0.80).",
         "",
         "| case | shape (B,H,Nq,Nk,D) | pattern | " + " | ".join(backends)
-        + " | best | auto | auto ms | auto/best | pattern eff. |",
-        "|" + "---|" * (len(backends) + 8),
+        + " | best | auto | auto ms | auto/best | compiled ms | compiled/best | pattern eff. |",
+        "|" + "---|" * (len(backends) + 10),
     ]
     for r in rows:
         s = r["shape"]
@@ -342,9 +361,12 @@ def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
         ratio = f"{r['auto_over_best']:.2f}" if r.get("auto_over_best") else "-"
         auto_ms = f"{r['auto_ms']:.3g}" if r.get("auto_ms") else "failed"
         eff = f"{r['pattern_efficiency']:.2f}" if r.get("pattern_efficiency") else "-"
+        comp_ms = f"{r['compiled_ms']:.3g}" if r.get("compiled_ms") else "-"
+        comp_ratio = f"{r['compiled_ms'] / r['best_ms']:.2f}" if r.get("compiled_ms") and r.get("best_ms") else "-"
         pattern = r["table_pattern"]
         lines.append(f"| {r['case']} | {s['B']},{s['H']},{s['Nq']},{s['Nk']},{s['D']} | {pattern} | "
-                     + " | ".join(cells) + f" | {r.get('best', '-')} | {r['auto']} | {auto_ms} | {ratio} | {eff} |")
+                     + " | ".join(cells) + f" | {r.get('best', '-')} | {r['auto']} | {auto_ms} | {ratio} | "
+                     f"{comp_ms} | {comp_ratio} | {eff} |")
     errors = sorted({(n, res["error"]) for r in rows for n, res in r["backends"].items() if not res["ok"]})
     if errors:
         lines += ["", "Why cells are n/a (distinct reasons):", ""]
