@@ -78,6 +78,9 @@ for _dt in _HALF:
     AUTO_TABLE[("cuda-sm90", _dt, "*", "causal")] = ["sdpa_cudnn", "flex", "sdpa_flash", "sdpa_efficient", "sdpa_math"]
     AUTO_TABLE[("cuda-sm90", _dt, "*", "causal_rect")] = ["sdpa_efficient", "sdpa_flash", "sdpa_cudnn", "flex", "sdpa_math"]
     AUTO_TABLE[("cuda-sm90", _dt, "*", "block_causal")] = ["sdpa_cudnn", "flex", "sdpa_efficient", "sdpa_math"]
+    # Training: the split into dense prefix calls (problem.block_causal_pieces) wins forward (cuDNN 0.80 ms vs
+    # flex 1.78 at VAR-d30's 680 tokens, B=64) but its backward does not: forward+backward cuDNN 6.7 ms, flex 5.0.
+    AUTO_TABLE[("cuda-sm90", _dt, "*", "block_causal:train")] = ["flex", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"]
     AUTO_TABLE[("cuda-sm90", _dt, "*", "masked")] = ["sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex"]
     # Other CUDA GPUs (sm80 and friends), unmeasured: flash is the safe fast kernel; cuDNN attention is newer.
     AUTO_TABLE[("cuda", _dt, "*", "dense")] = ["sdpa_flash", "sdpa_cudnn", "flex", "sdpa_efficient", "sdpa_math"]
@@ -194,13 +197,19 @@ def clear_decision_cache() -> None:
     _AUTO_DECISIONS.clear()
 
 
+@torch._dynamo.assume_constant_result
+def _requested_at_trace_time() -> str:
+    # Dynamo (torch 2.11) cannot trace ContextVar.get; this runs once at trace time and becomes a constant.
+    return _FORCED.get() or os.environ.get(ENV_VAR, "").strip() or "auto"
+
+
 def _decide_traced(p: Problem, backend: str | None) -> Decision:
     """The decision while torch.compile traces a model. Probes run kernels and the SDPA switches are global
     state, neither of which a graph can hold, so: the ``backend`` argument if given, else the decision an
     eager call with the same features cached, else the first backend of the table row whose static rules
     (device, dtype, mask form) pass. ``use_backend`` and the env var are read at trace time like any Python
     state (a change needs a recompile)."""
-    name = backend if backend is not None else (_FORCED.get() or os.environ.get(ENV_VAR, "").strip() or "auto")
+    name = backend if backend is not None else _requested_at_trace_time()
     _check_name(name, "backend")
     if name != "auto":
         ok, reason = static_supports(name, p)
