@@ -53,6 +53,10 @@ class Problem:
     # Rows to zero in the output, bool broadcastable to (B, H, Nq): (B, 1|H, 1|Nq); None when all rows are valid.
     zero_rows: Tensor | None
     needs_grad: bool  # autograd is on and an input requires grad (training)
+    # Dense pattern with only a key-padding mask: the whole mask is one row per sample, (B, 1, 1, Nk) bool
+    # (kept key, or a rescued empty row). Kernels then read a bias broadcast over queries and heads instead
+    # of a (B, 1, Nq, Nk) one built per call.
+    key_row_mask: Tensor | None = None
     group: int = field(init=False)  # query heads per kv head
     features: tuple = field(init=False)  # what decides whether a kernel can run this (probe cache key)
 
@@ -94,6 +98,8 @@ class Problem:
             return None
         if self.mask_key is not None:
             return _cached_bias(self.mask_key, self.q.shape[2], self.k.shape[2], self.q.device, self.q.dtype)
+        if self.key_row_mask is not None:
+            return _bias(self.key_row_mask, self.q.dtype)
         return _bias(self.dense_mask(), self.q.dtype)
 
     def with_kv(self, k: Tensor, v: Tensor) -> "Problem":
@@ -380,6 +386,10 @@ def prepare(
             mod = masks.and_masks(mod, masks.padding(keep, group))
         mask_mod = mod if empty is None else masks.or_masks(mod, masks.whole_rows(empty))
 
+    key_row_mask = None
+    if form == "explicit" and pattern == "dense" and not gathered and not per_head and kv_keep is not None \
+            and (empty is None or empty.shape[1:] == (1, 1)):
+        key_row_mask = kv_keep[:, :, None, :] if empty is None else (kv_keep[:, :, None, :] | empty[..., None])
     per_batch = form == "explicit"
     per_head_mask = per_batch and (per_head or (empty is not None and empty.shape[1] > 1))
     return Problem(
@@ -394,6 +404,7 @@ def prepare(
         mask_per_batch=per_batch,
         mask_per_head=per_head_mask,
         zero_rows=zero_rows,
+        key_row_mask=key_row_mask,
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
     )
 
