@@ -68,7 +68,8 @@ AUTO_TABLE = AutoTable()
 #     B=8): memory-efficient with its built-in bottom-right mask 98, flash 91, cuDNN 91 (explicit mask).
 #   block_causal (VAR-d30 training): cuDNN with a cached bias 120 (fwd+bwd 113) vs flex 81 (98): flex's
 #     128-token blocks skip only ~22% of the work for VAR's scales, and partial blocks cost extra.
-#   masked (key padding etc.): memory-efficient and cuDNN tie (within run-to-run noise); flex must build its
+#   masked (key padding etc.): with key padding as a (B,1,1,Nk) bias, cuDNN 0.30 ms vs memory-efficient 0.46
+#     (DiT-XL/2 256px, a quarter of the keys padded; bench/results/attention_padded.json); flex must build its
 #     BlockMask on every call for data-dependent masks (milliseconds), so it comes last.
 #   Calls of ~20 us (B=1 LM prefill) are decided by launch overhead and noise; not worth a size dimension.
 # Flex ranks after flash where they are close because it compiles (and recompiles per shape); flash does not.
@@ -81,7 +82,7 @@ for _dt in _HALF:
     # Training: the split into dense prefix calls (problem.block_causal_pieces) wins forward (cuDNN 0.80 ms vs
     # flex 1.78 at VAR-d30's 680 tokens, B=64) but its backward does not: forward+backward cuDNN 6.7 ms, flex 5.0.
     AUTO_TABLE[("cuda-sm90", _dt, "*", "block_causal:train")] = ["flex", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"]
-    AUTO_TABLE[("cuda-sm90", _dt, "*", "masked")] = ["sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex"]
+    AUTO_TABLE[("cuda-sm90", _dt, "*", "masked")] = ["sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex"]
     # Other CUDA GPUs (sm80 and friends), unmeasured: flash is the safe fast kernel; cuDNN attention is newer.
     AUTO_TABLE[("cuda", _dt, "*", "dense")] = ["sdpa_flash", "sdpa_cudnn", "flex", "sdpa_efficient", "sdpa_math"]
     AUTO_TABLE[("cuda", _dt, "*", "causal")] = ["sdpa_flash", "sdpa_cudnn", "flex", "sdpa_efficient", "sdpa_math"]
