@@ -339,7 +339,7 @@ def derive_table(rows: list[dict], device, dtype) -> dict:
 
 def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
     lines = [
-        f"Attention backends on {meta['device']} (torch {meta['torch']}, {meta['dtype']}), {meta['date']}.",
+        f"Attention backends. device: {meta['device']}; torch {meta['torch']}; {meta['dtype']}; date {meta['date']}.",
         f"Command: `{meta['command']}`",
         "",
         "Each cell: median ms / useful TFLOP/s. auto ms: attention(backend='auto') timed, dispatch included; "

@@ -23,7 +23,7 @@ import numpy as np
 from shapes.clip import ShapesCLIP, ShapesCLIPConfig, class_prompts, evaluate_clip, train_tokenizer, vocabulary_corpus
 from shapes.data import make_batch
 from shapes.render import to_float
-from training import add_common_args, start_run, write_model_card
+from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card
 
 TARGETS = {"zero_shot_accuracy": ">= 0.95", "retrieval_top1_256": ">= 0.80"}
 
@@ -52,6 +52,13 @@ def caption_batch(n: int, size: int, seed: int, single_object_share: float, devi
     return to_float(torch.cat([multi["image"], single["image"]])), captions
 
 
+def evaluate_during_training(clip, n: int) -> dict:
+    clip.eval()
+    metrics = evaluate_clip(clip, n=min(n, 512), seed=12345)
+    clip.train()
+    return metrics
+
+
 def main(args) -> dict:
     run = start_run(args)
     acc = run.accelerator
@@ -63,8 +70,7 @@ def main(args) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = min(500, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
-                                              0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    sched = cosine_schedule(opt, args.steps, warmup)
     model, opt, sched = acc.prepare(model, opt, sched)
     # open_clip's loss gathers features over processes itself (negatives from every GPU's batch).
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=acc.num_processes > 1, rank=acc.process_index,
@@ -80,10 +86,7 @@ def main(args) -> dict:
             img_f, txt_f, scale = model(images, clip.tokenize(captions).to(acc.device))
             loss = loss_fn(img_f, txt_f, scale)
         acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(acc, model.parameters(), opt, sched)
         with torch.no_grad():  # CLIP clamps the learned temperature at 100
             acc.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
         step += 1
@@ -92,19 +95,11 @@ def main(args) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             run.log({"step": step, "loss": loss.item(), "logit_scale": scale.item(),
                      "lr": sched.get_last_lr()[0]})
-        if step % args.eval_every == 0 or step == args.steps:
-            if acc.is_main_process:
-                clip.eval()
-                m = evaluate_clip(clip, n=min(args.eval_n, 512), seed=12345)
-                clip.train()
-                run.log({"step": step, **m})
-                bar.write(f"step {step}: {m}")
-        if step % args.ckpt_every == 0 and step < args.steps:
-            run.checkpoint(step)
-        if run.interrupted(step):
+        state = run.end_of_step(step, bar, lambda: evaluate_during_training(clip, args.eval_n))
+        if state == "interrupted":
             bar.close()
             return {}
-        if run.out_of_time(step):
+        if state == "stop":
             break
     bar.close()
 

@@ -11,7 +11,6 @@ with a model card holding the held-out metrics.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from shapes.vae import build_tiny_vae, evaluate_vae, training_images
-from training import add_common_args, start_run, write_model_card
+from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card
 
 TARGETS = {"psnr_db": ">= 32", "analyser_agreement": ">= 0.98"}
 
@@ -48,14 +47,19 @@ class RoundTrip(torch.nn.Module):
         return self.vae.decode(post.sample()).sample, post.kl().mean() / x[0].numel()
 
 
+def evaluate_during_training(vae, n: int) -> dict:
+    metrics = evaluate_vae(vae.eval(), n=min(n, 200), seed=12345)
+    vae.train()
+    return metrics
+
+
 def main(args) -> dict:
     run = start_run(args)
     acc = run.accelerator
     vae = build_tiny_vae(args.size)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = min(200, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
-                                              0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    sched = cosine_schedule(opt, args.steps, warmup)
     net, opt, sched = acc.prepare(RoundTrip(vae), opt, sched)
     step = run.resume()
 
@@ -68,27 +72,17 @@ def main(args) -> dict:
             rec, kl = net(x)
             loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + args.kl_weight * kl
         acc.backward(loss)
-        acc.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(acc, net.parameters(), opt, sched)
         step += 1
         bar.update(1)
         if step % 50 == 0 or step == args.steps:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             run.log({"step": step, "loss": loss.item(), "kl": kl.item(), "lr": sched.get_last_lr()[0]})
-        if step % args.eval_every == 0 or step == args.steps:
-            if acc.is_main_process:
-                m = evaluate_vae(vae.eval(), n=min(args.eval_n, 200), seed=12345)
-                vae.train()
-                run.log({"step": step, **m})
-                bar.write(f"step {step}: {m}")
-        if step % args.ckpt_every == 0 and step < args.steps:
-            run.checkpoint(step)
-        if run.interrupted(step):
+        state = run.end_of_step(step, bar, lambda: evaluate_during_training(vae, args.eval_n))
+        if state == "interrupted":
             bar.close()
             return {}
-        if run.out_of_time(step):
+        if state == "stop":
             break
     bar.close()
 

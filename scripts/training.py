@@ -8,6 +8,7 @@ function of its seed), so a resumed run sees exactly the batches the uninterrupt
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -90,6 +91,22 @@ class Run:
         self.args.steps = step
         return True
 
+    def end_of_step(self, step: int, bar, evaluate) -> str:
+        """The bookkeeping after optimiser step `step`: evaluation every --eval-every steps and at the end
+        (`evaluate()` returns a metrics dict; main process only), a checkpoint every --ckpt-every steps.
+        Returns "go" to continue, "stop" to end the loop and save (time limit), or "interrupted" to return
+        without saving (--stop-after)."""
+        args = self.args
+        if (step % args.eval_every == 0 or step == args.steps) and self.accelerator.is_main_process:
+            metrics = evaluate()
+            self.log({"step": step, **metrics})
+            bar.write(f"step {step}: {metrics}")
+        if step % args.ckpt_every == 0 and step < args.steps:
+            self.checkpoint(step)
+        if self.interrupted(step):
+            return "interrupted"
+        return "stop" if self.out_of_time(step) else "go"
+
     def checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -145,6 +162,19 @@ def start_run(args, *, split_batches: bool = False) -> Run:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, split_batches=split_batches)
     set_seed(args.seed)
     return Run(args=args, accelerator=accelerator, out=out)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
+                                             0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def optimizer_step(acc: Accelerator, params, opt, sched, max_grad_norm: float = 1.0) -> None:
+    acc.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def device_name(device: torch.device) -> str:
