@@ -275,3 +275,125 @@ def official_state_dict(model: DiT) -> dict[str, Tensor]:
     grid = model.config.sample_size // model.config.patch_size
     inverse["pos_embed"] = sincos_2d(grid, grid, model.config.hidden_size)[None]
     return inverse
+
+
+# ----------------------------------------------------------------------------------------------- PixArt (diffusers)
+# diffusers' PixArtTransformer2DModel names outside the blocks -> ours (weights and biases alike).
+PIXART_DIFFUSERS_TO_OURS = {
+    "pos_embed.proj": "patch_embed",
+    "adaln_single.emb.timestep_embedder.linear_1": "time_embed.mlp.0",
+    "adaln_single.emb.timestep_embedder.linear_2": "time_embed.mlp.2",
+    "adaln_single.linear": "time_modulation.1",
+    "caption_projection.linear_1": "caption_embed.fc1",
+    "caption_projection.linear_2": "caption_embed.fc2",
+    "proj_out": "final.linear",
+}
+# ... and inside block i (besides q/k/v, which are fused here).
+PIXART_DIFFUSERS_BLOCK_TO_OURS = {
+    "attn1.to_out.0": "attn.proj",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_out.0": "cross_attn.proj",
+    "ff.net.0.proj": "mlp.fc1",
+    "ff.net.2": "mlp.fc2",
+}
+
+
+def pixart_from_diffusers(model_or_folder):
+    """Build a `dit.pixart.PixArtDiT` computing what diffusers' `PixArtTransformer2DModel` computes (a model, or a
+    folder / hub id for `from_pretrained`).
+
+    Layout adapted here: self-attention q/k/v are fused into `attn.qkv` (rows q, k, v), cross-attention k/v into
+    `cross_attn.kv` (rows k, v); the tables and the adaLN-single linear map unchanged (same chunk order: shift,
+    scale, gate for attention, then MLP; final shift, scale). Raises ValueError on configs we do not compute
+    (micro-conditioning, other norms or activations, no caption projection, ...) and on missing, unexpected or
+    mis-shaped tensors.
+    """
+    from .pixart import PixArtDiT, default_interpolation_scale
+
+    if isinstance(model_or_folder, (str, Path)):
+        from diffusers import PixArtTransformer2DModel
+
+        model_or_folder = PixArtTransformer2DModel.from_pretrained(model_or_folder)
+    cfg = model_or_folder.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    # diffusers resolves use_additional_conditions=None to "on exactly for sample_size 128" (PixArt-α 1024 px).
+    additional = cfg.use_additional_conditions
+    if additional is None:
+        additional = cfg.sample_size == 128
+    unsupported = {
+        "norm_type": (cfg.norm_type, "ada_norm_single"),
+        "activation_fn": (cfg.activation_fn, "gelu-approximate"),
+        "attention_bias": (cfg.attention_bias, True),
+        "norm_elementwise_affine": (cfg.norm_elementwise_affine, False),
+        "attention_type": (cfg.attention_type, "default"),
+        "use_additional_conditions (resolved)": (additional, False),
+        "cross_attention_dim": (cfg.cross_attention_dim, hidden),
+    }
+    bad = [f"{k}={got!r} (need {want!r})" for k, (got, want) in unsupported.items() if got != want]
+    if cfg.caption_channels is None:
+        bad.append("caption_channels=None (need a caption projection)")
+    if bad:
+        raise ValueError(f"diffusers PixArt variant not supported: {', '.join(bad)}")
+    out_channels = cfg.out_channels or cfg.in_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"out_channels {out_channels} is neither in_channels nor twice it")
+    interpolation_scale = cfg.interpolation_scale
+    if interpolation_scale is None:
+        interpolation_scale = default_interpolation_scale(cfg.sample_size)
+    model = PixArtDiT(
+        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=hidden,
+        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, caption_channels=cfg.caption_channels,
+        learn_sigma=out_channels == 2 * cfg.in_channels, norm_eps=cfg.norm_eps,
+        interpolation_scale=float(interpolation_scale),
+    )
+    sd = {k: v.detach() for k, v in model_or_folder.state_dict().items()}
+    return pixart_state_dict_from_diffusers_into(model, sd)
+
+
+def pixart_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor]):
+    """Load a diffusers-layout PixArt state dict into `model` (a PixArtDiT), checking names and shapes."""
+    source = "diffusers PixArtTransformer2DModel"
+    sd = dict(state_dict)
+    out: dict[str, Tensor] = {}
+    missing: list[str] = []
+
+    def take(key: str) -> Tensor | None:
+        if key not in sd:
+            missing.append(key)
+            return None
+        return sd.pop(key)
+
+    def fuse(ours: str, keys: list[str]) -> None:
+        parts = [take(k) for k in keys]
+        if any(p is None for p in parts):
+            return
+        if len({p.shape for p in parts}) > 1:
+            shapes = ", ".join(f"{k} {tuple(p.shape)}" for k, p in zip(keys, parts))
+            raise ValueError(f"{source} checkpoint: projections fused into {ours} differ in shape: {shapes}")
+        out[ours] = torch.cat(parts, dim=0)
+
+    for theirs, ours in PIXART_DIFFUSERS_TO_OURS.items():
+        for param in ("weight", "bias"):
+            if (value := take(f"{theirs}.{param}")) is not None:
+                out[f"{ours}.{param}"] = value
+    if (value := take("scale_shift_table")) is not None:
+        out["final.scale_shift_table"] = value
+    for i in range(model.config.depth):
+        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+        if (value := take(f"{src}scale_shift_table")) is not None:
+            out[f"{dst}scale_shift_table"] = value
+        for param in ("weight", "bias"):
+            fuse(f"{dst}attn.qkv.{param}", [f"{src}attn1.to_{n}.{param}" for n in "qkv"])
+            fuse(f"{dst}cross_attn.kv.{param}", [f"{src}attn2.to_{n}.{param}" for n in "kv"])
+            for theirs, ours in PIXART_DIFFUSERS_BLOCK_TO_OURS.items():
+                if (value := take(f"{src}{theirs}.{param}")) is not None:
+                    out[f"{dst}{ours}.{param}"] = value
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if sd:  # left over: no place in our model (e.g. extra blocks, micro-conditioning embedders)
+        problems.append(f"unexpected {_listing(sd)}")
+    if problems:
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        raise ValueError(f"{source} checkpoint does not fit PixArtDiT({config}): " + "; ".join(problems))
+    return _load_exact(model, out, source)
