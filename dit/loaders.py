@@ -397,3 +397,105 @@ def pixart_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
         raise ValueError(f"{source} checkpoint does not fit PixArtDiT({config}): " + "; ".join(problems))
     return _load_exact(model, out, source)
+
+
+# ----------------------------------------------------------------------------------------------- Latte (diffusers)
+def latte_from_diffusers(model_or_folder):
+    """Build a `dit.latte.LatteDiT` computing what diffusers' `LatteTransformer3DModel` computes (a model, or a
+    folder / hub id for `from_pretrained`).
+
+    diffusers' `transformer_blocks.i` are our `spatial_blocks.i` (named as PixArt's blocks) and its
+    `temporal_transformer_blocks.i` our `temporal_blocks.i` (the same names without cross-attention); everything
+    outside the blocks is named as in PixArt. Self-attention q/k/v are fused into `attn.qkv` (rows q, k, v),
+    cross-attention k/v into `cross_attn.kv` (rows k, v). Raises ValueError on configs we do not compute (other
+    norms or activations, affine norms, no attention bias, cross_attention_dim other than the hidden size, no
+    caption projection) and on missing, unexpected or mis-shaped tensors.
+    """
+    from .latte import LatteDiT
+
+    if isinstance(model_or_folder, (str, Path)):
+        from diffusers import LatteTransformer3DModel
+
+        model_or_folder = LatteTransformer3DModel.from_pretrained(model_or_folder)
+    cfg = model_or_folder.config
+    if cfg.patch_size is None or cfg.in_channels is None:
+        raise ValueError(f"diffusers Latte variant not supported: patch_size={cfg.patch_size!r}, "
+                         f"in_channels={cfg.in_channels!r} (need a patchified latent input)")
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    unsupported = {
+        "norm_type": (cfg.norm_type, "ada_norm_single"),
+        "activation_fn": (cfg.activation_fn, "gelu-approximate"),
+        "attention_bias": (cfg.attention_bias, True),
+        "norm_elementwise_affine": (cfg.norm_elementwise_affine, False),
+        "cross_attention_dim": (cfg.cross_attention_dim, hidden),
+    }
+    bad = [f"{k}={got!r} (need {want!r})" for k, (got, want) in unsupported.items() if got != want]
+    if cfg.caption_channels is None:
+        bad.append("caption_channels=None (need a caption projection)")
+    if bad:
+        raise ValueError(f"diffusers Latte variant not supported: {', '.join(bad)}")
+    out_channels = cfg.out_channels or cfg.in_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"out_channels {out_channels} is neither in_channels nor twice it")
+    model = LatteDiT(
+        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=hidden,
+        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, caption_channels=cfg.caption_channels,
+        num_frames=cfg.video_length, learn_sigma=out_channels == 2 * cfg.in_channels, norm_eps=cfg.norm_eps,
+    )
+    sd = {k: v.detach() for k, v in model_or_folder.state_dict().items()}
+    return latte_state_dict_from_diffusers_into(model, sd)
+
+
+def latte_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor]):
+    """Load a diffusers-layout Latte state dict into `model` (a LatteDiT), checking names and shapes."""
+    source = "diffusers LatteTransformer3DModel"
+    sd = dict(state_dict)
+    out: dict[str, Tensor] = {}
+    missing: list[str] = []
+
+    def take(key: str) -> Tensor | None:
+        if key not in sd:
+            missing.append(key)
+            return None
+        return sd.pop(key)
+
+    def fuse(ours: str, keys: list[str]) -> None:
+        parts = [take(k) for k in keys]
+        if any(p is None for p in parts):
+            return
+        if len({p.shape for p in parts}) > 1:
+            shapes = ", ".join(f"{k} {tuple(p.shape)}" for k, p in zip(keys, parts))
+            raise ValueError(f"{source} checkpoint: projections fused into {ours} differ in shape: {shapes}")
+        out[ours] = torch.cat(parts, dim=0)
+
+    def block(src: str, dst: str, cross: bool) -> None:
+        if (value := take(f"{src}scale_shift_table")) is not None:
+            out[f"{dst}scale_shift_table"] = value
+        for param in ("weight", "bias"):
+            fuse(f"{dst}attn.qkv.{param}", [f"{src}attn1.to_{n}.{param}" for n in "qkv"])
+            if cross:
+                fuse(f"{dst}cross_attn.kv.{param}", [f"{src}attn2.to_{n}.{param}" for n in "kv"])
+            for theirs, ours in PIXART_DIFFUSERS_BLOCK_TO_OURS.items():
+                if not cross and theirs.startswith("attn2."):
+                    continue
+                if (value := take(f"{src}{theirs}.{param}")) is not None:
+                    out[f"{dst}{ours}.{param}"] = value
+
+    for theirs, ours in PIXART_DIFFUSERS_TO_OURS.items():
+        for param in ("weight", "bias"):
+            if (value := take(f"{theirs}.{param}")) is not None:
+                out[f"{ours}.{param}"] = value
+    if (value := take("scale_shift_table")) is not None:
+        out["final.scale_shift_table"] = value
+    for i in range(model.config.depth):
+        block(f"transformer_blocks.{i}.", f"spatial_blocks.{i}.", cross=True)
+        block(f"temporal_transformer_blocks.{i}.", f"temporal_blocks.{i}.", cross=False)
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if sd:  # left over: no place in our model (e.g. extra blocks)
+        problems.append(f"unexpected {_listing(sd)}")
+    if problems:
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        raise ValueError(f"{source} checkpoint does not fit LatteDiT({config}): " + "; ".join(problems))
+    return _load_exact(model, out, source)
