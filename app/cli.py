@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import doctor, evaluate
+from app import doctor, evaluate, generate
 
-# Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, generate, models,
-# bench, chat, eval.
-COMMANDS = [doctor, evaluate]
+# Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, models, bench, chat;
+# generate grows text→image, video and VAR.
+COMMANDS = [doctor, generate, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
