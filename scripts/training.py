@@ -187,10 +187,19 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def _safetensors_dtype(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        return str(f.get_slice(keys[0]).get_dtype()).lower() if keys else "empty"
+
+
 def write_model_card(folder: Path, *, title: str, summary: str, run: Run, metrics: dict, targets: dict,
                      extra: dict | None = None) -> None:
     """README.md (for people) and card.json (for `ditstudio eval` and doctor) beside the weights."""
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    dtypes = sorted({_safetensors_dtype(f) for f in folder.glob("*.safetensors")})
     card = {
         "title": title,
         "size_bytes": weights,
@@ -212,7 +221,7 @@ def write_model_card(folder: Path, *, title: str, summary: str, run: Run, metric
                      f"| {k} | {v} | {targets.get(k, '')} |" for k, v in metrics.items())
     (folder / "README.md").write_text(
         f"# {title}\n\n{summary}\n\n"
-        f"- weights: {weights / 1e6:.2f} MB (fp16 safetensors)\n"
+        f"- weights: {weights / 1e6:.2f} MB ({'/'.join(dtypes)} safetensors)\n"
         f"- trained with: `{card['command']}`\n"
         f"- {card['steps']} steps at batch {card['batch_size']}, seed {card['seed']}, on {card['device']} "
         f"(× {card['num_processes']}), {card['train_seconds']:.0f} s, torch {card['torch']}, {card['date']}\n\n"
