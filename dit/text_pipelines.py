@@ -285,11 +285,7 @@ class _TextPipeline(DiffusionPipeline):
             )
         return tokens.to(device=device, dtype=dtype), keep.to(device=device, dtype=torch.bool)
 
-    def latent_shape(self, batch: int) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def decode(self, latents: Tensor, output_type: str):
-        raise NotImplementedError
+    # Each subclass defines latent_shape(batch) -> the noise shape, and decode(latents, output_type).
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
