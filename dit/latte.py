@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from .dit import (
     BLOCK_MODULATIONS,
-    EMBED_INIT_STD,
     LAYERNORM_EPS,
     MLP,
     SelfAttention,
@@ -51,7 +50,9 @@ from .pixart import (
     CaptionProjection,
     PixArtBlock,
     PixArtFinalLayer,
+    adaln_single_condition,
     default_interpolation_scale,
+    init_adaln_single_weights,
     keep_mask,
     scaled_sincos_2d,
 )
@@ -147,30 +148,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        D = self.config.hidden_size
-        # Linears: xavier-uniform weights, zero biases (timm ViT default Latte and PixArt follow).
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        # The patch conv is a linear map of each flattened patch, so it is initialised like one.
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        # Timestep MLP, adaLN-single linear and caption projection: small normals, as PixArt (Latte-1 starts from it).
-        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2], self.time_modulation[1],
-                      self.caption_embed.fc1, self.caption_embed.fc2):
-            nn.init.normal_(layer.weight, std=EMBED_INIT_STD)
-        # Per-block and final tables: unit-variance rows / sqrt(D) (diffusers' init), so blocks differ from the start.
-        for block in (*self.spatial_blocks, *self.temporal_blocks):
-            nn.init.normal_(block.scale_shift_table, std=D**-0.5)
-        for block in self.spatial_blocks:
-            # Zero cross-attention output: the text enters gradually, as in PixArt.
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.normal_(self.final.scale_shift_table, std=D**-0.5)
-        # Zero output linear: the untrained model predicts exactly zero.
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        init_adaln_single_weights(self, tabled_blocks=(*self.spatial_blocks, *self.temporal_blocks),
+                                  cross_blocks=self.spatial_blocks)
 
     # The stages of forward, public so that methods can run blocks over their own token sets.
     def embed(self, sample_BCFHW: Tensor) -> Tensor:
@@ -182,13 +161,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
 
     def condition(self, timestep: Tensor | float | int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """-> t (B, D) for the final layer and the shared block modulation (B, 6, D)."""
-        t = torch.as_tensor(timestep, device=device)
-        t_B = t.expand(batch) if t.ndim == 0 else t
-        if t_B.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or (batch,) = ({batch},), got {tuple(t_B.shape)}")
-        t_BD = self.time_embed(t_B)
-        t6_B6D = self.time_modulation(t_BD).view(batch, BLOCK_MODULATIONS, -1)
-        return t_BD, t6_B6D
+        return adaln_single_condition(self, timestep, batch, device)
 
     def embed_text(self, encoder_hidden_states_BLE: Tensor) -> Tensor:
         return self.caption_embed(encoder_hidden_states_BLE)  # (B, L, D)

@@ -200,29 +200,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        D = self.config.hidden_size
-        # Linears: xavier-uniform weights, zero biases (timm ViT default PixArt follows).
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        # The patch conv is a linear map of each flattened patch, so it is initialised like one.
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        # Timestep MLP, adaLN-single linear and caption projection: small normals, as PixArt.
-        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2], self.time_modulation[1],
-                      self.caption_embed.fc1, self.caption_embed.fc2):
-            nn.init.normal_(layer.weight, std=EMBED_INIT_STD)
-        # Per-block and final tables: unit-variance rows / sqrt(D), PixArt's init, so blocks differ from the start.
-        for block in self.blocks:
-            nn.init.normal_(block.scale_shift_table, std=D**-0.5)
-            # Zero cross-attention output: the text enters gradually, as in PixArt.
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.normal_(self.final.scale_shift_table, std=D**-0.5)
-        # Zero output linear: the untrained model predicts exactly zero.
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        init_adaln_single_weights(self, tabled_blocks=self.blocks, cross_blocks=self.blocks)
 
     # The stages of forward, public so that methods can run blocks over their own token sets.
     def embed(self, sample_BCHW: Tensor) -> Tensor:
@@ -231,11 +209,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
 
     def condition(self, timestep: Tensor | float | int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """-> t (B, D) for the final layer and the shared block modulation (B, 6, D)."""
-        t = torch.as_tensor(timestep, device=device)
-        t_B = t.expand(batch) if t.ndim == 0 else t
-        t_BD = self.time_embed(t_B)
-        t6_B6D = self.time_modulation(t_BD).view(batch, BLOCK_MODULATIONS, -1)
-        return t_BD, t6_B6D
+        return adaln_single_condition(self, timestep, batch, device)
 
     def embed_text(self, encoder_hidden_states_BLE: Tensor) -> Tensor:
         return self.caption_embed(encoder_hidden_states_BLE)  # (B, L, D)
@@ -293,3 +267,44 @@ PIXART_CONFIGS: dict[str, dict] = {
     "PixArt-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **PIXART_512_LATENT),
     "PixArt-T/2": dict(depth=6, hidden_size=192, num_heads=3, patch_size=2, **SHAPES_TEXT_LATENT),
 }
+
+
+# ------------------------------------------------------------------------------------------ adaLN-single
+# Shared by every adaLN-single model (PixArtDiT, LatteDiT): they own `time_embed`, `time_modulation`,
+# `patch_embed`, `caption_embed`, `final`, and blocks with a `scale_shift_table`.
+def adaln_single_condition(model: nn.Module, timestep, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """-> t (B, D) for the final layer and the block modulation (B, 6, D), computed once per forward."""
+    t = torch.as_tensor(timestep, device=device)
+    t_B = t.expand(batch) if t.ndim == 0 else t
+    if t_B.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or (batch,) = ({batch},), got {tuple(t_B.shape)}")
+    t_BD = model.time_embed(t_B)
+    return t_BD, model.time_modulation(t_BD).view(batch, BLOCK_MODULATIONS, -1)
+
+
+def init_adaln_single_weights(model: nn.Module, tabled_blocks, cross_blocks) -> None:
+    """PixArt's initialisation, in one place for every adaLN-single model."""
+    D = model.config.hidden_size
+    # Linears: xavier-uniform weights, zero biases (timm ViT default PixArt follows).
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    # The patch conv is a linear map of each flattened patch, so it is initialised like one.
+    nn.init.xavier_uniform_(model.patch_embed.weight.view(model.patch_embed.weight.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    # Timestep MLP, adaLN-single linear and caption projection: small normals, as PixArt.
+    for layer in (model.time_embed.mlp[0], model.time_embed.mlp[2], model.time_modulation[1],
+                  model.caption_embed.fc1, model.caption_embed.fc2):
+        nn.init.normal_(layer.weight, std=EMBED_INIT_STD)
+    # Per-block and final tables: unit-variance rows / sqrt(D), PixArt's init, so blocks differ from the start.
+    for block in tabled_blocks:
+        nn.init.normal_(block.scale_shift_table, std=D**-0.5)
+    for block in cross_blocks:
+        # Zero cross-attention output: the text enters gradually, as in PixArt.
+        nn.init.zeros_(block.cross_attn.proj.weight)
+        nn.init.zeros_(block.cross_attn.proj.bias)
+    nn.init.normal_(model.final.scale_shift_table, std=D**-0.5)
+    # Zero output linear: the untrained model predicts exactly zero.
+    nn.init.zeros_(model.final.linear.weight)
+    nn.init.zeros_(model.final.linear.bias)
