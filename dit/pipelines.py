@@ -61,6 +61,15 @@ MODEL_INDEX = "model_index.json"
 StepCallback = Callable[[int, Tensor, Tensor], None]
 
 
+def decode_latents(vae: AutoencoderKL, latents_BCHW: Tensor) -> Tensor:
+    """Diffusion latents -> VAE images (B, 3, H, W) in [-1, 1]: undo scaling_factor, then shift_factor if set."""
+    cfg = vae.config
+    z = latents_BCHW / cfg.scaling_factor
+    if cfg.get("shift_factor") is not None:
+        z = z + cfg.shift_factor
+    return vae.decode(z.to(vae.dtype)).sample
+
+
 def make_scheduler(sampler: str, config):
     """A scheduler of the named kind built from another scheduler's config (`from_config`)."""
     if sampler not in SAMPLERS:
@@ -198,11 +207,7 @@ class ClassToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            vae_cfg = self.vae.config
-            z = latents / vae_cfg.scaling_factor
-            if vae_cfg.get("shift_factor") is not None:
-                z = z + vae_cfg.shift_factor
-            images = self.image_processor.postprocess(self.vae.decode(z.to(self.vae.dtype)).sample, output_type)
+            images = self.image_processor.postprocess(decode_latents(self.vae, latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, latents

@@ -67,7 +67,8 @@ from torch import Tensor
 from shapes.clip import ShapesCLIP
 
 from .latte import LatteDiT
-from .pipelines import LEARNED_VARIANCE_TYPES, MODEL_INDEX, OUTPUT_TYPES, SAMPLERS, StepCallback, make_scheduler
+from .pipelines import (LEARNED_VARIANCE_TYPES, MODEL_INDEX, OUTPUT_TYPES, SAMPLERS, StepCallback, decode_latents,
+                        make_scheduler)
 from .pixart import PixArtDiT
 
 __all__ = [
@@ -98,15 +99,6 @@ class TextEncoder(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def decode_latents(vae: AutoencoderKL, latents_BCHW: Tensor) -> Tensor:
-    """Diffusion latents -> VAE images (B, 3, H, W) in [-1, 1]: undo scaling_factor, then shift_factor if set."""
-    cfg = vae.config
-    z = latents_BCHW / cfg.scaling_factor
-    if cfg.get("shift_factor") is not None:
-        z = z + cfg.shift_factor
-    return vae.decode(z.to(vae.dtype)).sample
-
-
 def _is_count(value, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
