@@ -352,7 +352,14 @@ def pixart_from_diffusers(model_or_folder):
 
 def pixart_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor]):
     """Load a diffusers-layout PixArt state dict into `model` (a PixArtDiT), checking names and shapes."""
-    source = "diffusers PixArtTransformer2DModel"
+    blocks = [(f"transformer_blocks.{i}.", f"blocks.{i}.", True) for i in range(model.config.depth)]
+    return _adaln_single_from_diffusers(model, state_dict, "diffusers PixArtTransformer2DModel", blocks)
+
+
+def _adaln_single_from_diffusers(model, state_dict: Mapping[str, Tensor], source: str, blocks):
+    """The diffusers -> ours mapping shared by the adaLN-single models (PixArt, Latte). `blocks` lists
+    (diffusers prefix, our prefix, has cross-attention). Self-attention q/k/v are fused into `attn.qkv`,
+    cross-attention k/v into `cross_attn.kv`; every tensor must be used exactly once."""
     sd = dict(state_dict)
     out: dict[str, Tensor] = {}
     missing: list[str] = []
@@ -378,14 +385,16 @@ def pixart_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor
                 out[f"{ours}.{param}"] = value
     if (value := take("scale_shift_table")) is not None:
         out["final.scale_shift_table"] = value
-    for i in range(model.config.depth):
-        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+    for src, dst, cross in blocks:
         if (value := take(f"{src}scale_shift_table")) is not None:
             out[f"{dst}scale_shift_table"] = value
         for param in ("weight", "bias"):
             fuse(f"{dst}attn.qkv.{param}", [f"{src}attn1.to_{n}.{param}" for n in "qkv"])
-            fuse(f"{dst}cross_attn.kv.{param}", [f"{src}attn2.to_{n}.{param}" for n in "kv"])
+            if cross:
+                fuse(f"{dst}cross_attn.kv.{param}", [f"{src}attn2.to_{n}.{param}" for n in "kv"])
             for theirs, ours in PIXART_DIFFUSERS_BLOCK_TO_OURS.items():
+                if not cross and theirs.startswith("attn2."):
+                    continue
                 if (value := take(f"{src}{theirs}.{param}")) is not None:
                     out[f"{dst}{ours}.{param}"] = value
     problems = []
@@ -395,7 +404,7 @@ def pixart_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor
         problems.append(f"unexpected {_listing(sd)}")
     if problems:
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        raise ValueError(f"{source} checkpoint does not fit PixArtDiT({config}): " + "; ".join(problems))
+        raise ValueError(f"{source} checkpoint does not fit {type(model).__name__}({config}): " + "; ".join(problems))
     return _load_exact(model, out, source)
 
 
@@ -448,54 +457,8 @@ def latte_from_diffusers(model_or_folder):
 
 def latte_state_dict_from_diffusers_into(model, state_dict: Mapping[str, Tensor]):
     """Load a diffusers-layout Latte state dict into `model` (a LatteDiT), checking names and shapes."""
-    source = "diffusers LatteTransformer3DModel"
-    sd = dict(state_dict)
-    out: dict[str, Tensor] = {}
-    missing: list[str] = []
-
-    def take(key: str) -> Tensor | None:
-        if key not in sd:
-            missing.append(key)
-            return None
-        return sd.pop(key)
-
-    def fuse(ours: str, keys: list[str]) -> None:
-        parts = [take(k) for k in keys]
-        if any(p is None for p in parts):
-            return
-        if len({p.shape for p in parts}) > 1:
-            shapes = ", ".join(f"{k} {tuple(p.shape)}" for k, p in zip(keys, parts))
-            raise ValueError(f"{source} checkpoint: projections fused into {ours} differ in shape: {shapes}")
-        out[ours] = torch.cat(parts, dim=0)
-
-    def block(src: str, dst: str, cross: bool) -> None:
-        if (value := take(f"{src}scale_shift_table")) is not None:
-            out[f"{dst}scale_shift_table"] = value
-        for param in ("weight", "bias"):
-            fuse(f"{dst}attn.qkv.{param}", [f"{src}attn1.to_{n}.{param}" for n in "qkv"])
-            if cross:
-                fuse(f"{dst}cross_attn.kv.{param}", [f"{src}attn2.to_{n}.{param}" for n in "kv"])
-            for theirs, ours in PIXART_DIFFUSERS_BLOCK_TO_OURS.items():
-                if not cross and theirs.startswith("attn2."):
-                    continue
-                if (value := take(f"{src}{theirs}.{param}")) is not None:
-                    out[f"{dst}{ours}.{param}"] = value
-
-    for theirs, ours in PIXART_DIFFUSERS_TO_OURS.items():
-        for param in ("weight", "bias"):
-            if (value := take(f"{theirs}.{param}")) is not None:
-                out[f"{ours}.{param}"] = value
-    if (value := take("scale_shift_table")) is not None:
-        out["final.scale_shift_table"] = value
+    blocks = []
     for i in range(model.config.depth):
-        block(f"transformer_blocks.{i}.", f"spatial_blocks.{i}.", cross=True)
-        block(f"temporal_transformer_blocks.{i}.", f"temporal_blocks.{i}.", cross=False)
-    problems = []
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if sd:  # left over: no place in our model (e.g. extra blocks)
-        problems.append(f"unexpected {_listing(sd)}")
-    if problems:
-        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        raise ValueError(f"{source} checkpoint does not fit LatteDiT({config}): " + "; ".join(problems))
-    return _load_exact(model, out, source)
+        blocks.append((f"transformer_blocks.{i}.", f"spatial_blocks.{i}.", True))
+        blocks.append((f"temporal_transformer_blocks.{i}.", f"temporal_blocks.{i}.", False))
+    return _adaln_single_from_diffusers(model, state_dict, "diffusers LatteTransformer3DModel", blocks)
