@@ -8,7 +8,7 @@ import sys
 from app import doctor, evaluate, generate
 
 # Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, models, bench, chat;
-# generate grows text→image, video and VAR.
+# generate serves class→image, text→image and text→video folders (VAR comes later).
 COMMANDS = [doctor, generate, evaluate]
 
 

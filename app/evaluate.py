@@ -38,8 +38,18 @@ def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None,
         from shapes.vae import evaluate_vae
         metrics = evaluate_vae(AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval(),
                                n=n, seed=seed)
+    elif kind in ("class", "text", "video"):
+        from dit.evaluation import evaluate_pipeline
+        from dit.pipelines import ClassToImagePipeline
+        from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline
+
+        cls = {"class": ClassToImagePipeline, "text": TextToImagePipeline, "video": TextToVideoPipeline}[kind]
+        pipe = cls.from_pretrained(folder).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        metrics = evaluate_pipeline(pipe, n=n, seed=seed, steps=spec.get("steps", 25), cfg=spec.get("cfg", 4.0),
+                                    sampler=spec.get("sampler", "dpm++"))
     else:
-        raise ValueError(f"{folder}/card.json names evaluation kind {kind!r}; known: clip, vae")
+        raise ValueError(f"{folder}/card.json names evaluation kind {kind!r}; known: clip, vae, class, text, video")
     return {"model": folder.name, "n": n, "seed": seed, "metrics": metrics, "card_metrics": card.get("metrics", {}),
             "targets": card.get("targets", {})}
 

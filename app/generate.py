@@ -1,10 +1,16 @@
-"""`ditstudio generate --model NAME_OR_PATH --class-label LABEL --out FOLDER`: class -> image with our DiT.
+"""`ditstudio generate --model NAME_OR_PATH (--label LABEL | --prompt TEXT) --out FOLDER`: class -> image,
+text -> image and text -> video with our DiT models.
 
-The model is a saved diffusers `DiTPipeline` folder (model_index.json naming DiTPipeline) or a shipped model's name.
-`generate_class_images` is the one function the CLI, the UI and the tests call; it seeds
+The model is a shipped model's name or a saved pipeline folder; its model_index.json `_class_name` picks the kind:
+- "DiTPipeline" (a diffusers DiT folder) or "ClassToImagePipeline" (ours): class -> image, `--label`;
+- "TextToImagePipeline": text -> image, `--prompt` (and `--negative-prompt`);
+- "TextToVideoPipeline": text -> video, `--prompt` (and `--negative-prompt`).
+`load_pipeline` is the one loading entry (cached per folder, device, dtype). `generate_class_images`,
+`generate_text_images` and `generate_videos` are the functions the CLI, the UI and the tests call; each seeds
 `torch.Generator(device).manual_seed(seed)` and hands it to the pipeline as one would to diffusers' `DiTPipeline`,
 so a seed gives diffusers' image. The CLI writes one PNG per image, with the settings as PNG text under the key
-"ditstudio", and prints one JSON line per image.
+"ditstudio", and one animated GIF per video (settings as JSON in the GIF comment; `--frames` also writes each frame
+as a PNG), and prints one JSON line per image or video.
 """
 from __future__ import annotations
 
@@ -24,12 +30,18 @@ from PIL.PngImagePlugin import PngInfo
 
 from app.catalog import resolve_model
 
-TASK = "class-to-image"
-PIPELINE_CLASS = "DiTPipeline"  # the `_class_name` a class -> image model folder's model_index.json carries
-METADATA_KEY = "ditstudio"  # PNG text chunk holding the settings as JSON
+# model_index.json `_class_name` -> kind of model; the kinds' tasks (the settings' "task").
+CLASS, TEXT, VIDEO = "class", "text", "video"
+PIPELINE_KINDS = {"DiTPipeline": CLASS, "ClassToImagePipeline": CLASS, "TextToImagePipeline": TEXT,
+                  "TextToVideoPipeline": VIDEO}
+TASKS = {CLASS: "class-to-image", TEXT: "text-to-image", VIDEO: "text-to-video"}
+TASK = TASKS[CLASS]
+METADATA_KEY = "ditstudio"  # PNG text chunk holding the settings as JSON (GIFs: the comment holds the same JSON)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_NUM = 64  # images per label in one call: all of them go through the model as one batch
+MAX_NUM = 64  # images per label / prompt in one call: all of them go through the model as one batch
 LABELS_SHOWN = 8  # valid label names listed when a name is unknown
+DEFAULT_FPS = 4.0
+PROMPT_IN_NAME = 40  # characters of the prompt kept in a file name
 
 # The cached pipelines are shared between callers (the UI calls repeatedly, possibly from several threads), and a
 # call swaps the scheduler: one generation at a time.
@@ -37,20 +49,28 @@ _GENERATE_LOCK = threading.Lock()
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="class -> image with a DiT model, written as PNGs with their settings")
-    p.add_argument("--model", required=True, help="a shipped model's name or a saved diffusers DiTPipeline folder")
-    p.add_argument("--class-label", required=True, dest="class_label",
-                   help="class id (integer) or a class name from the model's id2label")
+    p = sub.add_parser("generate", help="class -> image, text -> image or text -> video with a DiT model, written "
+                                        "as PNGs / GIFs with their settings")
+    p.add_argument("--model", required=True,
+                   help="a shipped model's name or a saved pipeline folder (DiTPipeline, ClassToImagePipeline, "
+                        "TextToImagePipeline or TextToVideoPipeline)")
+    p.add_argument("--label", "--class-label", dest="class_label", action="append", default=None,
+                   help="class models: class id (integer) or a class name from the model's id2label; repeatable")
+    p.add_argument("--prompt", action="append", default=None, help="text and video models: the prompt; repeatable")
+    p.add_argument("--negative-prompt", dest="negative_prompt", default=None,
+                   help="text and video models: the prompt guidance steers away from (default: the empty prompt)")
     # Numbers are parsed here rather than by argparse, so that a bad value is one clear line like every other error.
     p.add_argument("--steps", default="50", help="sampling steps (default 50)")
     p.add_argument("--cfg", default="4.0", help="classifier-free guidance scale, >= 0; 1 = no guidance (default 4)")
     p.add_argument("--sampler", default=None,
                    help="ddpm, ddim, dpm++ or euler (default: the scheduler saved with the model)")
     p.add_argument("--seed", default="0", help="seed of the torch.Generator (default 0)")
-    p.add_argument("--num", default="1", help=f"images for the label, 1..{MAX_NUM} (default 1)")
+    p.add_argument("--num", default="1", help=f"images (videos) per label or prompt, 1..{MAX_NUM} (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")
+    p.add_argument("--fps", default=None, help=f"video models: GIF frames per second, > 0 (default {DEFAULT_FPS:g})")
+    p.add_argument("--frames", action="store_true", help="video models: also write every frame as a PNG")
+    p.add_argument("--out", required=True, help="folder for the PNG / GIF files (created if missing)")
     p.set_defaults(func=run)
 
 
@@ -59,22 +79,27 @@ def add_parser(sub) -> None:
 def _model_index(folder: Path) -> dict:
     path = folder / "model_index.json"
     if not path.is_file():
-        raise ValueError(f"model {folder} is not a class -> image model: no model_index.json")
+        raise ValueError(f"model {folder} is not a pipeline folder: no model_index.json")
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if index.get("_class_name") != PIPELINE_CLASS:
-        raise ValueError(f"model {folder} is a {index.get('_class_name')!r}, not a class -> image "
-                         f"{PIPELINE_CLASS} folder")
+    if not isinstance(index, dict) or index.get("_class_name") not in PIPELINE_KINDS:
+        name = index.get("_class_name") if isinstance(index, dict) else None
+        raise ValueError(f"model {folder} is a {name!r} folder; generate takes {', '.join(PIPELINE_KINDS)}")
     return index
 
 
 def pipeline_folder(model: str | Path) -> Path:
-    """The saved `DiTPipeline` folder `model` names (a shipped model's name or a path); ValueError otherwise."""
+    """The saved pipeline folder `model` names (a shipped model's name or a path); ValueError otherwise."""
     folder = resolve_model(str(model)).resolve()
     _model_index(folder)
     return folder
+
+
+def model_kind(model: str | Path) -> str:
+    """"class", "text" or "video": what the model folder's `_class_name` makes it."""
+    return PIPELINE_KINDS[_model_index(pipeline_folder(model))["_class_name"]]
 
 
 def label_ids(folder: Path) -> dict[str, int]:
@@ -135,15 +160,23 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _pipeline_class(kind: str):
+    if kind == CLASS:
+        from dit.pipelines import ClassToImagePipeline
+        return ClassToImagePipeline
+    from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline
+    return TextToImagePipeline if kind == TEXT else TextToVideoPipeline
+
+
 @functools.lru_cache(maxsize=4)
 def load_pipeline(folder: Path, device: str, dtype: str):
-    """The folder's `ClassToImagePipeline` on `device` in `dtype`, loaded once per process and key."""
-    from dit.pipelines import ClassToImagePipeline
-
+    """The folder's pipeline (`ClassToImagePipeline` for DiTPipeline / ClassToImagePipeline folders,
+    `TextToImagePipeline`, `TextToVideoPipeline`, by model_index.json `_class_name`) on `device` in `dtype`, loaded
+    once per process and key."""
     torch_dtype = check_dtype(dtype)
+    cls = _pipeline_class(PIPELINE_KINDS[_model_index(folder)["_class_name"]])
     # Weights load in float32; cast only for another dtype (the cast makes diffusers log a warning).
-    pipe = ClassToImagePipeline.from_pretrained(folder, torch_dtype=None if torch_dtype is torch.float32
-                                                else torch_dtype).to(device)
+    pipe = cls.from_pretrained(folder, torch_dtype=None if torch_dtype is torch.float32 else torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -153,11 +186,14 @@ def _saved_scheduler(folder: Path):
     """The scheduler saved with the model: every sampler is built from its config, so swaps never drift."""
     import diffusers
 
-    library, name = _model_index(folder)["scheduler"]
+    index = _model_index(folder)
+    library, name = index["scheduler"]
     cls = getattr(diffusers, name, None) if library == "diffusers" else None
     if cls is None:
         raise ValueError(f"{folder}/model_index.json: scheduler {library}.{name} is not a diffusers scheduler")
-    return cls.from_pretrained(folder, subfolder="scheduler")
+    # Text pipelines name their scheduler folder in component_folders; diffusers folders use scheduler/.
+    subfolder = (index.get("component_folders") or {}).get("scheduler", "scheduler")
+    return cls.from_pretrained((folder / subfolder).resolve())
 
 
 def make_sampler(folder: Path, sampler: str | None):
@@ -186,60 +222,161 @@ def _check_numbers(steps, cfg, seed, num) -> None:
         raise ValueError(f"num must be an integer in [1, {MAX_NUM}]; got {num!r}")
 
 
-def generate_class_images(model: str | Path, labels: int | str | list[int | str], steps: int = 50, cfg: float = 4.0,
-                          sampler: str | None = None, seed: int = 0, num: int = 1, device: str | None = None,
-                          dtype: str = "float32") -> list[tuple[PIL.Image.Image, dict]]:
-    """`num` images per label, in one batch (label 0 x num, label 1 x num, ...), as (image, settings) pairs.
-
-    The batch is what diffusers' `DiTPipeline` would get as `class_labels`, with
-    `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, label, steps, cfg, sampler, seed,
-    index (position in the batch), size, device, dtype, seconds (the batch's wall time).
-    """
+def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype):
+    """The checks every generate_* runs, then (folder, pipeline, fresh scheduler, sampler name, device)."""
     _check_numbers(steps, cfg, seed, num)
     device = check_device(device)
     check_dtype(dtype)
     folder = pipeline_folder(model)
+    found = PIPELINE_KINDS[_model_index(folder)["_class_name"]]
+    if found != kind:
+        raise ValueError(f"model {folder.name} is a {TASKS[found]} model ({_model_index(folder)['_class_name']}), "
+                         f"not a {TASKS[kind]} model")
     scheduler, sampler_name = make_sampler(folder, sampler)
-    pipe = load_pipeline(folder, device, dtype)
-    labels = labels if isinstance(labels, (list, tuple)) else [labels]
+    return folder, load_pipeline(folder, device, dtype), scheduler, sampler_name, device
+
+
+def _sample(pipe, scheduler, device: str, seed: int, call):
+    """`call(generator)` with the scheduler swapped in, under the lock; -> (its result, wall seconds)."""
+    with _GENERATE_LOCK:
+        pipe.scheduler = scheduler
+        start = time.perf_counter()
+        result = call(torch.Generator(device).manual_seed(seed))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return result, round(time.perf_counter() - start, 3)
+
+
+def _settings(folder: Path, kind: str, steps, cfg, sampler_name, seed, device, dtype, seconds, **extra) -> dict:
+    return {"model": folder.name, "task": TASKS[kind], **extra, "steps": steps, "cfg": float(cfg),
+            "sampler": sampler_name, "seed": seed, "device": device, "dtype": dtype, "seconds": seconds}
+
+
+def generate_class_images(model: str | Path, labels: int | str | list[int | str], steps: int = 50, cfg: float = 4.0,
+                          sampler: str | None = None, seed: int = 0, num: int = 1, device: str | None = None,
+                          dtype: str = "float32", callback=None) -> list[tuple[PIL.Image.Image, dict]]:
+    """`num` images per label, in one batch (label 0 x num, label 1 x num, ...), as (image, settings) pairs.
+
+    The batch is what diffusers' `DiTPipeline` would get as `class_labels`, with
+    `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, label, index (position in the
+    batch), size, steps, cfg, sampler, seed, device, dtype, seconds (the batch's wall time).
+    `callback(step, t, latents)` runs after every scheduler step.
+    """
+    folder, pipe, scheduler, sampler_name, device = _prepare(model, CLASS, steps, cfg, seed, num, sampler, device,
+                                                             dtype)
+    labels = list(labels) if isinstance(labels, (list, tuple)) else [labels]
     if not labels:
         raise ValueError("no class label given")
     class_ids = [resolve_label(folder, y, pipe.transformer.config.num_classes) for y in labels]
     batch = [y for y in class_ids for _ in range(num)]
-
-    with _GENERATE_LOCK:
-        pipe.scheduler = scheduler
-        start = time.perf_counter()
-        images = pipe(batch, num_inference_steps=steps, guidance_scale=float(cfg),
-                      generator=torch.Generator(device).manual_seed(seed), output_type="pil").images
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        seconds = round(time.perf_counter() - start, 3)
-    return [(image, {"model": folder.name, "task": TASK, "label": y, "steps": steps, "cfg": float(cfg),
-                     "sampler": sampler_name, "seed": seed, "index": i, "size": list(image.size),
-                     "device": device, "dtype": dtype, "seconds": seconds})
+    images, seconds = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
+        batch, num_inference_steps=steps, guidance_scale=float(cfg), generator=generator, output_type="pil",
+        callback=callback).images)
+    return [(image, _settings(folder, CLASS, steps, cfg, sampler_name, seed, device, dtype, seconds, label=y,
+                              index=i, size=list(image.size)))
             for i, (image, y) in enumerate(zip(images, batch))]
+
+
+def _check_prompts(prompts, negative_prompt) -> tuple[list[str], str]:
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("no prompt given")
+    bad = [x for x in prompts if not isinstance(x, str)]
+    if bad:
+        raise ValueError(f"every prompt must be a string; got {bad!r}")
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a string; got {negative_prompt!r}")
+    return list(prompts), negative_prompt
+
+
+def _generate_text(kind: str, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype,
+                   callback):
+    prompts, negative_prompt = _check_prompts(prompts, negative_prompt)
+    folder, pipe, scheduler, sampler_name, device = _prepare(model, kind, steps, cfg, seed, num, sampler, device,
+                                                             dtype)
+    output = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
+        prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=float(cfg),
+        generator=generator, output_type="pil", callback=callback, num_images_per_prompt=num))
+    batch = [prompt for prompt in prompts for _ in range(num)]  # the pipeline's prompt-major order
+    return folder, output, batch, negative_prompt, sampler_name, device
+
+
+def generate_text_images(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5,
+                         seed: int = 0, num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
+                         device: str | None = None, dtype: str = "float32",
+                         callback=None) -> list[tuple[PIL.Image.Image, dict]]:
+    """`num` images per prompt, in one batch (prompt-major), as (image, settings) pairs: `TextToImagePipeline` with
+    `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, prompt, negative_prompt, index,
+    size, steps, cfg, sampler, seed, device, dtype, seconds."""
+    folder, (output, seconds), batch, negative, sampler_name, device = _generate_text(
+        TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
+    return [(image, _settings(folder, TEXT, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
+                              negative_prompt=negative, index=i, size=list(image.size)))
+            for i, (image, prompt) in enumerate(zip(output.images, batch))]
+
+
+def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5, seed: int = 0,
+                    num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
+                    device: str | None = None, dtype: str = "float32",
+                    callback=None) -> list[tuple[list[PIL.Image.Image], dict]]:
+    """`num` videos per prompt, as (frames, settings) pairs, frames a list of F PIL images: `TextToVideoPipeline`
+    with `generator=torch.Generator(device).manual_seed(seed)`; settings as `generate_text_images`' plus
+    num_frames."""
+    folder, (output, seconds), batch, negative, sampler_name, device = _generate_text(
+        VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
+    return [(frames, _settings(folder, VIDEO, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
+                               negative_prompt=negative, index=i, size=list(frames[0].size),
+                               num_frames=len(frames)))
+            for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(text)).strip("-") or "x"
 
 
-def save_png(image: PIL.Image.Image, settings: dict, out: Path, date: str) -> Path:
-    """`{date}_{model}_{label}_{seed}_{index}.png` under `out`, settings as PNG text; never overwrites a file."""
-    stem = f"{date}_{_safe(settings['model'])}_{settings['label']}_{settings['seed']}_{settings['index']}"
-    path, n = out / f"{stem}.png", 1
+def _free_path(out: Path, stem: str, suffix: str) -> Path:
+    path, n = out / f"{stem}{suffix}", 1
     while path.exists():
-        path, n = out / f"{stem}-{n}.png", n + 1
+        path, n = out / f"{stem}-{n}{suffix}", n + 1
+    return path
+
+
+def _stem(settings: dict, date: str) -> str:
+    """`{date}_{model}_{label or prompt}_{seed}_{index}`: '_' separates the fields."""
+    what = settings["label"] if "label" in settings else _safe(settings["prompt"])[:PROMPT_IN_NAME].strip("-.") or "x"
+    return f"{date}_{_safe(settings['model'])}_{what}_{settings['seed']}_{settings['index']}"
+
+
+def save_png(image: PIL.Image.Image, settings: dict, out: Path, date: str, stem: str | None = None) -> Path:
+    """`{date}_{model}_{label or prompt}_{seed}_{index}.png` under `out`, settings as PNG text; never overwrites a
+    file."""
+    path = _free_path(out, stem or _stem(settings, date), ".png")
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(settings))
     image.save(path, format="PNG", pnginfo=info)
     return path
 
 
+def save_gif(frames: list[PIL.Image.Image], settings: dict, out: Path, date: str, fps: float = DEFAULT_FPS,
+             write_frames: bool = False) -> tuple[Path, list[Path]]:
+    """An animated GIF (looping, 1000/fps ms per frame, settings JSON as its comment) and, with `write_frames`,
+    each frame as `{stem}_f{k}.png` (exact pixels; the GIF's palette may change them). Never overwrites a file.
+    Note: the GIF writer merges consecutive identical frames (their durations add up)."""
+    path = _free_path(out, _stem(settings, date), ".gif")
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=round(1000 / fps), comment=json.dumps(settings))
+    frame_paths = [save_png(frame, {**settings, "frame": k}, out, date, stem=f"{path.stem}_f{k}")
+                   for k, frame in enumerate(frames)] if write_frames else []
+    return path, frame_paths
+
+
 def read_settings(path: str | Path) -> dict:
-    """The settings a PNG written by `ditstudio generate` carries."""
+    """The settings a PNG or GIF written by `ditstudio generate` carries."""
     with PIL.Image.open(path) as image:
+        if image.format == "GIF":
+            comment = image.info.get("comment", b"")
+            return json.loads(comment.decode() if isinstance(comment, bytes) else comment)
         return json.loads(image.text[METADATA_KEY])
 
 
@@ -250,18 +387,58 @@ def _parse(kind, name: str, text: str):
         raise ValueError(f"--{name} must be {'an integer' if kind is int else 'a number'}; got {text!r}") from None
 
 
+def _check_flags(args, kind: str, name: str) -> None:
+    """The options the model's kind takes: one clear error for one of another kind."""
+    what = f"model {name} is a {TASKS[kind]} model"
+    if kind == CLASS:
+        wrong = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt))
+                 if value is not None]
+        if wrong:
+            raise ValueError(f"{what}: it takes --label, not {' / '.join(wrong)}")
+        if not args.class_label:
+            raise ValueError(f"{what}: give --label (a class id or name)")
+    else:
+        if args.class_label:
+            raise ValueError(f"{what}: it takes --prompt, not --label")
+        if not args.prompt:
+            raise ValueError(f"{what}: give --prompt")
+    if kind != VIDEO:
+        wrong = [flag for flag, value in (("--fps", args.fps is not None), ("--frames", args.frames)) if value]
+        if wrong:
+            raise ValueError(f"{what}: {' / '.join(wrong)} only apply to text-to-video models")
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    results = generate_class_images(
-        args.model, args.class_label, steps=_parse(int, "steps", args.steps), cfg=_parse(float, "cfg", args.cfg),
-        sampler=args.sampler, seed=_parse(int, "seed", args.seed), num=_parse(int, "num", args.num),
-        device=args.device, dtype=args.dtype)
+    kind = model_kind(args.model)
+    _check_flags(args, kind, args.model)
+    fps = DEFAULT_FPS
+    if kind == VIDEO and args.fps is not None:
+        fps = _parse(float, "fps", args.fps)
+        if not math.isfinite(fps) or fps <= 0:
+            raise ValueError(f"--fps must be a finite number > 0; got {args.fps!r}")
+    numbers_ = dict(steps=_parse(int, "steps", args.steps), cfg=_parse(float, "cfg", args.cfg),
+                    seed=_parse(int, "seed", args.seed), num=_parse(int, "num", args.num))
+    common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, **numbers_)
+    if kind == CLASS:
+        labels = args.class_label if len(args.class_label) > 1 else args.class_label[0]
+        results = generate_class_images(args.model, labels, **common)
+    elif kind == TEXT:
+        results = generate_text_images(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
+    else:
+        results = generate_videos(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for image, settings in results:
-        path = save_png(image, settings, out, date)
-        print(json.dumps({"path": str(path), "seed": settings["seed"], "model": settings["model"],
+    for result, settings in results:
+        record = {}
+        if kind == VIDEO:
+            settings = {**settings, "fps": fps}
+            path, frame_paths = save_gif(result, settings, out, date, fps=fps, write_frames=args.frames)
+            record["frames"] = [str(f) for f in frame_paths]
+        else:
+            path = save_png(result, settings, out, date)
+        print(json.dumps({"path": str(path), **record, "seed": settings["seed"], "model": settings["model"],
                           "settings": settings, "seconds": settings["seconds"]}), flush=True)
     return 0

@@ -12,6 +12,11 @@ import shlex
 import sys
 import time
 
+from pathlib import Path
+
+# Run as a script, bench/ would come first on sys.path and bench/attention.py would shadow the attention package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 from diffusers import DiTTransformer2DModel
 

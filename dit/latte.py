@@ -248,5 +248,7 @@ SHAPES_TEXT_VIDEO = dict(sample_size=16, in_channels=4, caption_channels=96, max
 LATTE_CONFIGS: dict[str, dict] = {
     # depth = (spatial, temporal) pairs, diffusers' num_layers: Latte-1 has 28 + 28 blocks, 16 heads x 72.
     "Latte-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **LATTE_512_VIDEO),
-    "Latte-T/2": dict(depth=4, hidden_size=192, num_heads=3, patch_size=2, **SHAPES_TEXT_VIDEO),
+    # T/1 is the shipped shapes-t2v: 1.57 M parameters, 3.15 MB in fp16 (patch 1: see DiT-T/1)
+    "Latte-T/1": dict(depth=3, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_VIDEO),
+    "Latte-T/2": dict(depth=3, hidden_size=128, num_heads=4, patch_size=2, **SHAPES_TEXT_VIDEO),
 }

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -100,7 +101,8 @@ class ClassToImagePipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, folder: str | Path, sampler: str | None = None, torch_dtype: torch.dtype | None = None):
-        """Load a saved diffusers `DiTPipeline` folder (model_index.json, transformer/, vae/, scheduler/): the
+        """Load a saved diffusers `DiTPipeline` folder (model_index.json, transformer/, vae/, scheduler/), or one this
+        pipeline saved (transformer: our `DiT`, kept in float32 whatever the file's dtype): a diffusers
         transformer is converted with `dit_from_diffusers`, the scheduler class is the one model_index.json names
         (or `sampler`, built from its config)."""
         folder = Path(folder)
@@ -118,10 +120,46 @@ class ClassToImagePipeline(DiffusionPipeline):
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
         if sampler is not None:
             scheduler = make_scheduler(sampler, scheduler.config)
-        transformer = dit_from_diffusers(DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer"))
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        if list(index["transformer"]) == ["dit.dit", "DiT"]:  # saved by this pipeline (the shipped models)
+            transformer = DiT.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
+        elif list(index["transformer"]) == ["diffusers", "DiTTransformer2DModel"]:
+            transformer = dit_from_diffusers(DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer"))
+        else:
+            raise ValueError(f"{index_path}: transformer {index['transformer']} is neither diffusers' "
+                             "DiTTransformer2DModel nor our dit.dit.DiT")
+        referenced = index.get("component_folders", {}).get("vae")  # a shared VAE, referenced (see save_pretrained)
+        vae_path = (folder / referenced).resolve() if referenced else folder / "vae"
+        if not vae_path.is_dir():
+            raise ValueError(f"{index_path}: VAE folder {vae_path} not found")
+        vae = AutoencoderKL.from_pretrained(vae_path)
         pipe = cls(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+        pipe.vae_folder = vae_path
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+
+    def save_pretrained(self, folder: str | Path, vae_folder: str | Path | None = None,
+                        id2label: dict[int, str] | None = None, **kwargs) -> None:
+        """diffusers' layout. With `vae_folder` the VAE is referenced instead of copied (model_index.json
+        "component_folders": {"vae": <path relative to folder>}), so the shipped models share one VAE; `id2label`
+        goes into model_index.json as in diffusers' DiTPipeline folders."""
+        folder = Path(folder)
+        if vae_folder is None:
+            super().save_pretrained(folder, **kwargs)
+        else:
+            if not Path(vae_folder).is_dir():
+                raise ValueError(f"vae_folder {vae_folder} is not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            self.transformer.save_pretrained(folder / "transformer")
+            self.scheduler.save_pretrained(folder / "scheduler")
+            index = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
+                     "scheduler": ["diffusers", type(self.scheduler).__name__],
+                     "transformer": [type(self.transformer).__module__, type(self.transformer).__name__],
+                     "vae": ["diffusers", "AutoencoderKL"],
+                     "component_folders": {"vae": os.path.relpath(Path(vae_folder).resolve(), folder.resolve())}}
+            (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if id2label is not None:
+            index = json.loads((folder / MODEL_INDEX).read_text())
+            index["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
+            (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def set_sampler(self, sampler: str) -> "ClassToImagePipeline":
         """Swap the scheduler by name (see SAMPLERS), keeping the current scheduler's config."""

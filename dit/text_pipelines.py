@@ -214,7 +214,9 @@ class _TextPipeline(DiffusionPipeline):
         if encoder_name not in TEXT_ENCODERS:
             raise ValueError(f"{index_path}: unknown text encoder {encoder_name!r}; valid: {', '.join(TEXT_ENCODERS)}")
         pipe = cls(
-            transformer=cls.transformer_class.from_pretrained(paths[TRANSFORMER_FOLDER]).eval(),
+            # float32 whatever the file's dtype (shipped weights are fp16; CPUs run float32)
+            transformer=cls.transformer_class.from_pretrained(paths[TRANSFORMER_FOLDER],
+                                                              torch_dtype=torch.float32).eval(),
             vae=AutoencoderKL.from_pretrained(paths["vae"]).eval(),
             scheduler=scheduler,
             text_encoder=TEXT_ENCODERS[encoder_name].from_pretrained(paths["text_encoder"]).eval(),

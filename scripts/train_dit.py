@@ -1,17 +1,29 @@
-"""Train or fine-tune a class-conditional DiT on VAE latents, with the DDPM (ε + learned-σ VLB) or flow objective.
+"""Train or fine-tune a DiT -- class-conditional (DiT), text-conditional (PixArt-style) or text-to-video (Latte-style) --
+on VAE latents, with the DDPM (ε + learned-σ VLB) or flow objective.
 
-    accelerate launch scripts/train_dit.py --out runs/dit-t --model DiT-T/2 --steps 20000 --batch-size 256 \
-        --mixed-precision bf16                                     # from scratch on rendered shapes classes
-    python scripts/train_dit.py --out runs/ft --model runs/dit-t/model --data my_images/ --lora 8 \
-        --steps 500 --batch-size 16 --lr 1e-4                      # LoRA fine-tune on a folder of class sub-folders
+    accelerate launch scripts/train_dit.py --out runs/c2i --model DiT-T/2 --steps 20000 --batch-size 256 \
+        --mixed-precision bf16                                     # class -> image from scratch on shapes scenes
+    accelerate launch scripts/train_dit.py --out runs/t2i --model PixArt-T/2 ...   # text -> image on shapes captions
+    accelerate launch scripts/train_dit.py --out runs/t2v --model Latte-T/2 ...    # text -> video on shapes videos
+    python scripts/train_dit.py --out runs/ft --model shapes-t2i --data my_images/ --lora 8 \
+        --steps 500 --batch-size 16 --lr 1e-4                      # LoRA fine-tune on a folder of captioned images
     python scripts/train_dit.py --out runs/smoke --model DiT-T/2 --steps 20 --batch-size 8 --cpu   # smoke test
 
-`--model` is a named size (`DiT-T/2`, `DiT-XL/2`, ...), a folder saved by this project (`DiT.save_pretrained`),
-a diffusers `DiTTransformer2DModel` folder, or an official facebookresearch/DiT checkpoint (.pt / .safetensors).
-`--data shapes` renders a fresh batch of class scenes per step; `--data FOLDER` reads class sub-folders (or images
-with a `metadata.jsonl` holding `file_name` and `label`), resized and centre-cropped to the VAE's resolution, and
-encodes them once. Step `s`'s batch and noise come from (seed, s, rank), so a resumed run is exact. The EMA of the
-weights (merged LoRA) is saved to `--out/model` in float32, with a model card.
+`--model` is a named size (`DiT-T/2`, `DiT-XL/2`, `PixArt-T/2`, `Latte-T/2`, ...), a shipped model's name, a folder
+saved by this project (a pipeline folder or a bare transformer), a diffusers `DiTTransformer2DModel` /
+`PixArtTransformer2DModel` / `LatteTransformer3DModel` folder or pipeline folder, or an official facebookresearch/DiT
+checkpoint (.pt / .safetensors). The model's class decides the task (class / text / video).
+
+`--data shapes` renders a fresh batch per step (class scenes, captioned scenes, or captioned videos); `--data FOLDER`
+reads the user's images, resized and centre-cropped to the VAE's resolution and encoded once: class sub-folders,
+or a `metadata.jsonl` (the diffusers / datasets "imagefolder" convention) whose rows hold `file_name` and `label`
+(class models) or `text` / `caption` (text models). Text models see the empty prompt for `--uncond-prob` of the
+captions (what classifier-free guidance needs); class models drop labels inside the model (`class_dropout_prob`).
+
+Step `s`'s batch, caption dropout and noise come from (seed, s, rank), so a resumed run is exact. The EMA of the
+weights (merged LoRA) is saved as a pipeline folder `ditstudio generate` and the app load (`--save-to`, default
+`--out/model`; the VAE and text encoder are referenced, not copied) with a model card and, every `--eval-every`
+steps, the analyser's metrics of samples from the EMA weights (`dit.evaluation`).
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,61 +44,103 @@ from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
-from dit.loaders import dit_from_diffusers, load_official_dit  # noqa: E402
+from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
+from dit.latte import LATTE_CONFIGS, LatteDiT  # noqa: E402
+from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import make_objective  # noqa: E402
+from dit.pipelines import ClassToImagePipeline  # noqa: E402
+from dit.pixart import PIXART_CONFIGS, PixArtDiT  # noqa: E402
+from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa: E402
 from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import to_float  # noqa: E402
+from shapes.scene import class_name  # noqa: E402
 from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_VAE = REPO / "weights" / "shapes-vae"
+SHIPPED_CLIP = REPO / "weights" / "shapes-clip"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-# The linears LoRA adapts: attention q/k/v and output projection, and both MLP layers of every block.
-LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+# The linears LoRA adapts: self-attention q/k/v and output, cross-attention q, k/v and output, both MLP layers, in
+# every block (DiT / PixArt `blocks`, Latte `spatial_blocks` and `temporal_blocks`).
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
 EVAL_SEED = 12345
+# The model class -> task, and what each task's pipeline is.
+TASK_OF = {DiT: "class", PixArtDiT: "text", LatteDiT: "video"}
+PIPELINES = {"class": ClassToImagePipeline, "text": TextToImagePipeline, "video": TextToVideoPipeline}
+OURS = {"DiT": DiT, "PixArtDiT": PixArtDiT, "LatteDiT": LatteDiT}
+DIFFUSERS = {"DiTTransformer2DModel": dit_from_diffusers, "PixArtTransformer2DModel": pixart_from_diffusers,
+             "LatteTransformer3DModel": latte_from_diffusers}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
-    p.add_argument("--model", default="DiT-T/2", help="named size, our saved folder, diffusers DiT folder or official .pt")
+    p.add_argument("--model", default="DiT-T/2", help="named size, shipped model, saved folder or official .pt")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
     p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit_normal"], help="flow only")
-    p.add_argument("--data", default="shapes", help="'shapes' or a folder of images (class sub-folders)")
+    p.add_argument("--data", default="shapes", help="'shapes' or a folder of images (class sub-folders or metadata.jsonl)")
     p.add_argument("--vae", default=str(SHIPPED_VAE))
+    p.add_argument("--text-encoder", default=str(SHIPPED_CLIP), help="text / video models: the ShapesCLIP folder")
+    p.add_argument("--uncond-prob", type=float, default=0.1, help="text models: share of captions replaced by ''")
+    p.add_argument("--pool", type=int, default=0,
+                   help="shapes data: render and encode this many items once and sample batches from them (0: fresh "
+                        "batches every step, CPU-bound)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=None, help="LR warm-up steps (default: min(500, steps // 10))")
-    p.add_argument("--eval-n", type=int, default=64, help="size of the fixed, seeded evaluation batch")
+    p.add_argument("--eval-n", type=int, default=64, help="size of the fixed, seeded evaluation batch (loss)")
+    p.add_argument("--sample-eval-n", type=int, default=0,
+                   help="prompts per sample-based evaluation (analyser metrics of generated samples; 0: off)")
+    p.add_argument("--sample-eval-cfg", type=float, default=4.0)
+    p.add_argument("--final-eval-n", type=int, default=None, help="prompts for the final (model card) evaluation "
+                   "(default: --sample-eval-n)")
+    p.add_argument("--anneal-to-time-limit", action="store_true",
+                   help="decay the LR by elapsed time as well as steps, so a --time-limit run ends annealed")
+    p.add_argument("--keep-best", action="store_true",
+                   help="ship the EMA weights that scored best in the sample evaluations, not necessarily the last")
+    p.add_argument("--save-to", default=None, help="the pipeline folder to write (default: --out/model)")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(lr=1e-4)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------- model
-def load_dit(spec: str, objective: str) -> DiT:
-    """A DiT from a named size (fresh; learns σ only under the DDPM objective), our or diffusers' saved folder, or an
-    official checkpoint file."""
-    if spec in DIT_CONFIGS:
-        return DiT.from_name(spec, learn_sigma=objective == "ddpm")
+def load_model(spec: str, objective: str) -> torch.nn.Module:
+    """A fresh named size (learns σ only under the DDPM objective), a shipped model, a saved folder (ours or
+    diffusers', transformer or whole pipeline) or an official DiT checkpoint file."""
+    for configs, cls in ((DIT_CONFIGS, DiT), (PIXART_CONFIGS, PixArtDiT), (LATTE_CONFIGS, LatteDiT)):
+        if spec in configs:
+            return cls.from_name(spec, learn_sigma=objective == "ddpm")
     path = Path(spec)
+    if not path.exists() and (REPO / "weights" / spec).is_dir():  # a shipped model's name
+        path = REPO / "weights" / spec
     if path.is_dir():
+        if (path / "model_index.json").is_file():  # a pipeline folder: its transformer
+            index = json.loads((path / "model_index.json").read_text())
+            sub = index.get("component_folders", {}).get("transformer", "transformer")
+            return load_model(str(path / sub), objective)
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if config.get("_class_name") == "DiT":
-            return DiT.from_pretrained(path)
-        if config.get("_class_name") == "DiTTransformer2DModel":
-            return dit_from_diffusers(path)
-        if (path / "transformer" / "config.json").is_file():  # a whole diffusers DiTPipeline folder
-            return dit_from_diffusers(path / "transformer")
-        raise ValueError(f"{path} is neither our DiT folder nor a diffusers DiTTransformer2DModel folder")
+        name = config.get("_class_name")
+        if name in OURS:
+            return OURS[name].from_pretrained(path, torch_dtype=torch.float32)
+        if name in DIFFUSERS:
+            return DIFFUSERS[name](path)
+        raise ValueError(f"{path}: config.json names {name!r}; expected one of {', '.join([*OURS, *DIFFUSERS])}")
     if path.is_file():
         return load_official_dit(path)
-    raise ValueError(f"--model {spec!r}: not a named size ({', '.join(DIT_CONFIGS)}), folder or checkpoint file")
+    names = [*DIT_CONFIGS, *PIXART_CONFIGS, *LATTE_CONFIGS]
+    raise ValueError(f"--model {spec!r}: not a named size ({', '.join(names)}), shipped model, folder or file")
 
 
-def add_lora(model: DiT, rank: int):
+def task_of(model) -> str:
+    return TASK_OF[type(model)]
+
+
+def add_lora(model, rank: int):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=True)
@@ -101,22 +156,61 @@ def encode(vae: AutoencoderKL, images_u8: torch.Tensor) -> torch.Tensor:
     return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
+@torch.no_grad()
+def encode_video(vae: AutoencoderKL, video_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, 3, H, W) -> latents (B, C, T, h, w), every frame through the image VAE."""
+    B, T = video_u8.shape[:2]
+    z = encode(vae, video_u8.reshape(B * T, *video_u8.shape[2:]))
+    return z.view(B, T, *z.shape[1:]).transpose(1, 2).contiguous()
+
+
 @dataclass
 class LatentData:
-    """`batch(seed, n, device)` -> (latents (n, C, h, w), class labels (n,)); `num_classes` used by the data."""
-    batch: callable
-    num_classes: int
+    """`batch(seed, n, device)` -> (latents, condition): class ids (n,) or a list of n captions."""
+    batch: Callable
+    num_classes: int | None
     description: str
 
 
-def shapes_data(vae: AutoencoderKL) -> LatentData:
+def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
+                tokenize: Callable | None = None) -> LatentData:
+    """Rendered shapes data. `pool` 0: a fresh batch rendered and encoded every step (scene sampling and captions run
+    on the CPU, ~60 ms per 256 scenes: it starves a GPU). `pool` N: N items rendered and encoded once up front (on
+    the VAE's device, from `seed`), then every step draws its batch from them -- for a 2 M-parameter model,
+    100k+ distinct scenes are plenty. A pool's captions are kept as token ids (`tokenize`), so steps skip the
+    tokenizer too."""
     size = vae.config.sample_size
+    kind = {"class": "class", "text": "caption", "video": "video"}[task]
 
-    def batch(seed: int, n: int, device):
-        b = make_batch("class", seed, n, size=size, device=vae.device)
-        return encode(vae, b["image"]).to(device), b["label"].to(device)
+    def fresh(seed: int, n: int, device):
+        b = make_batch(kind, seed, n, size=size, device=vae.device, num_frames=num_frames)
+        if task == "class":
+            return encode(vae, b["image"]).to(device), b["label"].to(device)
+        if task == "text":
+            return encode(vae, b["image"]).to(device), b["caption"]
+        return encode_video(vae, b["video"]).to(device), b["caption"]
 
-    return LatentData(batch, NUM_CLASSES, "rendered shapes class scenes")
+    what = {"class": "class scenes", "text": "captioned scenes (1-3 objects, paraphrased captions)",
+            "video": f"captioned {num_frames}-frame videos (1-2 moving objects)"}[task]
+    num_classes = NUM_CLASSES if task == "class" else None
+    if not pool:
+        return LatentData(fresh, num_classes, f"rendered shapes {what}, fresh every step")
+
+    chunk = 256 if task == "video" else 2048
+    parts = [fresh(np.random.default_rng([seed, 0x9001, i]), min(chunk, pool - start), vae.device)  # apart from steps
+             for i, start in enumerate(tqdm(range(0, pool, chunk), desc="rendering the data pool", mininterval=10))]
+    latents = torch.cat([x for x, _ in parts])
+    if task == "class":
+        conds = torch.cat([c for _, c in parts])
+    else:
+        conds = torch.cat([tokenize(cs) for _, cs in parts]) if tokenize else [c for _, cs in parts for c in cs]
+
+    def from_pool(seed: int, n: int, device):
+        idx = torch.randint(0, pool, (n,), generator=torch.Generator().manual_seed(seed))
+        cond = conds[idx.to(conds.device)].to(device) if torch.is_tensor(conds) else [conds[i] for i in idx.tolist()]
+        return latents[idx.to(latents.device)].to(device), cond
+
+    return LatentData(from_pool, num_classes, f"a pool of {pool:,} rendered shapes {what}")
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
@@ -131,13 +225,43 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def _folder_items(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+def _metadata(folder: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{folder}/metadata.jsonl line {i} is not JSON: {exc}") from exc
+    if not rows or not all("file_name" in r for r in rows):
+        raise ValueError(f"{folder}/metadata.jsonl: every row needs a 'file_name'")
+    missing = [r["file_name"] for r in rows if not (folder / r["file_name"]).is_file()]
+    if missing:
+        raise ValueError(f"{folder}/metadata.jsonl names files that are not there: {', '.join(missing[:5])}")
+    return rows
+
+
+def _folder_items(folder: Path, task: str) -> tuple[list[Path], list, list[str] | None]:
+    """(files, per-file condition, class names or None): class ids for class models, captions for text models."""
+    if not folder.is_dir():
+        raise ValueError(f"--data {folder}: not a folder (and not 'shapes')")
+    if task == "video":
+        raise ValueError("video models train on the shapes world only (--data shapes); a folder holds still images")
+    has_metadata = (folder / "metadata.jsonl").is_file()
+    if task == "text":
+        if not has_metadata:
+            raise ValueError(f"{folder} has no metadata.jsonl: a text model needs a caption ('text') per image")
+        rows = _metadata(folder)
+        key = next((k for k in ("text", "caption") if all(k in r for r in rows)), None)
+        if key is None:
+            raise ValueError(f"{folder}/metadata.jsonl: every row needs a 'text' (or 'caption') for a text model")
+        return [folder / r["file_name"] for r in rows], [str(r[key]) for r in rows], None
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes:
         items = [(f, i) for i, c in enumerate(classes) for f in sorted((folder / c).iterdir())
                  if f.suffix.lower() in IMAGE_SUFFIXES]
-    elif (folder / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    elif has_metadata:
+        rows = _metadata(folder)
         if not all("label" in r for r in rows):
             raise ValueError(f"{folder}/metadata.jsonl: class-conditional training needs a 'label' in every row")
         classes = sorted({str(r["label"]) for r in rows})
@@ -150,85 +274,171 @@ def _folder_items(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     return list(files), list(labels), classes
 
 
-def folder_data(folder: Path, vae: AutoencoderKL, encode_batch: int = 64) -> LatentData:
+def folder_data(folder: Path, task: str, vae: AutoencoderKL, encode_batch: int = 64) -> LatentData:
     """Every image encoded once and kept in memory (meant for small fine-tuning folders)."""
-    files, labels, classes = _folder_items(folder)
+    files, conds, classes = _folder_items(folder, task)
     size = vae.config.sample_size
     latents = torch.cat([encode(vae, torch.stack([_load_image(f, size) for f in files[i:i + encode_batch]])).cpu()
                          for i in range(0, len(files), encode_batch)])
-    labels_t = torch.tensor(labels)
+    labels_t = torch.tensor(conds) if task == "class" else None
 
     def batch(seed: int, n: int, device):
         idx = torch.randint(0, len(files), (n,), generator=torch.Generator().manual_seed(seed))
-        return latents[idx].to(device), labels_t[idx].to(device)
+        cond = labels_t[idx].to(device) if task == "class" else [conds[i] for i in idx.tolist()]
+        return latents[idx].to(device), cond
 
-    return LatentData(batch, len(classes), f"{len(files)} images in {len(classes)} classes from {folder}")
+    what = f"in {len(classes)} classes" if classes else "with captions"
+    return LatentData(batch, len(classes) if classes else None, f"{len(files)} images {what} from {folder}")
 
 
-def make_data(spec: str, vae: AutoencoderKL) -> LatentData:
-    """The one place a data source is chosen (text / video variants add theirs here)."""
-    return shapes_data(vae) if spec == "shapes" else folder_data(Path(spec), vae)
+def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
+              tokenize: Callable | None = None) -> LatentData:
+    """The one place a data source is chosen."""
+    if spec == "shapes":
+        return shapes_data(task, vae, num_frames, pool, seed, tokenize)
+    return folder_data(Path(spec), task, vae)
 
 
 def batch_seed(seed: int, step: int, rank: int) -> int:
     return seed * 1_000_003 + step * 64 + rank
 
 
+# ----------------------------------------------------------------------------------------------- conditioning
+class Conditioner:
+    """Raw conditions -> the model's inputs, and the one call of the model the objective makes.
+
+    Class models take the ids as they are (label dropout for guidance is the model's own `class_dropout_prob`).
+    Text models take the frozen text encoder's tokens and keep mask; in training, `uncond_prob` of the captions
+    (chosen from the step's seed) become the empty prompt, the pipelines' default negative prompt.
+    """
+
+    def __init__(self, task: str, text_encoder=None, uncond_prob: float = 0.0):
+        self.task, self.text_encoder, self.uncond_prob = task, text_encoder, uncond_prob
+
+    @torch.no_grad()
+    def __call__(self, cond, seed: int | None = None):
+        """cond: class ids, captions, or captions' token ids (B, L) from the encoder's tokenizer."""
+        if self.task == "class":
+            return cond
+        ids = cond if torch.is_tensor(cond) else self.text_encoder.tokenize(list(cond))
+        if seed is not None and self.uncond_prob > 0:
+            drop = torch.from_numpy(np.random.default_rng(seed).random(len(ids)) < self.uncond_prob).to(ids.device)
+            ids = torch.where(drop[:, None], self.empty_ids.to(ids.device), ids)
+        tokens, keep = self.text_encoder.encode_text_tokens(ids)
+        return tokens.float(), keep
+
+    @property
+    def empty_ids(self) -> torch.Tensor:
+        """The empty prompt's token ids (1, L): the pipelines' default negative prompt."""
+        return self.text_encoder.tokenize([""])
+
+    def model_fn(self, net):
+        if self.task == "class":
+            return lambda x, t, y: net(x, t, y)
+        return lambda x, t, c: net(x, t, encoder_hidden_states=c[0], encoder_attention_mask=c[1])
+
+
+def build_pipeline(task: str, model, vae: AutoencoderKL, scheduler, text_encoder):
+    if task == "class":
+        return ClassToImagePipeline(transformer=model, vae=vae, scheduler=scheduler)
+    return PIPELINES[task](transformer=model, vae=vae, scheduler=scheduler, text_encoder=text_encoder)
+
+
 # ----------------------------------------------------------------------------------------------- main
-def extra_metrics(model: DiT) -> dict:
-    """Hook for sample-based metrics (e.g. analyser accuracy of generated classes); none yet."""
-    return {}
-
-
 @torch.no_grad()
-def eval_loss(model, objective, eval_batch, device) -> float:
+def eval_loss(model, objective, conditioner, eval_batch, device) -> float:
     """The objective on a fixed batch with fixed timesteps and noise: comparable across steps and runs."""
     was_training = model.training
     model.eval()
-    x0, y = eval_batch
-    out = objective(lambda x, t, c: model(x, t, c), x0, y, torch.Generator(device).manual_seed(EVAL_SEED))
+    x0, cond = eval_batch
+    out = objective(conditioner.model_fn(model), x0, cond, torch.Generator(device).manual_seed(EVAL_SEED))
     model.train(was_training)
     return out["loss"].item()
+
+
+def sample_metrics(args, task, model, vae, objective, text_encoder, n: int | None = None) -> dict:
+    """Analyser metrics of `n` (default --sample-eval-n) samples from `model` (dit.evaluation); DDPM objective only."""
+    n = n or args.sample_eval_n
+    if not n or args.objective != "ddpm":
+        return {}
+    was_training = model.training
+    model.eval()
+    pipe = build_pipeline(task, model, vae, objective.scheduler, text_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    out = evaluate_pipeline(pipe, n=n, seed=0, cfg=args.sample_eval_cfg)
+    model.train(was_training)
+    return {k: v for k, v in out.items() if isinstance(v, float) and k not in ("cfg",)}
+
+
+def selection_score(task: str, metrics: dict) -> float:
+    """One number to pick the best weights by: the mean of the task's target metrics."""
+    return float(np.mean([metrics[k] for k in TARGETS[task] if k in metrics] or [-1.0]))
 
 
 def main(args) -> dict:
     run = start_run(args)
     acc = run.accelerator
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
-    data = make_data(args.data, vae)
-    model = load_dit(args.model, args.objective)
+    model = load_model(args.model, args.objective)
+    task = task_of(model)
     if (vae.config.latent_channels, vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)) != \
             (model.config.in_channels, model.config.sample_size):
         raise ValueError(f"the VAE's latents do not fit the model ({model.config.in_channels} channels, "
                          f"{model.config.sample_size} px)")
-    if data.num_classes > model.config.num_classes:
+    text_encoder = None
+    if task != "class":
+        from shapes.clip import ShapesCLIP
+
+        text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
+    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
+                     text_encoder.tokenize if text_encoder is not None else None)
+    if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     objective = make_objective(args.objective, **(
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {}))
     net = add_lora(model, args.lora) if args.lora else model
     params = [p for p in net.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay)
+    ema = EMAModel(params, decay=args.ema_decay, foreach=True)
     ema.to(acc.device)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = cosine_schedule(opt, args.steps, args.warmup if args.warmup is not None else min(500, args.steps // 10))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=acc.device.type == "cuda")
+    sched = cosine_schedule(opt, args.steps, args.warmup if args.warmup is not None else min(500, args.steps // 10),
+                            run.time_progress if args.anneal_to_time_limit else None)
     net, opt, sched = acc.prepare(net, opt, sched)
     acc.register_for_checkpointing(ema)
     step = run.resume()
 
-    eval_batch = data.batch(EVAL_SEED, args.eval_n, acc.device)
+    x_eval, c_eval = data.batch(EVAL_SEED, args.eval_n, acc.device)
+    eval_batch = (x_eval, conditioner(c_eval))
     unwrapped = acc.unwrap_model(net)
+    base = unwrapped.get_base_model() if args.lora else unwrapped  # the DiT / PixArtDiT / LatteDiT itself
+
+    best = {"score": -1.0, "step": None, "params": None}  # the best EMA weights seen by the sample evaluation
 
     def evaluate() -> dict:
-        return {"eval_loss": eval_loss(unwrapped, objective, eval_batch, acc.device), **extra_metrics(unwrapped)}
+        """Loss of the current weights; sample metrics of the EMA weights (what would ship). With --keep-best the
+        EMA weights that scored best so far are remembered (a late divergence then cannot ruin the result)."""
+        metrics = {"eval_loss": eval_loss(unwrapped, objective, conditioner, eval_batch, acc.device)}
+        if args.sample_eval_n:
+            ema.store(params)
+            ema.copy_to(params)
+            metrics.update(sample_metrics(args, task, base, vae, objective, text_encoder))
+            score = selection_score(task, metrics)
+            if args.keep_best and score > best["score"]:
+                best.update(score=score, step=step, params=[p.detach().clone() for p in params])
+            ema.restore(params)
+        return metrics
 
-    bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc="dit")
+    bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dit-{task}")
     net.train()
+    model_fn = conditioner.model_fn(torch.compile(net) if args.compile else net)
     while step < args.steps:
         seed = batch_seed(args.seed, step, acc.process_index)
-        x0, y = data.batch(seed, args.batch_size, acc.device)
+        x0, raw = data.batch(seed, args.batch_size, acc.device)
+        cond = conditioner(raw, seed)
         gen = torch.Generator(acc.device).manual_seed(seed)
         with acc.autocast():
-            terms = objective(lambda x, t, c: net(x, t, c), x0, y, gen)
+            terms = objective(model_fn, x0, cond, gen)
         acc.backward(terms["loss"])
         optimizer_step(acc, params, opt, sched)
         ema.step(params)
@@ -248,25 +458,61 @@ def main(args) -> dict:
     metrics = {}
     acc.wait_for_everyone()
     if acc.is_main_process:
+        final_n = args.final_eval_n or args.sample_eval_n
         ema.copy_to(params)  # the shipped weights are the EMA
+        selected = step
+        if args.keep_best and best["params"] is not None:
+            last = selection_score(task, sample_metrics(args, task, base, vae, objective, text_encoder))
+            if best["score"] > last:  # same prompts and seed as the periodic evaluations
+                with torch.no_grad():
+                    for p, b in zip(params, best["params"]):
+                        p.copy_(b)
+                selected = best["step"]
+                print(f"keeping the EMA weights of step {selected} (score {best['score']:.3f} > {last:.3f} at the end)")
         final = unwrapped.merge_and_unload() if args.lora else unwrapped
         final = final.float().eval()
-        folder = run.out / "model"
-        final.save_pretrained(folder)
-        metrics = {"eval_loss": eval_loss(final, objective, eval_batch, acc.device), "eval_n": args.eval_n,
-                   **extra_metrics(final)}
-        run.plot(["eval_loss"])
+        folder = Path(args.save_to) if args.save_to else run.out / "model"
+        save_pipeline(folder, task, final, vae, objective, text_encoder, args)  # rounds to --save-dtype first
+        metrics = {"eval_loss": eval_loss(final, objective, conditioner, eval_batch, acc.device),
+                   **sample_metrics(args, task, final, vae, objective, text_encoder, final_n)}
+        run.plot(["eval_loss", *[k for k in TARGETS[task] if k in metrics]])
+        card_extra = {"selected_step": selected, "objective": args.objective, "data": args.data, "base_model": args.model, "lora": args.lora,
+                      "task": task, "vae": _shown(args.vae)}
+        if final_n and args.objective == "ddpm":
+            card_extra["eval"] = {"kind": task, "n": final_n, "seed": 0, "cfg": args.sample_eval_cfg, "steps": 25,
+                                  "sampler": "dpm++"}
         write_model_card(
-            folder, title=f"dit-{args.objective}",
-            summary=f"Class-conditional DiT ({args.model}) trained with the {args.objective} objective on "
-                    f"{data.description}; latents from the VAE at `{args.vae}`. "
+            folder, title=folder.name,
+            summary=f"{task.capitalize()}-conditional {type(final).__name__} ({args.model}) trained with the "
+                    f"{args.objective} objective on {data.description}; latents from the VAE at `{_shown(args.vae)}`"
+                    f"{'; text from `%s`' % _shown(args.text_encoder) if task != 'class' else ''}. "
                     f"{'LoRA rank %d, merged; ' % args.lora if args.lora else ''}EMA weights (decay {args.ema_decay}).",
-            run=run, metrics=metrics, targets={},
-            extra={"objective": args.objective, "data": args.data, "base_model": args.model, "lora": args.lora,
-                   "vae": args.vae})
+            run=run, metrics={**metrics, "eval_n": args.eval_n},
+            targets=TARGETS[task] if args.data == "shapes" else {}, extra=card_extra)
         print({"final": metrics})
     acc.end_training()
     return metrics
+
+
+def _shown(path: str) -> str:
+    """A path as the card shows it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
+def save_pipeline(folder: Path, task: str, model, vae, objective, text_encoder, args) -> None:
+    """The pipeline folder: transformer (in --save-dtype) and scheduler written, VAE / text encoder referenced."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = objective.scheduler if args.objective == "ddpm" else FlowMatchEulerDiscreteScheduler()
+    saved = model.to(torch.float16) if args.save_dtype == "float16" else model
+    pipe = build_pipeline(task, saved, vae, scheduler, text_encoder)
+    if task == "class":
+        id2label = {i: class_name(i) for i in range(NUM_CLASSES)} if args.data == "shapes" else None
+        pipe.save_pretrained(folder, vae_folder=args.vae, id2label=id2label)
+    else:
+        pipe.save_pretrained(folder, vae_folder=args.vae, text_encoder_folder=args.text_encoder)
+    model.float()
 
 
 if __name__ == "__main__":

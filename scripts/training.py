@@ -75,6 +75,10 @@ class Run:
     def train_seconds(self) -> float:
         return self.train_seconds_before + time.time() - self.t0
 
+    def time_progress(self) -> float:
+        """Share of --time-limit spent (0 without a limit)."""
+        return self.train_seconds() / self.args.time_limit if self.args.time_limit else 0.0
+
     def interrupted(self, step: int) -> bool:
         """True once `--stop-after` is reached: the caller returns without saving the final model."""
         return self.args.stop_after is not None and step >= self.args.stop_after and step < self.args.steps
@@ -164,10 +168,17 @@ def start_run(args, *, split_batches: bool = False) -> Run:
     return Run(args=args, accelerator=accelerator, out=out)
 
 
-def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
-                                             0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int,
+                    time_progress=None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `steps`. With `time_progress` (a callable
+    giving the share of a time budget spent, e.g. `Run.time_progress`) the decay follows whichever of step and
+    time is further along, so a run cut by --time-limit still ends annealed (and is then not bit-exact on resume:
+    its schedule depends on the clock)."""
+    def factor(s: int) -> float:
+        progress = min(1.0, max(s / steps, time_progress() if time_progress else 0.0))
+        return min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def optimizer_step(acc: Accelerator, params, opt, sched, max_grad_norm: float = 1.0) -> None:
@@ -198,8 +209,8 @@ def _safetensors_dtype(path: Path) -> str:
 def write_model_card(folder: Path, *, title: str, summary: str, run: Run, metrics: dict, targets: dict,
                      extra: dict | None = None) -> None:
     """README.md (for people) and card.json (for `ditstudio eval` and doctor) beside the weights."""
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    dtypes = sorted({_safetensors_dtype(f) for f in folder.glob("*.safetensors")})
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    dtypes = sorted({_safetensors_dtype(f) for f in folder.rglob("*.safetensors")})
     card = {
         "title": title,
         "size_bytes": weights,

@@ -18,6 +18,7 @@ from .metrics import (
     mean_abs_error,
     mean_iou,
     motion_accuracy,
+    frame_prompt_accuracy,
     prompt_accuracy,
     psnr,
     save_stats,

@@ -270,6 +270,42 @@ def motion_accuracy(videos, prompts, detections: list | None = None) -> dict:
     return out
 
 
+def frame_prompt_accuracy(videos, prompts, detections: list | None = None) -> dict:
+    """Per-frame prompt accuracy of generated videos ((B, T, 3, H, W)): every frame on its own against the
+    prompt's attributes that hold in every frame -- the number of objects, each object's shape, and its colour
+    (a recolouring object may show either its start or its end colour). Size and position are left out because
+    growing, shrinking and moving change them by design. Returns ``accuracy`` (share of frames right),
+    ``video_accuracy`` (share of videos with every frame right), ``shape``, ``colour``, ``count`` and ``n``
+    (frames). ``detections``: per video, a list of per-frame detections (as ``motion_accuracy`` takes)."""
+    if detections is None:
+        t = videos.shape[1]
+        flat = analyse_batch(videos.reshape(-1, *videos.shape[2:]))
+        detections = [flat[i : i + t] for i in range(0, len(flat), t)]
+    specs = _prompts(prompts, len(detections), video=True)
+    frames_ok, videos_ok, shape_ok, colour_ok, count_ok = [], [], [], [], []
+    for frames, spec in zip(detections, specs):
+        # a recolouring object is matched on shape alone, then its colour checked against both ends
+        still = [ParsedObject(shape=o.shape, colour=None if o.colour2 else o.colour) for o in spec.objects]
+        n_expected = spec.count if spec.count is not None else len(spec.objects)
+        video_ok = True
+        for found in frames:
+            match = _match(still, list(found), ("shape", "colour"))
+            shapes = [j is not None and found[j].shape == o.shape for o, j in zip(spec.objects, match)]
+            colours = [j is not None and found[j].colour in {o.colour, o.colour2} - {None}
+                       for o, j in zip(spec.objects, match)]
+            count = len(found) == n_expected
+            ok = count and all(shapes) and all(colours)
+            frames_ok.append(ok)
+            shape_ok += shapes
+            colour_ok += colours
+            count_ok.append(count)
+            video_ok &= ok
+        videos_ok.append(video_ok)
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"accuracy": mean(frames_ok), "video_accuracy": mean(videos_ok), "shape": mean(shape_ok),
+            "colour": mean(colour_ok), "count": mean(count_ok), "n": len(frames_ok)}
+
+
 # ----------------------------------------------------------------------------------------------- control
 def iou(a, b) -> float:
     """IoU of two boolean masks (1.0 when both are empty)."""
@@ -463,6 +499,7 @@ __all__ = [
     "track_objects",
     "classify_motion",
     "motion_accuracy",
+    "frame_prompt_accuracy",
     "iou",
     "mean_iou",
     "control_fidelity",

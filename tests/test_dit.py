@@ -194,7 +194,7 @@ def test_official_checkpoint_file(tmp_path):
 
 def test_official_heads_inferred_from_named_sizes():
     model = DiT.from_name("DiT-T/2", depth=1)
-    assert dit_from_official_state_dict(official_state_dict(model)).config.num_heads == 3
+    assert dit_from_official_state_dict(official_state_dict(model)).config.num_heads == 4  # DiT-T: 128 wide, 4 heads
 
 
 # ----------------------------------------------------------------------------------------------- loader errors
@@ -206,8 +206,8 @@ def test_loader_errors_missing_unexpected_shape(tmp_path):
     with pytest.raises(ValueError, match=r"unexpected blocks\.0\.extra\.weight"):
         dit_from_official_state_dict({**sd, "blocks.0.extra.weight": torch.zeros(1)})
     bad = dict(sd)
-    bad["blocks.0.attn.proj.weight"] = torch.zeros(192, 191)
-    with pytest.raises(ValueError, match=r"shape mismatch blocks\.0\.attn\.proj\.weight \(192, 191\) vs \(192, 192\)"):
+    bad["blocks.0.attn.proj.weight"] = torch.zeros(128, 127)
+    with pytest.raises(ValueError, match=r"shape mismatch blocks\.0\.attn\.proj\.weight \(128, 127\) vs \(128, 128\)"):
         dit_from_official_state_dict(bad)
     with pytest.raises(ValueError, match=r"missing final_layer\.linear\.bias"):
         dit_from_official_state_dict({k: v for k, v in sd.items() if k != "final_layer.linear.bias"})

@@ -147,4 +147,6 @@ def test_bad_input_gives_one_clear_line(folder, tmp_path, extra, message, capsys
 def test_not_a_dit_pipeline_folder(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     assert main(generate(tmp_path, tmp_path / "out", "--class-label", "1")) == 2
-    assert "not a class -> image DiTPipeline folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a 'PixArtAlphaPipeline' folder; generate takes DiTPipeline, ClassToImagePipeline, " \
+           "TextToImagePipeline, TextToVideoPipeline" in err and len(err.strip().splitlines()) == 1

@@ -131,7 +131,7 @@ def test_lora_finetune_on_a_folder(tiny_dit, tmp_path):
     metrics = _train(out, tiny_dit, 6, "--data", str(data), "--lora", "4", "--lr", "1e-2", "--warmup", "1",
                      "--ema-decay", "0.9")
     assert np.isfinite(metrics["eval_loss"])
-    tuned = DiT.from_pretrained(out / "model")
+    tuned = DiT.from_pretrained(out / "model" / "transformer")
     start = DiT.from_pretrained(tiny_dit)
     a, b = tuned.state_dict(), start.state_dict()
     assert a.keys() == b.keys()  # merged: no LoRA leftovers
@@ -148,8 +148,8 @@ def test_training_resumes_exactly(tiny_dit, tmp_path):
     assert (tmp_path / "crashed" / "checkpoints" / "step_2").is_dir()
     assert not (tmp_path / "crashed" / "model").exists()
     _train(tmp_path / "crashed", tiny_dit, 4, *common)
-    a = load_file(tmp_path / "straight" / "model" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "crashed" / "model" / "diffusion_pytorch_model.safetensors")
+    a = load_file(tmp_path / "straight" / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "crashed" / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
