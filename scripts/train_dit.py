@@ -48,7 +48,7 @@ from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
 from dit.latte import LATTE_CONFIGS, LatteDiT  # noqa: E402
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import make_objective  # noqa: E402
-from dit.pipelines import ClassToImagePipeline  # noqa: E402
+from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
 from dit.pixart import PIXART_CONFIGS, PixArtDiT  # noqa: E402
 from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa: E402
 from shapes import NUM_CLASSES  # noqa: E402
@@ -504,7 +504,9 @@ def save_pipeline(folder: Path, task: str, model, vae, objective, text_encoder, 
     """The pipeline folder: transformer (in --save-dtype) and scheduler written, VAE / text encoder referenced."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = objective.scheduler if args.objective == "ddpm" else FlowMatchEulerDiscreteScheduler()
+    # DDPM-trained models ship with DPM-Solver++ on the training schedule: the app's 25-step default needs it.
+    scheduler = make_scheduler("dpm++", objective.scheduler.config) if args.objective == "ddpm" \
+        else FlowMatchEulerDiscreteScheduler()
     saved = model.to(torch.float16) if args.save_dtype == "float16" else model
     pipe = build_pipeline(task, saved, vae, scheduler, text_encoder)
     if task == "class":

@@ -153,3 +153,162 @@ def test_training_resumes_exactly(tiny_dit, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ----- text models on a folder, the data pool, caption dropout, best-weights selection -----
+TINY_PIXART = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                   caption_channels=96, max_text_tokens=32)
+needs_clip = pytest.mark.skipif(not train_dit.SHIPPED_CLIP.is_dir(), reason="shapes-clip not shipped yet")
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart(tmp_path_factory):
+    from dit.pixart import PixArtDiT
+
+    folder = tmp_path_factory.mktemp("tiny_pixart")
+    torch.manual_seed(0)
+    model = PixArtDiT(**TINY_PIXART)
+    with torch.no_grad():  # zero cross-attention output and output layer: no gradient would reach the blocks
+        for block in model.blocks:
+            block.cross_attn.proj.weight.normal_(std=0.02)
+        model.final.linear.weight.normal_(std=0.02)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _captioned_folder(folder, rows):
+    folder.mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+    lines = []
+    for i, row in enumerate(rows):
+        img = np.full((64, 64, 3), 255, np.uint8)
+        img[10 + 3 * i:40 + 3 * i, 12:42] = colours[row.get("text", "a red square").split()[1]]
+        Image.fromarray(img).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", **row}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@needs_vae
+@needs_clip
+def test_text_lora_finetune_on_a_captioned_folder(tiny_pixart, tmp_path):
+    from dit.pixart import PixArtDiT
+    from dit.text_pipelines import TextToImagePipeline
+
+    rows = [{"text": f"a {c} square"} for c in ("red", "blue", "green", "red", "blue", "green")]
+    data = _captioned_folder(tmp_path / "data", rows)
+    out = tmp_path / "run"
+    metrics = _train(out, tiny_pixart, 4, "--data", str(data), "--lora", "4", "--lr", "1e-2", "--warmup", "1",
+                     "--ema-decay", "0.5")
+    assert np.isfinite(metrics["eval_loss"])
+    pipe = TextToImagePipeline.from_pretrained(out / "model")
+    assert isinstance(pipe.transformer, PixArtDiT)
+    a = pipe.transformer.state_dict()
+    b = PixArtDiT.from_pretrained(tiny_pixart).state_dict()
+    assert a.keys() == b.keys()  # merged: no LoRA leftovers
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(("attn" in k or "mlp" in k) and k.endswith("weight") for k in changed), changed
+    assert any("cross_attn" in k for k in changed), changed
+
+
+@needs_vae
+@needs_clip
+def test_folder_errors(tiny_pixart, tmp_path):
+    no_text = _captioned_folder(tmp_path / "no_text", [{"label": "red"}, {"label": "blue"}])
+    with pytest.raises(ValueError, match="text"):
+        _train(tmp_path / "a", tiny_pixart, 1, "--data", str(no_text))
+    with pytest.raises(ValueError, match="text"):
+        train_dit._folder_items(no_text, "text")
+    with pytest.raises(ValueError, match="shapes"):
+        train_dit._folder_items(no_text, "video")
+
+
+@needs_vae
+@needs_clip
+def test_video_model_refuses_a_folder(tmp_path):
+    from dit.latte import LatteDiT
+
+    LatteDiT(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, caption_channels=96,
+             max_text_tokens=32, num_frames=4).save_pretrained(tmp_path / "latte")
+    data = _captioned_folder(tmp_path / "data", [{"text": "a red square"}])
+    with pytest.raises(ValueError, match="video"):
+        _train(tmp_path / "run", tmp_path / "latte", 1, "--data", str(data))
+
+
+@needs_vae
+def test_pool_training_is_deterministic(tiny_dit, tmp_path):
+    def weights(name, seed):
+        _train(tmp_path / name, tiny_dit, 3, "--pool", "24", "--seed", str(seed), "--lr", "1e-3", "--ema-decay", "0.5")
+        return load_file(tmp_path / name / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    a, b, c = weights("a", 1), weights("b", 1), weights("c", 2)
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert "a pool of 24 rendered shapes" in (tmp_path / "a" / "model" / "README.md").read_text()
+
+
+def test_pool_draws_batches_from_the_pool():
+    class FakeVAE:  # encode() needs device, dtype, config and encode(x).latent_dist.mode()
+        device, dtype = torch.device("cpu"), torch.float32
+        config = type("C", (), {"sample_size": 32, "shift_factor": 0.0, "scaling_factor": 1.0})()
+
+        def encode(self, x):
+            z = torch.nn.functional.avg_pool2d(x, 8)[:, :, :, :]  # (B, 3, 4, 4)
+            return type("O", (), {"latent_dist": type("D", (), {"mode": lambda self: z})()})()
+
+    data = train_dit.shapes_data("class", FakeVAE(), pool=10, seed=0)
+    assert "pool of 10" in data.description and data.num_classes == 48
+    x1, y1 = data.batch(7, 6, "cpu")
+    x2, y2 = data.batch(7, 6, "cpu")
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)  # a function of the step's seed
+    x3, _ = data.batch(8, 64, "cpu")
+    assert len({tuple(r.flatten().tolist()) for r in x3}) <= 10  # only pooled items
+
+
+@needs_clip
+def test_conditioner_caption_dropout():
+    from shapes.clip import ShapesCLIP
+
+    enc = ShapesCLIP.from_pretrained(str(train_dit.SHIPPED_CLIP), device="cpu").eval()
+    caps = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square", "star", "heart")]
+    empty = enc.tokenize([""])
+    ids = enc.tokenize(caps)
+    assert not (ids == empty).all(1).any()  # no caption tokenizes like the empty prompt
+
+    def dropped(prob, seed):
+        seen = {}
+        cond = train_dit.Conditioner("text", enc, prob)
+        real = enc.encode_text_tokens
+        enc.encode_text_tokens = lambda i: (seen.setdefault("ids", i), real(i))[1]
+        try:
+            tokens, keep = cond(caps, seed)
+        finally:
+            del enc.encode_text_tokens
+        assert tokens.dtype == torch.float32 and tokens.shape[0] == len(caps)
+        return (seen["ids"] == empty).all(1)
+
+    assert dropped(1.0, 3).all() and not dropped(0.0, 3).any()
+    half = dropped(0.5, 3)
+    assert torch.equal(half, dropped(0.5, 3)) and 0 < half.sum() < len(caps)
+    assert any(not torch.equal(half, dropped(0.5, s)) for s in range(4, 8))
+    # no seed (evaluation): nothing dropped whatever the probability
+    cond = train_dit.Conditioner("text", enc, 1.0)
+    t_none, _ = cond(caps)
+    t_keep, _ = train_dit.Conditioner("text", enc, 0.0)(caps, 3)
+    torch.testing.assert_close(t_none, t_keep)
+    # token ids in (a pool's) give the same as the captions
+    t_ids, _ = train_dit.Conditioner("text", enc, 0.0)(ids, 3)
+    torch.testing.assert_close(t_ids, t_keep)
+    assert train_dit.Conditioner("class")(torch.tensor([1, 2])).tolist() == [1, 2]
+
+
+def test_selection_score():
+    s = train_dit.selection_score
+    assert s("class", {"prompt_accuracy": 0.7, "shape": 0.1}) == pytest.approx(0.7)
+    assert s("text", {"one_object_accuracy": 0.9, "two_object_accuracy": 0.5, "one_object_shape": 0.0}) == \
+        pytest.approx(0.7)
+    assert s("video", {"motion_accuracy": 0.6, "frame_prompt_accuracy": 1.0, "direction": 0.0}) == pytest.approx(0.8)
+    assert s("text", {"one_object_accuracy": 0.9}) == pytest.approx(0.9)  # a missing target is left out
+    assert s("class", {"eval_loss": 0.1}) == -1.0  # no sample metrics: below any real score
