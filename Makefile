@@ -25,9 +25,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Until the web UI lands (issue: web UI and command line), the main entry point is the doctor.
+# The web UI on the shipped models, on this machine only (HOST=0.0.0.0 to expose it); prints the URL.
+HOST ?= 127.0.0.1
+PORT ?= 7860
 serve: install
-	$(BIN)/ditstudio doctor
+	$(BIN)/ditstudio serve --host $(HOST) --port $(PORT)
 
 doctor: install
 	$(BIN)/ditstudio doctor

@@ -23,6 +23,9 @@ def models_dir() -> Path:
     return Path(os.environ.get("DITSTUDIO_MODELS_DIR", SHIPPED_DIR))
 
 
+_models_dir = models_dir  # for functions whose `models_dir` argument shadows the name
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -51,13 +54,137 @@ def list_models(directory: Path | None = None) -> list[ModelEntry]:
     return entries
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """A shipped model's name (see `ditstudio models`) or a path to a model folder."""
+def resolve_model(name_or_path: str, models_dir: str | Path | None = None) -> Path:
+    """A path to a model folder, or a model's name: one in `models_dir` (if given) or a shipped one (see
+    `ditstudio models`)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     known = {m.name: m.path for m in list_models()}
+    if models_dir is not None:
+        extra = Path(models_dir)
+        if not extra.is_dir():
+            raise ValueError(f"--models-dir {extra} is not a folder")
+        known.update({p.name: p for p in _scan(extra) if p.name not in known})
     if name_or_path in known:
         return known[name_or_path]
-    raise ValueError(f"unknown model {name_or_path!r}: not a folder, and not one of the shipped models "
-                     f"({', '.join(sorted(known)) or 'none found in ' + str(models_dir())})")
+    where = str(_models_dir()) + (f" or {models_dir}" if models_dir is not None else "")
+    raise ValueError(f"unknown model {name_or_path!r}: not a folder, and not one of the known models "
+                     f"({', '.join(sorted(known)) or 'none found in ' + where})")
+
+
+# ----------------------------------------------------------------------------------------------- describing folders
+# model_index.json `_class_name` -> task of a generator folder (app.generate.PIPELINE_KINDS maps the same names to
+# kinds; kept here too so the catalog never imports torch). Folders with a plain config.json (the shipped VAE and
+# CLIP) are components: task "component", not servable on their own.
+PIPELINE_TASKS = {"DiTPipeline": "class-to-image", "ClassToImagePipeline": "class-to-image",
+                  "TextToImagePipeline": "text-to-image", "TextToVideoPipeline": "text-to-video"}
+COMPONENT = "component"
+SOURCES = ("shipped", "models-dir", "path")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return data
+
+
+def _component_path(folder: Path, index: dict, name: str) -> Path:
+    """Where a pipeline folder keeps component `name`: its component_folders entry (our pipelines reference the
+    shared VAE / text encoder) or the diffusers default `name/`."""
+    referenced = (index.get("component_folders") or {}).get(name)
+    return (folder / referenced).resolve() if referenced else folder / name
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixels per latent pixel, as diffusers computes it: 2 ** (number of VAE blocks - 1)."""
+    blocks = vae_config.get("block_out_channels")
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError("VAE config.json has no block_out_channels")
+    return 2 ** (len(blocks) - 1)
+
+
+def describe(folder: str | Path) -> dict:
+    """Metadata of one model folder: name, path, task (class-to-image, text-to-image, text-to-video or component),
+    class_name, size_bytes / size_mb (the folder itself; referenced shared components are listed in `uses`, not
+    counted), resolution (px: transformer sample_size x VAE downsampling), frames (video models, else None),
+    transformer (its class name) and uses. Raises ValueError with a reason for an unreadable or unknown folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    info = {"name": folder.name, "path": str(folder), "task": None, "class_name": None, "resolution": None,
+            "frames": None, "transformer": None, "uses": []}
+    index_path, config_path = folder / "model_index.json", folder / "config.json"
+    if index_path.is_file():
+        index = _read_json(index_path)
+        name = index.get("_class_name")
+        if name not in PIPELINE_TASKS:
+            raise ValueError(f"model_index.json names a {name!r} pipeline; the app serves "
+                             f"{', '.join(PIPELINE_TASKS)}")
+        transformer_dir, vae_dir = _component_path(folder, index, "transformer"), _component_path(folder, index, "vae")
+        for what, path in (("transformer", transformer_dir), ("VAE", vae_dir)):
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{what} config {path / 'config.json'} not found")
+        transformer = _read_json(transformer_dir / "config.json")
+        vae = _read_json(vae_dir / "config.json")
+        sample_size = transformer.get("sample_size")
+        if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+            raise ValueError(f"transformer config has no valid sample_size ({sample_size!r})")
+        info.update(task=PIPELINE_TASKS[name], class_name=name, transformer=transformer.get("_class_name"),
+                    resolution=sample_size * vae_scale_factor(vae))
+        if info["task"] == "text-to-video":
+            frames = transformer.get("num_frames")
+            if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+                raise ValueError(f"video transformer config has no valid num_frames ({frames!r})")
+            info["frames"] = frames
+        info["uses"] = sorted({str(_component_path(folder, index, n))
+                               for n in (index.get("component_folders") or {})
+                               if not _component_path(folder, index, n).is_relative_to(folder.resolve())})
+    elif config_path.is_file():
+        config = _read_json(config_path)
+        info.update(task=COMPONENT, class_name=config.get("_class_name"))
+        size = config.get("image_size", config.get("sample_size"))
+        info["resolution"] = size if isinstance(size, int) and not isinstance(size, bool) else None
+    else:
+        raise ValueError("not a model folder: no model_index.json or config.json")
+    info["size_bytes"] = _folder_bytes(folder)
+    info["size_mb"] = round(info["size_bytes"] / 2**20, 2)
+    return info
+
+
+def _scan(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def servable_models(models_dir: str | Path | None = None, extra_paths=(), include_components: bool = False,
+                    ) -> list[dict]:
+    """Every model the app can serve, as `describe` dicts plus "source": the shipped defaults (weights/ or
+    $DITSTUDIO_MODELS_DIR; "shipped"), every folder in `models_dir` ("models-dir") and the `extra_paths` folders
+    ("path"), each folder once (first source wins). A folder that cannot be read is an entry with "name", "path",
+    "source" and "error" (the reason) instead of metadata; components (VAE, text encoder) only with
+    `include_components`. Never raises for a bad folder."""
+    candidates = [(p, "shipped") for p in _scan(_models_dir())]
+    if models_dir is not None:
+        candidates += [(p, "models-dir") for p in _scan(Path(models_dir))]
+    candidates += [(Path(p), "path") for p in extra_paths]
+    seen, out = set(), []
+    for folder, source in candidates:
+        key = folder.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            info = describe(folder)
+        except (ValueError, OSError) as exc:
+            out.append({"name": folder.name, "path": str(folder), "source": source, "error": str(exc)})
+            continue
+        if info["task"] == COMPONENT and not include_components:
+            continue
+        out.append({**info, "source": source})
+    return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import doctor, evaluate, generate
+from app import bench, doctor, evaluate, generate, models_cmd, serve
 
 # Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, models, bench, chat;
 # generate serves class→image, text→image and text→video folders (VAR comes later).
-COMMANDS = [doctor, generate, evaluate]
+COMMANDS = [doctor, models_cmd, generate, evaluate, bench, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,9 @@ The model is a shipped model's name or a saved pipeline folder; its model_index.
 `generate_text_images` and `generate_videos` are the functions the CLI, the UI and the tests call; each seeds
 `torch.Generator(device).manual_seed(seed)` and hands it to the pipeline as one would to diffusers' `DiTPipeline`,
 so a seed gives diffusers' image. The CLI writes one PNG per image, with the settings as PNG text under the key
-"ditstudio", and one animated GIF per video (settings as JSON in the GIF comment; `--frames` also writes each frame
-as a PNG), and prints one JSON line per image or video.
+"ditstudio", and one animated GIF per video (settings as JSON in the GIF comment; `--save-frames` also writes each
+frame as a PNG), and prints one JSON line per image or video. `--size PX` and `--frames F` (video) only confirm the
+model's fixed resolution and frame count: any other value is one clear error before sampling.
 """
 from __future__ import annotations
 
@@ -69,7 +70,12 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--fps", default=None, help=f"video models: GIF frames per second, > 0 (default {DEFAULT_FPS:g})")
-    p.add_argument("--frames", action="store_true", help="video models: also write every frame as a PNG")
+    p.add_argument("--save-frames", dest="save_frames", action="store_true",
+                   help="video models: also write every frame as a PNG")
+    p.add_argument("--frames", default=None,
+                   help="video models: frames per video; must be the model's own count (see `ditstudio models`)")
+    p.add_argument("--size", default=None,
+                   help="image size in px; must be the model's resolution (see `ditstudio models`)")
     p.add_argument("--out", required=True, help="folder for the PNG / GIF files (created if missing)")
     p.set_defaults(func=run)
 
@@ -403,9 +409,27 @@ def _check_flags(args, kind: str, name: str) -> None:
         if not args.prompt:
             raise ValueError(f"{what}: give --prompt")
     if kind != VIDEO:
-        wrong = [flag for flag, value in (("--fps", args.fps is not None), ("--frames", args.frames)) if value]
+        wrong = [flag for flag, value in (("--fps", args.fps is not None), ("--frames", args.frames is not None),
+                                          ("--save-frames", args.save_frames)) if value]
         if wrong:
             raise ValueError(f"{what}: {' / '.join(wrong)} only apply to text-to-video models")
+
+
+def _check_shape(args, folder: Path) -> None:
+    """--size and --frames must be what the model generates (its transformer has fixed positions)."""
+    from app.catalog import describe
+
+    info = describe(folder)
+    if args.size is not None:
+        size = _parse(int, "size", args.size)
+        if size != info["resolution"]:
+            raise ValueError(f"--size {size}: model {folder.name} generates {info['resolution']} px images only; "
+                             f"give --size {info['resolution']} or leave it out")
+    if args.frames is not None:
+        frames = _parse(int, "frames", args.frames)
+        if frames != info["frames"]:
+            raise ValueError(f"--frames {frames}: model {folder.name} generates exactly {info['frames']} frames "
+                             f"(its temporal positions are fixed); give --frames {info['frames']} or leave it out")
 
 
 def run(args) -> int:
@@ -414,6 +438,7 @@ def run(args) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     kind = model_kind(args.model)
     _check_flags(args, kind, args.model)
+    _check_shape(args, pipeline_folder(args.model))
     fps = DEFAULT_FPS
     if kind == VIDEO and args.fps is not None:
         fps = _parse(float, "fps", args.fps)
@@ -435,7 +460,7 @@ def run(args) -> int:
         record = {}
         if kind == VIDEO:
             settings = {**settings, "fps": fps}
-            path, frame_paths = save_gif(result, settings, out, date, fps=fps, write_frames=args.frames)
+            path, frame_paths = save_gif(result, settings, out, date, fps=fps, write_frames=args.save_frames)
             record["frames"] = [str(f) for f in frame_paths]
         else:
             path = save_png(result, settings, out, date)

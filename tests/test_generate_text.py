@@ -137,7 +137,7 @@ def test_text_prompts_repeat_and_num(text_folder, tmp_path, capsys):
 
 def test_video_gif_and_frames_equal_pipeline(video_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(argv(video_folder, out, "--prompt", PROMPT, "--frames", "--fps", "5")) == 0
+    assert main(argv(video_folder, out, "--prompt", PROMPT, "--save-frames", "--fps", "5")) == 0
     [record] = records(capsys)
     gif = Path(record["path"])
     assert gif.suffix == ".gif" and len(record["frames"]) == FRAMES
@@ -189,7 +189,7 @@ def test_our_class_pipeline_folder_generates_with_names(class_folder, tmp_path, 
     ("text", ["--label", "3"], "is a text-to-image model: it takes --prompt, not --label"),
     ("video", ["--label", "3", "--prompt", "x"], "is a text-to-video model: it takes --prompt, not --label"),
     ("text", [], "is a text-to-image model: give --prompt"),
-    ("text", ["--prompt", "x", "--frames"], "--frames only apply to text-to-video models"),
+    ("text", ["--prompt", "x", "--save-frames"], "--save-frames only apply to text-to-video models"),
     ("video", ["--prompt", "x", "--fps", "0"], "--fps must be a finite number > 0"),
     ("class", ["--prompt", "a red circle"], "is a class-to-image model: it takes --label, not --prompt"),
     ("class", ["--label", "1", "--negative-prompt", "x"], "it takes --label, not --negative-prompt"),
