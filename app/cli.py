@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad names, bad paths, bad values) get one clear line, not a traceback.
         print(f"ditstudio {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        import torch
+
+        if not isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        print(f"ditstudio {args.command}: error: the GPU ran out of memory ({str(exc).splitlines()[0]}); lower "
+              f"--num / --batch or --steps, or use --device cpu", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

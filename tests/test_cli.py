@@ -47,3 +47,19 @@ def test_bad_input_gives_one_clear_line(argv, message, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, check=True)
     assert "doctor" in out.stdout and "eval" in out.stdout
+
+
+def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys):
+    """A CUDA out-of-memory error in any subcommand is a one-line message and exit code 3, not a traceback."""
+    import torch
+
+    from app import cli, doctor
+
+    def boom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(doctor, "run", boom)
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS)  # the parser is rebuilt from the patched module
+    code = cli.main(["doctor"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "ran out of memory" in err[0] and "20.00 GiB" in err[0]
