@@ -1,0 +1,511 @@
+"""DyDiT inference speed against the dense DiT (spec /work/shared/specs/dydit.md, section 6 "GPU benchmark", "Report").
+
+DiT-XL/2 at 256 px with random weights; 50 DDIM steps with classifier-free guidance (cond + uncond in one model
+call at batch 2B), bf16, batch B in {1, 8, 32}: the dense DiT, the DyDiT sliced path and the DyDiT masked-only path,
+all in one process, timed with CUDA events (warm-up, median of repeats). Reports img/s, speed-up vs dense, the
+dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
+time split from torch.profiler (attention core, MLP, gather/scatter, router/plan, host sync).
+
+    python bench/dydit_speed.py                                  # H100: XL, lambda 0.5 and 0.7, B 1 8 32
+    python bench/dydit_speed.py --size tiny --device cpu --steps 3 --batches 1 2   # CPU smoke check
+
+Synthetic routers (random routers stay all-on at the bias init, so masks are built instead). They are real router
+weights, evaluated by DyDiT's own code in both paths, with every decision a threshold on one reserved channel, so the
+masks are deterministic and identical in the masked and sliced paths:
+- Timestep channel: hidden unit 0 of `time_embed.mlp[0]` reads only the lowest-frequency sin feature (sin(t f) with
+  t f <= 0.11, monotone in t), and row `d_t` of `time_embed.mlp[2]` reads only that unit, so E_t[d_t] =
+  SiLU(a sin(t f)) increases with t.  Head router row j (head j+1) = -s e_{d_t}, bias s v_j: head j+1 is on iff
+  E_t[d_t] < v_j, i.e. for t below a threshold (heads are a prefix; less width at high noise). The same for the
+  channel (MLP group) router. Thresholds v_j are bf16-exact midpoints between the values at adjacent sampler steps.
+- Token channel: residual channel `d_x` is made to carry only the position embedding: the patch conv's output
+  `d_x` and row `d_x` of every block's attn.proj / mlp.fc2 (weights and biases) are zero, so x[:, n, d_x] =
+  pos_embed[n, d_x] in every block. d_x is the column-half sin channel with the largest frequency that is still
+  monotone over the grid, so it orders the grid columns. Token router: hidden unit 0 = ReLU(x[d_x]) (>= 0 already),
+  output = A (ReLU - theta_l): token kept iff its column's value > theta_l, i.e. the right-most c_l columns of the
+  grid in block l keep their MLP; the others skip it. Keep fraction per block = c_l / grid.
+- Plan: per step with noise u = t / T, width fraction a(u) = clip(s (1.25 - 0.5 u), 1/H, 1) of heads and of groups
+  (count = round(a H)), token columns clip(round((s + 0.25) grid), 1, grid); s is bisected so the spec's r over the
+  sampler grid is closest to lambda, then per-block column counts are nudged greedily. The executed ratio is then
+  measured with MacCounter over the real loop and must land within --tol (0.03) of lambda.
+These weight edits change the DiT that the dense baseline runs too (same object), which does not change its cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+from pathlib import Path
+
+# Run as a script, bench/ would come first on sys.path and bench/attention.py would shadow the attention package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+import dit.dit as dit_mod
+import dit.dydit as dydit_mod
+from dit.dit import DiT
+from dit.dydit import DyDiT, MacCounter
+
+SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
+VARIANTS = ("dense", "sliced", "masked")
+GUIDANCE = 4.0
+
+
+# ----------------------------------------------------------------------------------------------- model + masks
+def random_dit(name: str, seed: int, device, dtype) -> DiT:
+    """DiT with every weight random (std 1/sqrt(fan_in), biases 0.1): no adaLN-Zero identity blocks."""
+    torch.manual_seed(seed)
+    dit = DiT.from_name(name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in dit.named_parameters():
+            std = 0.1 if p.ndim == 1 else p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return dit.to(device=device, dtype=dtype).eval()
+
+
+def _bf16_exact_between(lo: float, hi: float, dtype) -> float:
+    """A value representable in `dtype`, strictly between lo < hi (the midpoint, rounded)."""
+    mid = torch.tensor((lo + hi) / 2, dtype=torch.float32).to(dtype).float().item()
+    if not lo < mid < hi:
+        raise ValueError(f"no {dtype} value strictly between {lo} and {hi}: sampler steps too close for the synthetic"
+                         " timestep channel; use fewer steps or float32")
+    return mid
+
+
+class SyntheticRouters:
+    """Installs the reserved-channel routers described in the module docstring."""
+
+    def __init__(self, model: DyDiT, timesteps: list[int], num_train_timesteps: int):
+        self.model, self.dit = model, model.dit
+        cfg = self.dit.config
+        self.D, self.H, self.L = cfg.hidden_size, cfg.num_heads, len(self.dit.blocks)
+        self.grid = cfg.sample_size // cfg.patch_size
+        self.timesteps, self.T = timesteps, num_train_timesteps
+        p = next(self.dit.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self._reserve_channels()
+
+    @torch.no_grad()
+    def _reserve_channels(self) -> None:
+        D, dit = self.D, self.dit
+        # token channel: the column-half sin channel with the largest monotone frequency over the grid
+        quarter = D // 4
+        omega = 1.0 / dit_mod.MAX_PERIOD ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+        ok = ((self.grid - 1) * omega <= 0.95 * math.pi / 2).nonzero().flatten()
+        self.d_x = int(ok[0])
+        self.d_t = D - 1  # timestep channel in E_t (a different index from d_x)
+        assert self.d_t != self.d_x
+        dit.patch_embed.weight[self.d_x] = 0
+        dit.patch_embed.bias[self.d_x] = 0
+        for block in dit.blocks:
+            for lin in (block.attn.proj, block.mlp.fc2):
+                lin.weight[self.d_x] = 0
+                lin.bias[self.d_x] = 0
+        pos = dit.pos_embed[0, :, self.d_x].to(self.dtype).float()  # (N,) as the residual holds it
+        self.col_values = pos[: self.grid]  # row 0: columns 0..grid-1, increasing
+        assert bool((self.col_values[1:] > self.col_values[:-1]).all()) and float(self.col_values[0]) >= 0
+        # timestep channel: unit 0 of mlp[0] reads the lowest-frequency sin feature; E_t[d_t] = SiLU(unit 0)
+        half = dit_mod.TIMESTEP_FREQ_DIM // 2
+        te = dit.time_embed.mlp
+        f_low = math.exp(-math.log(dit_mod.MAX_PERIOD) * (half - 1) / (half - dit.time_embed.freq_shift))
+        te[0].weight[0] = 0
+        te[0].weight[0, 2 * half - 1] = 8.0 / math.sin(self.T * f_low)  # pre-activation in [0, 8]
+        te[0].bias[0] = 0
+        te[2].weight[self.d_t] = 0
+        te[2].weight[self.d_t, 0] = 1.0
+        te[2].bias[self.d_t] = 0
+        t = torch.tensor([float(s) for s in self.timesteps], device=self.device)
+        self.t_values = dit.time_embed(t)[:, self.d_t].float().cpu()  # (S,) in the model dtype, increasing in t
+
+    # --- plan: per step (heads, groups) counts and per block token columns
+    def plan(self, s: float) -> tuple[list[tuple[int, int]], list[int]]:
+        H, widths = self.H, []
+        for t in self.timesteps:
+            a = min(max(s * (1.25 - 0.5 * t / self.T), 1.0 / H), 1.0)
+            n = min(max(round(a * H), 1), H)
+            widths.append((n, n))
+        cols = min(max(round((s + 0.25) * self.grid), 1), self.grid)
+        return widths, [cols] * self.L
+
+    def ratio(self, widths: list[tuple[int, int]], cols: list[int]) -> float:
+        """The spec's r over the sampler grid (what MacCounter counts for these deterministic masks)."""
+        A, M = self.model.dense_layer_macs()
+        H, tot = self.H, 0.0
+        for h, g in widths:
+            for c in cols:
+                tot += A * h / H + M * (g / H) * (c / self.grid)
+        return tot / (len(widths) * self.L * (A + M))
+
+    def tune(self, lam: float) -> tuple[list[tuple[int, int]], list[int]]:
+        lo, hi = 0.0, 1.5
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.ratio(*self.plan(mid)) < lam else (lo, mid)
+        cands = [self.plan(x) for x in (lo, hi)]
+        widths, cols = min(cands, key=lambda p: abs(self.ratio(*p) - lam))
+        cols = list(cols)
+        for _ in range(2 * self.L):  # greedy per-block nudges of the token columns
+            best = abs(self.ratio(widths, cols) - lam)
+            move = None
+            for layer in range(self.L):
+                for d in (-1, 1):
+                    c = cols[layer] + d
+                    if 1 <= c <= self.grid:
+                        trial = cols[:layer] + [c] + cols[layer + 1:]
+                        err = abs(self.ratio(widths, trial) - lam)
+                        if err < best - 1e-12:
+                            best, move = err, trial
+            if move is None:
+                break
+            cols = move
+        return widths, cols
+
+    @torch.no_grad()
+    def install(self, widths: list[tuple[int, int]], cols: list[int]) -> None:
+        """Router weights realising the plan; checks the plan DyDiT computes matches."""
+        H, BIG, s = self.H, 1.0e4, 4.0
+        v = self.t_values.tolist()
+        order = sorted(range(len(v)), key=lambda i: v[i])  # steps by increasing t
+        for layer, router in enumerate(self.model.routers):
+            for lin, which in ((router.head_router, 0), (router.channel_router, 1)):
+                lin.weight.zero_()
+                for j in range(H - 1):  # router output j gates head / group j + 1
+                    on = [widths[i][which] > j + 1 for i in range(len(v))]
+                    on_sorted = [on[i] for i in order]  # must be True..True False..False
+                    k = sum(on_sorted)
+                    if on_sorted != [True] * k + [False] * (len(v) - k):
+                        raise ValueError("width plan is not a threshold in t")
+                    if k == len(v):
+                        lin.bias[j] = BIG
+                    elif k == 0:
+                        lin.bias[j] = -BIG
+                    else:
+                        thr = _bf16_exact_between(v[order[k - 1]], v[order[k]], self.dtype)
+                        lin.weight[j, self.d_t] = -s
+                        lin.bias[j] = s * thr
+            tr = router.token_router
+            for m in (tr[0], tr[2]):
+                m.weight.zero_()
+                m.bias.zero_()
+            tr[0].weight[0, self.d_x] = 1.0
+            c = cols[layer]
+            cv = self.col_values.tolist()
+            if c == self.grid:
+                tr[2].bias[0] = BIG
+            else:
+                lo_v, hi_v = cv[self.grid - c - 1], cv[self.grid - c]
+                thr = _bf16_exact_between(lo_v, hi_v, self.dtype)
+                gap = min(thr - lo_v, hi_v - thr)
+                amp = 2.0 ** math.ceil(math.log2(8.0 / gap))
+                tr[2].weight[0, 0] = amp
+                tr[2].bias[0] = -amp * thr
+        self.model.clear_cache()
+        for i, t in enumerate(self.timesteps):
+            got = self.model.width_plan(t, self.device)
+            h, g = widths[i]
+            want = (tuple(range(h)), tuple(range(g)))
+            if any(p != want for p in got):
+                raise AssertionError(f"step {i} (t={t}): installed routers give {got[0]}, want {want}")
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def make_scheduler(steps: int, device) -> DDIMScheduler:
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps, device=device)
+    return sched
+
+
+def model_fn(variant: str, dit: DiT, dydit: DyDiT, counter: MacCounter | None = None):
+    if variant == "dense":
+        return lambda x, t, y: dit(x, t, y)
+    mode = "sliced" if variant == "sliced" else "masked"
+    return lambda x, t, y: dydit(x, t, y, mode=mode, counter=counter).sample
+
+
+@torch.no_grad()
+def sample(fn, sched: DDIMScheduler, x0, y_in, channels: int):
+    """The ClassToImagePipeline loop: batched cond + uncond (2B) model call, guidance, DDIM step."""
+    latents = x0
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(latents, t)
+        x_in = torch.cat([x_in, x_in])
+        out = fn(x_in, t.expand(x_in.shape[0]), y_in)
+        eps_c, eps_u = out[:, :channels].chunk(2)
+        eps = eps_u + GUIDANCE * (eps_c - eps_u)
+        latents = sched.step(eps, t, latents).prev_sample
+    return latents
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_run(run, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            run()
+            e.record()
+            torch.cuda.synchronize(device)
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- time split
+SECTIONS = ("attention_core", "mlp", "gather_scatter", "router_plan")
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "cudaStreamSynchronize",
+            "cudaDeviceSynchronize")
+
+
+class Instrument:
+    """Temporarily wraps the attention call, the MLPs, the token gather/scatter and the routers in
+    record_function ranges (for the profiled pass only; timing runs are unwrapped)."""
+
+    def __init__(self, dit: DiT, dydit: DyDiT):
+        self.dit, self.dydit, self.undo = dit, dydit, []
+
+    def _patch(self, obj, name, new):
+        old = getattr(obj, name)
+        setattr(obj, name, new)
+        self.undo.append(lambda: setattr(obj, name, old))
+        return old
+
+    def _hook_range(self, module, label):
+        state = {}
+
+        def pre(_m, _a):
+            state["r"] = torch.profiler.record_function(label)
+            state["r"].__enter__()
+
+        def post(_m, _a, _o):
+            state.pop("r").__exit__(None, None, None)
+
+        h1, h2 = module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+        self.undo += [h1.remove, h2.remove]
+
+    def __enter__(self):
+        rf = torch.profiler.record_function
+        for mod in (dit_mod, dydit_mod):
+            att = getattr(mod, "attention")
+
+            def wrapped_att(*a, _att=att, **k):
+                with rf("attention_core"):
+                    return _att(*a, **k)
+
+            self._patch(mod, "attention", wrapped_att)
+        tsm = dydit_mod.token_skip_mlp
+
+        def wrapped_tsm(x, keep, mlp, *rest):
+            def mlp_r(h):
+                with rf("mlp"):
+                    return mlp(h)
+            with rf("gather_scatter"):  # minus the nested mlp range, see split()
+                return tsm(x, keep, mlp_r, *rest)
+
+        self._patch(dydit_mod, "token_skip_mlp", wrapped_tsm)
+        cls = type(self.dydit)
+        plan = cls.width_plan
+
+        def wrapped_plan(model, *a, **k):
+            with rf("router_plan"):
+                return plan(model, *a, **k)
+
+        self._patch(cls, "width_plan", wrapped_plan)
+        for block in self.dit.blocks:
+            self._hook_range(block.mlp, "mlp")  # dense DiT: the whole MLP module
+            self._hook_range(block.mlp.fc1, "mlp_fc")  # masked path calls fc1 / fc2 directly
+            self._hook_range(block.mlp.fc2, "mlp_fc")
+        for router in self.dydit.routers:
+            for m in (router.token_router, router.head_router, router.channel_router):
+                self._hook_range(m, "router_plan")
+        return self
+
+    def __exit__(self, *exc):
+        for u in reversed(self.undo):
+            u()
+        self.undo.clear()
+
+
+def split(run, device, dit, dydit, variant: str) -> dict:
+    """ms per sampling run in each section (device time on CUDA, CPU time on CPU) and host sync CPU ms."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with Instrument(dit, dydit):
+        run()  # warm the wrapped path
+        sync(device)
+        with torch.profiler.profile(activities=acts) as prof:
+            run()
+            sync(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    by_name: dict[str, float] = {}
+    sync_us = 0.0
+    total_dev = 0.0
+    for evt in prof.key_averages():
+        by_name[evt.key] = by_name.get(evt.key, 0.0) + getattr(evt, key)
+        if evt.key in SYNC_OPS:
+            sync_us += evt.self_cpu_time_total
+        if device.type == "cuda":
+            total_dev += getattr(evt, "self_device_time_total", 0.0)
+    if device.type != "cuda":
+        total_dev = sum(e.self_cpu_time_total for e in prof.key_averages())
+    out = {k: by_name.get(k, 0.0) / 1e3 for k in SECTIONS}
+    # nested ranges: the dense MLP module range contains the fc1/fc2 ranges, gather_scatter contains mlp;
+    # the masked path runs fc1 / fc2 outside the MLP module (gelu and the masks then count as other)
+    if variant == "masked":
+        out["mlp"] = by_name.get("mlp_fc", 0.0) / 1e3
+    out["gather_scatter"] = max(out["gather_scatter"] - out["mlp"], 0.0) if "gather_scatter" in by_name else 0.0
+    out["host_sync_cpu"] = sync_us / 1e3
+    out["profiled_total"] = total_dev / 1e3
+    out["other"] = max(out["profiled_total"] - sum(out[k] for k in SECTIONS), 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+def fmt(x, nd=2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=list(SIZES), default="XL", help="XL: DiT-XL/2 256 px; tiny: DiT-T/2 (CPU smoke)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="images per run (model batch 2B)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--lams", type=float, nargs="+", default=[0.5, 0.7], help="target executed-FLOPs ratios")
+    p.add_argument("--repeats", type=int, default=5, help="timed sampling runs per cell (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed sampling runs per cell")
+    p.add_argument("--tol", type=float, default=0.03, help="allowed |executed ratio - lambda|")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--no-split", action="store_true", help="skip the profiled time split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/dydit_speed.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    name = SIZES[args.size]
+    dit = random_dit(name, args.seed, device, dtype)
+    dydit = DyDiT.from_dit(dit).to(device=device, dtype=dtype).eval()
+    channels, S = dit.config.in_channels, dit.config.sample_size
+    sched = make_scheduler(args.steps, device)
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
+    synth = SyntheticRouters(dydit, timesteps, sched.config.num_train_timesteps)
+
+    rows, plans, dense_cache = [], {}, {}
+    for lam in args.lams:
+        widths, cols = synth.tune(lam)
+        synth.install(widths, cols)
+        # executed FLOPs over the real loop (batch 1: per-sample counts do not depend on B, masks are shared)
+        g = torch.Generator(device="cpu").manual_seed(args.seed)
+        x1 = torch.randn(1, channels, S, S, generator=g).to(device, dtype)
+        y1 = torch.tensor([1, dit.null_class_id], device=device)
+        ratios = {}
+        for variant in ("sliced", "masked"):
+            c = MacCounter()
+            sample(model_fn(variant, dit, dydit, c), make_scheduler(args.steps, device), x1, y1, channels)
+            ratios[variant] = c.ratio
+        # the spec's mask-estimated r (masked path: what the masks would save)
+        est = synth.ratio(widths, cols)
+        if abs(ratios["sliced"] - lam) > args.tol:
+            raise AssertionError(f"lambda {lam}: executed ratio {ratios['sliced']:.4f} is off by more than {args.tol}")
+        plans[str(lam)] = {"widths_per_step": widths, "token_columns_per_block": cols, "grid": synth.grid,
+                           "timesteps": timesteps, "mask_ratio": est, "executed_ratio_sliced": ratios["sliced"]}
+        print(f"lambda {lam}: executed ratio (sliced, MacCounter) {ratios['sliced']:.4f}, mask r {est:.4f}; "
+              f"heads/groups per step {[w[0] for w in widths]}, token columns per block {cols}/{synth.grid}",
+              flush=True)
+        for B in args.batches:
+            g = torch.Generator(device="cpu").manual_seed(args.seed + B)
+            x0 = torch.randn(B, channels, S, S, generator=g).to(device, dtype)
+            yc = torch.randint(0, dit.config.num_classes, (B,), generator=g).to(device)
+            y_in = torch.cat([yc, torch.full_like(yc, dit.null_class_id)])
+            for variant in args.variants:
+                if variant == "dense" and B in dense_cache:  # dense does not depend on lambda
+                    rows.append({**dense_cache[B], "lam": lam})
+                    continue
+                fn = model_fn(variant, dit, dydit)
+                run = lambda fn=fn: sample(fn, sched, x0, y_in, channels)  # noqa: E731
+                times = time_run(run, device, args.repeats, args.warmup)
+                med = statistics.median(times)
+                executed = 1.0 if variant == "dense" else ratios[variant]
+                row = {"lam": lam, "batch": B, "variant": variant, "steps": args.steps,
+                       "median_s": med, "times_s": times, "img_per_s": B / med,
+                       "executed_flops_ratio": executed,
+                       "mask_flops_ratio": 1.0 if variant == "dense" else est}
+                if not args.no_split:
+                    row["split_ms"] = split(run, device, dit, dydit, variant)
+                if variant == "dense":
+                    dense_cache[B] = row
+                rows.append(row)
+                print(f"  B={B} {variant}: {med * 1e3:.1f} ms / run, {B / med:.2f} img/s", flush=True)
+        for row in rows:
+            if row["lam"] == lam and row["batch"] in dense_cache:
+                d = dense_cache[row["batch"]]["median_s"]
+                row["speedup"] = d / row["median_s"]
+                row["flops_speedup"] = 1.0 / row["executed_flops_ratio"]
+                row["speedup_over_flops"] = row["speedup"] / row["flops_speedup"]
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv) if argv is None
+        else " ".join(shlex.quote(a) for a in ["python", "bench/dydit_speed.py", *argv]),
+        "config": f"{name} {S * 8} px (latent {S}x{S}), random weights std 1/sqrt(fan_in), {args.steps} DDIM steps, "
+                  f"CFG {GUIDANCE} batched (model batch 2B), {str(dtype).replace('torch.', '')}",
+        "synthetic_routers": "reserved-channel threshold routers (bench/dydit_speed.py docstring)",
+        "plans": plans,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; {result['config']}", "",
+             "| λ | B | variant | img/s | speed-up | dense/exec FLOPs | speed-up ÷ FLOPs | attn core ms | MLP ms |"
+             " gather/scatter ms | router/plan ms | host sync ms | other ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        s = r.get("split_ms", {})
+        lines.append("| " + " | ".join([
+            f"{r['lam']}", str(r["batch"]), r["variant"], fmt(r["img_per_s"]), fmt(r.get("speedup")),
+            fmt(r.get("flops_speedup")), fmt(r.get("speedup_over_flops")),
+            *(fmt(s.get(k), 1) for k in (*SECTIONS, "host_sync_cpu", "other"))]) + " |")
+    lines.append("")
+    lines.append("Split: profiler device time per sampling run (CPU time on CPU); host sync = CPU ms in "
+                 "nonzero/item/synchronize; other = qkv/proj GEMMs, norms, adaLN, scheduler, ...")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""scripts/finetune_dydit.py end to end on a tiny DiT (CPU) and the DyDiT folder format (dit/dydit_io.py): routers-only
+training drives the executed-FLOPs ratio (sliced path, MacCounter) from ~1 toward lambda, the saved folder reloads to
+the same outputs and leaves the backbone bit-identical, the grad-norm skip rule skips and logs its rate, and TD-LoRA
+is refused."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit.dit import DiT
+from dit.dydit_io import load_dydit, save_dydit
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import finetune_dydit  # noqa: E402
+import train_dit  # noqa: E402
+
+TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=48)
+needs_vae = pytest.mark.skipif(not train_dit.SHIPPED_VAE.is_dir(), reason="shapes-vae not shipped")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny DiT folder with small random adaLN and head weights (adaLN-Zero would make every block the identity)."""
+    torch.manual_seed(0)
+    dit = DiT(**TINY)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "modulation" in name or "head" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("base") / "tiny-dit"
+    dit.save_pretrained(folder)
+    return folder
+
+
+def _run(out: Path, base: Path, steps: int, *extra: str) -> dict:
+    args = finetune_dydit.parse_args([
+        "--out", str(out), "--model", str(base), "--steps", str(steps), "--batch-size", "8", "--pool", "32", "--cpu",
+        "--lam", "0.5", "--lam-hold", "0", "--lam-reach", "10", "--ckpt-every", "1000", "--eval-n", "8",
+        "--flops-grid", "4", *extra])
+    return finetune_dydit.main(args)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@needs_vae
+def test_routers_only_finetune_lowers_flops_and_reloads(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    metrics = _run(out, tiny_base, 30, "--lr", "1e-2", "--router-bias", "2", "--eval-every", "15",
+                   "--ema-decay", "0.5", "--stage1-steps", "10")
+    evals = [r for r in _log(out) if "flops_executed" in r]
+    first, last = evals[0], metrics
+    assert first["step"] == 0 and first["flops_executed"] > 0.95  # gates start (nearly) all on
+    assert last["flops_executed"] < 0.9 and first["flops_executed"] - last["flops_executed"] > 0.2
+    assert abs(last["flops_executed"] - 0.5) < abs(first["flops_executed"] - 0.5)  # toward lambda
+    assert {r["stage"] for r in _log(out) if "stage" in r} == {1, 2}
+
+    folder = out / "model"
+    config = json.loads((folder / "dydit_config.json").read_text())
+    assert config["backbone"] == "base" and not (folder / "transformer").exists()
+    assert (folder / config["base"]).resolve() == tiny_base.resolve()
+    loaded = load_dydit(folder)
+    # routers-only: the backbone is bit-identical to the base
+    base = DiT.from_pretrained(tiny_base)
+    for (k, a), (_, b) in zip(base.state_dict().items(), loaded.dit.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the same outputs as the in-memory model (eval mode, sliced and masked paths)
+    in_memory = finetune_dydit.build_dydit(base, 5.0, 0)
+    in_memory.routers.load_state_dict(loaded.routers.state_dict())
+    in_memory.eval()
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 5, 17, 47])
+    for mode in ("sliced", "masked"):
+        a, b = loaded(x, 500, y, mode=mode), in_memory(x, 500, y, mode=mode)
+        torch.testing.assert_close(a.sample, b.sample, rtol=0, atol=1e-6)
+    # the routers file is small: nothing of the backbone in it
+    assert (folder / "routers.safetensors").stat().st_size < (tiny_base / "diffusion_pytorch_model.safetensors").stat().st_size
+
+
+@needs_vae
+def test_skip_rule_full_training_stage1(tiny_base, tmp_path):
+    """--train full with stage 1 (complete forward); a tiny threshold skips every update: weights unchanged."""
+    out = tmp_path / "skip"
+    _run(out, tiny_base, 3, "--train", "full", "--skip-grad-norm", "1e-12", "--eval-every", "1000",
+         "--lr", "1e-2", "--log-every", "1")
+    steps = [r for r in _log(out) if "skipped" in r]
+    assert len(steps) == 3 and all(r["skipped"] for r in steps) and steps[-1]["skip_rate"] == 1.0
+    assert all("loss_complete" in r for r in steps)
+    assert json.loads((out / "model" / "card.json").read_text())["skip_rate"] == 1.0
+    loaded = load_dydit(out / "model")
+    assert json.loads((out / "model" / "dydit_config.json").read_text())["backbone"] == "included"
+    base = DiT.from_pretrained(tiny_base)
+    for (k, a), (_, b) in zip(base.state_dict().items(), loaded.dit.state_dict().items()):
+        assert torch.equal(a, b), k
+    ref = finetune_dydit.build_dydit(base, 5.0, 0)
+    for (k, a), (_, b) in zip(ref.routers.state_dict().items(), loaded.routers.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_td_lora_is_refused(tmp_path):
+    args = finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", "--train", "td-lora"])
+    with pytest.raises(ValueError, match="TD-LoRA.*not implemented"):
+        finetune_dydit.main(args)
+
+
+def test_stratified_timesteps_cover_the_quarters():
+    t = finetune_dydit.stratified_timesteps(8, 1000, torch.Generator().manual_seed(0))
+    assert [int(v) // 250 for v in t] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_load_errors(tiny_base, tmp_path):
+    from dit.dydit import DyDiT
+
+    model = DyDiT.from_dit(DiT.from_pretrained(tiny_base))
+    folder = tmp_path / "dy"
+    save_dydit(folder, model, lam=0.5, base=tiny_base)
+    cfg = json.loads((folder / "dydit_config.json").read_text())
+    cfg["base"] = "../nowhere"
+    (folder / "dydit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="base model"):
+        load_dydit(folder)
+    other = tmp_path / "wide"
+    DiT(**{**TINY, "hidden_size": 32}).save_pretrained(other)
+    cfg["base"] = "../wide"
+    (folder / "dydit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="routers were trained for"):
+        load_dydit(folder)
+    cfg.update(base="../tiny", hidden_size=32)
+    DiT(**{**TINY, "hidden_size": 32}).save_pretrained(tmp_path / "tiny")
+    (folder / "dydit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_dydit(folder)
