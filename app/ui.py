@@ -251,8 +251,11 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
                 names = class_names(models[choice]) if choice else []
                 what = gr.Dropdown(names, value=names[0] if names else None, label="class", allow_custom_value=True)
                 negative = gr.Textbox(visible=False)
-                model.change(lambda m: gr.update(choices=class_names(m), value=class_names(m)[0]), model, what,
-                             api_name=False)
+                def pick_model(m):
+                    choices = class_names(m)
+                    return gr.update(choices=choices, value=choices[0])
+
+                model.change(pick_model, model, what, api_name=False)
             else:
                 what = gr.Textbox(label="prompt", lines=2, placeholder="a big red star in the top left")
                 negative = gr.Textbox(label="negative prompt", value="")
@@ -265,8 +268,8 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
                 dice = gr.Button("new seed", scale=0, min_width=90)
                 randomize = gr.Checkbox(value=False, label="random seed")
                 num = gr.Slider(1, MAX_BATCH, value=1, step=1, label="batch size")
-            resolution = gr.Dropdown(["64"], value="64", label="resolution (px)", interactive=False,
-                                     info="the shipped models generate at their training resolution")
+            gr.Dropdown(["64"], value="64", label="resolution (px)", interactive=False,
+                        info="the shipped models generate at their training resolution")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary")
                 cancel = gr.Button("Cancel")
@@ -286,7 +289,6 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed, api_name=False)
     restore.upload(lambda f: restore_settings(f, kind), restore,
                    [model, what, negative, sampler, steps, cfg, seed, randomize, num], api_name=False)
-    del resolution
 
 
 def _benchmark_tab(all_models: list[str], outputs_dir: Path, device: str | None) -> None:

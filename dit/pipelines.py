@@ -71,6 +71,33 @@ def decode_latents(vae: AutoencoderKL, latents_BCHW: Tensor) -> Tensor:
     return vae.decode(z.to(vae.dtype)).sample
 
 
+def denoise(pipe, model_fn: Callable[[Tensor, Tensor], Tensor], latents: Tensor, guidance_scale: float,
+            generator, callback: StepCallback | None) -> Tensor:
+    """The sampling loop every pipeline here shares: `model_fn(x_in, t_B)` over [cond; uncond] when guided
+    (guidance_scale != 1), eps = eps_uncond + w (eps_cond - eps_uncond), the learned-variance channels kept for the
+    scheduler only if its `variance_type` consumes them (the conditional half's), then `scheduler.step`; stochastic
+    samplers draw their step noise from `generator`. `callback(step, t, latents)` after every step; no host sync."""
+    scheduler, channels, batch = pipe.scheduler, latents.shape[1], latents.shape[0]
+    guided = guidance_scale != 1
+    learned_variance = scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generator} if takes_generator else {}
+    for step, t in enumerate(pipe.progress_bar(scheduler.timesteps)):
+        x_in = scheduler.scale_model_input(latents, t)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        out = model_fn(x_in, t.expand(x_in.shape[0]))  # (2B or B, C_out, ...)
+        eps, variance = out[:, :channels], out[:, channels:]  # variance: empty unless learn_sigma
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            variance = variance[:batch]  # the conditional half's
+        model_output = torch.cat([eps, variance], dim=1) if learned_variance else eps
+        latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(step, t, latents)
+    return latents
+
+
 def make_scheduler(sampler: str, config):
     """A scheduler of the named kind built from another scheduler's config (`from_config`)."""
     if sampler not in SAMPLERS:
@@ -224,23 +251,7 @@ class ClassToImagePipeline(DiffusionPipeline):
         y_B = torch.tensor(labels, device=device)
         y_in = torch.cat([y_B, torch.full_like(y_B, model.null_class_id)]) if guided else y_B  # (2B,) cond, uncond
 
-        learned_variance = self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
-        # Stochastic samplers (DDPM, Euler with churn) draw their step noise from the same generator.
-        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if takes_generator else {}
-        for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x_in = self.scheduler.scale_model_input(latents, t)
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            out = model(x_in, t.expand(x_in.shape[0]), y_in)  # (2B or B, C_out, S, S)
-            eps, variance = out[:, :channels], out[:, channels:]  # variance: empty unless learn_sigma
-            if guided:
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                variance = variance[:batch]  # the conditional half's
-            model_output = torch.cat([eps, variance], dim=1) if learned_variance else eps
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
-            if callback is not None:
-                callback(step, t, latents)
+        latents = denoise(self, lambda x, t: model(x, t, y_in), latents, guidance_scale, generator, callback)
 
         if output_type == "latent":
             images = latents

@@ -45,7 +45,6 @@ Only the classes in `TEXT_ENCODERS` and diffusers' schedulers are loadable (no i
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import numbers
@@ -67,7 +66,7 @@ from torch import Tensor
 from shapes.clip import ShapesCLIP
 
 from .latte import LatteDiT
-from .pipelines import (LEARNED_VARIANCE_TYPES, MODEL_INDEX, OUTPUT_TYPES, SAMPLERS, StepCallback, decode_latents,
+from .pipelines import (MODEL_INDEX, OUTPUT_TYPES, SAMPLERS, StepCallback, decode_latents, denoise,
                         make_scheduler)
 from .pixart import PixArtDiT
 
@@ -320,23 +319,7 @@ class _TextPipeline(DiffusionPipeline):
         latents = randn_tensor(self.latent_shape(batch), generator=generator, device=device, dtype=model.dtype)
         latents = latents * self.scheduler.init_noise_sigma
 
-        learned_variance = self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
-        # Stochastic samplers (DDPM, Euler with churn) draw their step noise from the same generator.
-        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if takes_generator else {}
-        for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x_in = self.scheduler.scale_model_input(latents, t)
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            out = model(x_in, t.expand(x_in.shape[0]), text, keep)  # (2B or B, C_out, [F,] S, S)
-            eps, variance = out[:, :channels], out[:, channels:]  # variance: empty unless learn_sigma
-            if guided:
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                variance = variance[:batch]  # the conditional half's
-            model_output = torch.cat([eps, variance], dim=1) if learned_variance else eps
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
-            if callback is not None:
-                callback(step, t, latents)
+        latents = denoise(self, lambda x, t: model(x, t, text, keep), latents, guidance_scale, generator, callback)
 
         result = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()

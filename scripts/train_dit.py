@@ -314,6 +314,8 @@ class Conditioner:
 
     def __init__(self, task: str, text_encoder=None, uncond_prob: float = 0.0):
         self.task, self.text_encoder, self.uncond_prob = task, text_encoder, uncond_prob
+        # the empty prompt's token ids (1, L): the pipelines' default negative prompt, tokenised once
+        self.empty_ids = text_encoder.tokenize([""]) if text_encoder is not None else None
 
     @torch.no_grad()
     def __call__(self, cond, seed: int | None = None):
@@ -326,11 +328,6 @@ class Conditioner:
             ids = torch.where(drop[:, None], self.empty_ids.to(ids.device), ids)
         tokens, keep = self.text_encoder.encode_text_tokens(ids)
         return tokens.float(), keep
-
-    @property
-    def empty_ids(self) -> torch.Tensor:
-        """The empty prompt's token ids (1, L): the pipelines' default negative prompt."""
-        return self.text_encoder.tokenize([""])
 
     def model_fn(self, net):
         if self.task == "class":
