@@ -55,7 +55,8 @@ from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import to_float  # noqa: E402
 from shapes.scene import class_name  # noqa: E402
-from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card  # noqa: E402
+from training import (SpikeGuard, add_common_args, cosine_schedule, optimizer_step, start_run,  # noqa: E402
+                      write_model_card)  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_VAE = REPO / "weights" / "shapes-vae"
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--model", default="DiT-T/2", help="named size, shipped model, saved folder or official .pt")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
+    p.add_argument("--vlb-weight", type=float, default=1.0, help="ddpm with learned σ: weight of the VLB term")
+    p.add_argument("--adam-impl", default="auto", choices=["auto", "fused", "foreach", "loop"],
+                   help="AdamW implementation (auto: fused on CUDA, foreach elsewhere)")
     p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit_normal"], help="flow only")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images (class sub-folders or metadata.jsonl)")
     p.add_argument("--vae", default=str(SHIPPED_VAE))
@@ -104,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--save-to", default=None, help="the pipeline folder to write (default: --out/model)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--rollback-on-spike", type=int, default=0, metavar="WINDOW",
+                   help="every WINDOW steps compare the window's mean loss with the best so far; past 3x, restore "
+                        "the last healthy weights / optimiser / EMA and halve the LR (0: off; scripts/training.py)")
     p.set_defaults(lr=1e-4)
     return p.parse_args(argv)
 
@@ -393,12 +400,14 @@ def main(args) -> dict:
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     objective = make_objective(args.objective, **(
-        {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {}))
+        {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {"vlb_weight": args.vlb_weight}))
     net = add_lora(model, args.lora) if args.lora else model
     params = [p for p in net.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay, foreach=True)
     ema.to(acc.device)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=acc.device.type == "cuda")
+    impl = args.adam_impl if args.adam_impl != "auto" else ("fused" if acc.device.type == "cuda" else "foreach")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=impl == "fused" or None,
+                            foreach=impl == "foreach" if impl != "fused" else None)
     sched = cosine_schedule(opt, args.steps, args.warmup if args.warmup is not None else min(500, args.steps // 10),
                             run.time_progress if args.anneal_to_time_limit else None)
     net, opt, sched = acc.prepare(net, opt, sched)
@@ -426,6 +435,7 @@ def main(args) -> dict:
             ema.restore(params)
         return metrics
 
+    guard = SpikeGuard(unwrapped, opt, sched, ema, every=args.rollback_on_spike) if args.rollback_on_spike else None
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dit-{task}")
     net.train()
     model_fn = conditioner.model_fn(torch.compile(net) if args.compile else net)
@@ -437,13 +447,18 @@ def main(args) -> dict:
         with acc.autocast():
             terms = objective(model_fn, x0, cond, gen)
         acc.backward(terms["loss"])
-        optimizer_step(acc, params, opt, sched)
+        grad_norm = optimizer_step(acc, params, opt, sched)
         ema.step(params)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-            run.log({"step": step, **{k: v.item() for k, v in terms.items()}, "lr": sched.get_last_lr()[0]})
+            run.log({"step": step, **{k: v.item() for k, v in terms.items()}, "grad_norm": None if grad_norm is None else float(grad_norm),
+                     "lr": sched.get_last_lr()[0]})
+        if guard is not None and (event := guard.update(step, terms["loss"])):
+            run.log(event)
+            bar.write(f"loss spike at step {step}: window mean {event['window_loss']:.4f} vs best "
+                      f"{event['best_window_loss']:.4f}; rolled back, LR x{event['lr_scale']:g}")
         state = run.end_of_step(step, bar, evaluate)
         if state == "interrupted":
             bar.close()

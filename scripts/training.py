@@ -35,7 +35,8 @@ def add_common_args(p) -> None:
     p.add_argument("--keep-ckpts", type=int, default=2)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds of training; past it the run ends early, then saves and evaluates as usual")
+                   help="seconds of training (counted over resumes); past it the run checkpoints, ends early, then "
+                        "saves and evaluates as usual")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this process after that step, as an interruption would (resume by running again)")
 
@@ -109,7 +110,13 @@ class Run:
             self.checkpoint(step)
         if self.interrupted(step):
             return "interrupted"
-        return "stop" if self.out_of_time(step) else "go"
+        if self.out_of_time(step):
+            # The full state too, so that a later call (a longer --time-limit, same --out) goes on with the
+            # optimiser moments instead of restarting Adam on trained weights.
+            if not (self.ckpt_root / f"step_{step}").is_dir():
+                self.checkpoint(step)
+            return "stop"
+        return "go"
 
     def checkpoint(self, step: int) -> None:
         acc = self.accelerator
@@ -181,11 +188,77 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int,
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(acc: Accelerator, params, opt, sched, max_grad_norm: float = 1.0) -> None:
-    acc.clip_grad_norm_(params, max_grad_norm)
+def optimizer_step(acc: Accelerator, params, opt, sched, max_grad_norm: float = 1.0) -> torch.Tensor:
+    """Clip, step, schedule, zero; returns the pre-clip gradient norm (a tensor: reading it is the caller's sync)."""
+    norm = acc.clip_grad_norm_(params, max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    return norm
+
+
+class SpikeGuard:
+    """Roll back to the last healthy weights when the training loss spikes, and halve the learning rate.
+
+    Why: the shipped shapes models' continuation runs collapsed after 1–5k steps (loss 0.02 → 0.2–1.0, never
+    recovering; see docs/dit.md), and a device call is too short to notice and restart by hand. Large-scale
+    practice (PaLM's skip-and-rewind on loss spikes) is to restore a recent good state and go on with a smaller
+    step; the step counter keeps moving, so the batches after the spike are new ones.
+
+    Every `every` steps the mean loss of that window is compared with the best window mean so far: within
+    `factor` × best, the current model / optimiser / EMA state is copied to host memory as the rollback point;
+    above it, that point is restored and every LR scaled by `lr_decay` (at most `max_rollbacks` times, then the
+    guard only reports). Losses are summed on the device and read once per window (no per-step host sync).
+    Memory: one host copy of the parameters, EMA and optimiser moments (fine for the shapes sizes; off by default).
+    """
+
+    def __init__(self, model, opt, sched, ema=None, *, every: int = 100, factor: float = 3.0,
+                 lr_decay: float = 0.5, max_rollbacks: int = 5):
+        self.model, self.opt, self.sched, self.ema = model, opt, sched, ema
+        self.every, self.factor, self.lr_decay, self.max_rollbacks = every, factor, lr_decay, max_rollbacks
+        self.best = math.inf
+        self.window_sum, self.window_n = None, 0
+        self.saved = None
+        self.rollbacks: list[dict] = []
+
+    def _snapshot(self):
+        cpu = lambda t: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t  # noqa: E731
+        opt_state = {k: {n: cpu(v) for n, v in st.items()} for k, st in self.opt.state_dict()["state"].items()}
+        return {"model": {k: cpu(v) for k, v in self.model.state_dict().items()},
+                "opt": opt_state,
+                "ema": [cpu(p) for p in self.ema.shadow_params] if self.ema is not None else None}
+
+    def _restore(self, snap) -> None:
+        self.model.load_state_dict(snap["model"])
+        state = self.opt.state_dict()
+        state["state"] = snap["opt"]
+        self.opt.load_state_dict(state)  # load_state_dict moves the moments back to the parameters' device
+        if self.ema is not None:
+            for shadow, saved in zip(self.ema.shadow_params, snap["ema"]):
+                shadow.copy_(saved)
+
+    def update(self, step: int, loss: torch.Tensor) -> dict | None:
+        """Call after each optimiser step with that step's loss; returns a record when it rolled back."""
+        loss = loss.detach().float()
+        self.window_sum = loss if self.window_sum is None else self.window_sum + loss
+        self.window_n += 1
+        if self.window_n < self.every:
+            return None
+        mean = self.window_sum.item() / self.window_n
+        self.window_sum, self.window_n = None, 0
+        if math.isfinite(mean) and mean <= self.factor * self.best:
+            self.best = min(self.best, mean)
+            self.saved = self._snapshot()
+            return None
+        if self.saved is None or len(self.rollbacks) >= self.max_rollbacks:
+            return None
+        self._restore(self.saved)
+        sched = getattr(self.sched, "scheduler", self.sched)  # accelerate wraps the LR scheduler
+        sched.base_lrs = [lr * self.lr_decay for lr in sched.base_lrs]
+        record = {"step": step, "rollback": len(self.rollbacks) + 1, "window_loss": mean, "best_window_loss": self.best,
+                  "lr_scale": self.lr_decay ** (len(self.rollbacks) + 1)}
+        self.rollbacks.append(record)
+        return record
 
 
 def device_name(device: torch.device) -> str:

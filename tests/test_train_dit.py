@@ -108,8 +108,12 @@ def _losses(out):
 
 @needs_vae
 def test_loss_falls_on_shapes(tiny_dit, tmp_path):
-    metrics = _train(tmp_path, tiny_dit, 40, "--lr", "2e-3", "--warmup", "5", "--ckpt-every", "1000")
+    metrics = _train(tmp_path, tiny_dit, 40, "--lr", "2e-3", "--warmup", "5", "--ckpt-every", "1000",
+                     "--rollback-on-spike", "10")  # the guard armed: a falling loss never triggers it
     losses = _losses(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert not any("rollback" in r for r in records)
+    assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records if "loss" in r)
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     assert np.isfinite(metrics["eval_loss"])
@@ -312,3 +316,15 @@ def test_selection_score():
     assert s("video", {"motion_accuracy": 0.6, "frame_prompt_accuracy": 1.0, "direction": 0.0}) == pytest.approx(0.8)
     assert s("text", {"one_object_accuracy": 0.9}) == pytest.approx(0.9)  # a missing target is left out
     assert s("class", {"eval_loss": 0.1}) == -1.0  # no sample metrics: below any real score
+
+
+@needs_vae
+def test_time_limit_checkpoints_so_a_longer_limit_resumes(tiny_dit, tmp_path, capsys):
+    _train(tmp_path, tiny_dit, 50, "--time-limit", "0.001", "--ckpt-every", "1000")  # stops after step 1
+    assert (tmp_path / "checkpoints" / "step_1" / "meta.json").is_file()
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["steps"] == 1
+    _train(tmp_path, tiny_dit, 3, "--ckpt-every", "1000")  # same run folder, no limit: continues from step 1
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r] \
+        == [1, 2, 3]

@@ -18,7 +18,7 @@ fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 COMMON=(--mixed-precision bf16 --lr ${LR:-3e-4} --keep-best --warmup 500 --ema-decay 0.999 --save-dtype float16 --ckpt-every 100000
-        --time-limit "$LIMIT" --anneal-to-time-limit --log-every 100 "$@")
+        --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 --rollback-on-spike 200 "$@")
 train() {  # NAME MODEL STEPS BATCH SAMPLE_N FINAL_N EVAL_EVERY POOL
   local model=$2; [ -f "weights/$1/model_index.json" ] && model="weights/$1"
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
