@@ -174,7 +174,8 @@ class _TextPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, vae: AutoencoderKL, scheduler, text_encoder: TextEncoder):
         super().__init__()
-        if not isinstance(text_encoder, TextEncoder):
+        # None: the caller passes prompt embeddings (e.g. from its own T5, as PixArt-α / Latte checkpoints need).
+        if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
             raise ValueError(f"text_encoder {type(text_encoder).__name__} has no encode_text_tokens(texts)")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder)
         self.image_processor = VaeImageProcessor()
@@ -278,13 +279,37 @@ class _TextPipeline(DiffusionPipeline):
             )
         return tokens.to(device=device, dtype=dtype), keep.to(device=device, dtype=torch.bool)
 
+    def _given_embeds(self, embeds, mask, neg_embeds, neg_mask, guided: bool, device, dtype) -> tuple[Tensor, Tensor]:
+        """Checked prompt embeddings -> text (P or 2P, L, E) and keep mask, rows: cond, then negatives."""
+        E, max_tokens = self.transformer.config.caption_channels, self.transformer.config.max_text_tokens
+
+        def check(name, x, m):
+            if not torch.is_tensor(x) or x.ndim != 3 or x.shape[2] != E or not 0 < x.shape[1] <= max_tokens:
+                got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"{name} must be (prompts, tokens <= {max_tokens}, {E}); got {got}")
+            if m is None:
+                m = torch.ones(x.shape[:2], dtype=torch.bool)
+            if not torch.is_tensor(m) or tuple(m.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"{name}'s attention mask must be {tuple(x.shape[:2])}")
+            return x.to(device=device, dtype=dtype), m.to(device=device).bool()
+
+        text, keep = check("prompt_embeds", embeds, mask)
+        if not guided:
+            return text, keep
+        if neg_embeds is None:
+            raise ValueError("guidance with prompt_embeds needs negative_prompt_embeds (the unconditional text)")
+        neg, neg_keep = check("negative_prompt_embeds", neg_embeds, neg_mask)
+        if neg.shape != text.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds {tuple(text.shape)}")
+        return torch.cat([text, neg]), torch.cat([keep, neg_keep])
+
     # Each subclass defines latent_shape(batch) -> the noise shape, and decode(latents, output_type).
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] = "",
         num_inference_steps: int = 20,
         guidance_scale: float = 4.5,
@@ -293,24 +318,43 @@ class _TextPipeline(DiffusionPipeline):
         callback: StepCallback | None = None,
         num_images_per_prompt: int = 1,
         return_dict: bool = True,
+        prompt_embeds: Tensor | None = None,
+        prompt_attention_mask: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_attention_mask: Tensor | None = None,
     ):
         """Sample num_images_per_prompt outputs per prompt (prompt-major order).
 
         guidance_scale w: eps = eps_uncond + w (eps_cond - eps_uncond), the conditional and negative-prompt
         halves in one forward; w = 1 runs the conditional model alone (one forward of B per step).
         `callback(step, t, latents)` is called after every scheduler step; nothing in the loop syncs with the host.
+
+        Instead of prompts, the text tokens themselves may be given (diffusers' PixArt convention, for a text
+        encoder that is not part of this pipeline): prompt_embeds (P, L, E) with prompt_attention_mask (P, L)
+        (1 = keep; default all kept), and for guidance negative_prompt_embeds / _mask of the same shape.
         """
-        prompts, negatives = check_prompts(prompt, negative_prompt)
         check_sampling(num_inference_steps, guidance_scale, output_type, num_images_per_prompt)
         model, device = self.transformer, self._execution_device
-        channels = model.config.in_channels
-        batch = len(prompts) * num_images_per_prompt
+        guided = guidance_scale != 1
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("give prompt or prompt_embeds, not both")
+            text, keep = self._given_embeds(prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                                            negative_prompt_attention_mask, guided, device, model.dtype)
+            n_prompts = prompt_embeds.shape[0]
+        else:
+            if prompt is None:
+                raise ValueError("give a prompt (or prompt_embeds)")
+            if self.text_encoder is None:
+                raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds "
+                                 "for guidance) instead of prompts")
+            prompts, negatives = check_prompts(prompt, negative_prompt)
+            n_prompts = len(prompts)
+            # One encoder call for both halves, so they share L; rows: cond prompts, then negatives.
+            text, keep = self.encode_prompts(prompts + negatives if guided else prompts, device, model.dtype)
+        batch = n_prompts * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one, or one per output")
-        guided = guidance_scale != 1
-
-        # One encoder call for both halves, so they share L; rows: cond prompts, then negatives.
-        text, keep = self.encode_prompts(prompts + negatives if guided else prompts, device, model.dtype)
         text = text.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L, E)
         keep = keep.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L)
 
