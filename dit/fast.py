@@ -78,12 +78,14 @@ def inductor_options(options: dict):
         yield missing
 
 
-def prepare_for_sampling(model: nn.Module, preset: str = "max-autotune", dtype: torch.dtype | None = None) -> nn.Module:
+def prepare_for_sampling(model: nn.Module, preset: str = "max-autotune", dtype: torch.dtype | None = None,
+                         fullgraph: bool = True) -> nn.Module:
     """Freeze `model` for sampling (eval, no grad, optional dtype cast) and compile its forward in place with the
     named preset; returns the same module object (its config, dtype, device and pipeline registration unchanged).
 
     In place matters: pipelines hold the transformer as a registered component, and `module.compile()` makes
-    `module(...)` run the compiled graph without replacing the object."""
+    `module(...)` run the compiled graph without replacing the object. `fullgraph=False` lets a foreign model
+    with graph breaks (a baseline) compile what it can; ours must compile whole."""
     p = _check_preset(preset)
     model.eval().requires_grad_(False)
     if dtype is not None:
@@ -93,7 +95,7 @@ def prepare_for_sampling(model: nn.Module, preset: str = "max-autotune", dtype: 
     # Compile the bound forward (not the module: its __call__ would route back here) and install it the way
     # nn.Module.compile does, as the module's call implementation; the inductor options are patched around every
     # call because inductor reads its config when it (re)compiles, which happens inside the first call at a shape.
-    compiled = torch.compile(model.forward, mode=p.mode, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model.forward, mode=p.mode, fullgraph=fullgraph, dynamic=False)
 
     def call(*args, **kwargs):
         with inductor_options(p.inductor):
