@@ -125,8 +125,11 @@ class DDPMObjective:
         nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
         return torch.where(t_B == 0, nll, kl)
 
-    def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator) -> dict:
-        t_B, noise = self.sample(x0, generator)
+    def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator | None = None,
+                 draws: tuple[Tensor, Tensor] | None = None) -> dict:
+        """`draws` = (t, ε) drawn beforehand by `sample` (a training step draws them for its whole global batch and
+        gives each process / micro-batch its slice); else they are drawn here from `generator`."""
+        t_B, noise = draws if draws is not None else self.sample(x0, generator)
         x_t = self.scheduler.add_noise(x0, noise, t_B)
         out = model_fn(x_t, t_B, cond)
         C = x0.shape[1]
@@ -177,8 +180,9 @@ class FlowMatchingObjective:
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=torch.float32)
         return t_B.to(x0.device), noise.to(x0.device, x0.dtype)
 
-    def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator) -> dict:
-        t_B, noise = self.sample(x0, generator)
+    def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator | None = None,
+                 draws: tuple[Tensor, Tensor] | None = None) -> dict:
+        t_B, noise = draws if draws is not None else self.sample(x0, generator)
         x_t, target = flow_interpolate(x0, noise, t_B)
         pred = model_fn(x_t, t_B * self.timestep_scale, cond)[:, : x0.shape[1]]
         mse = _mean_flat((pred.float() - target.float()) ** 2).mean()

@@ -28,6 +28,7 @@ steps, the analyser's metrics of samples from the EMA weights (`dit.evaluation`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ def parse_args(argv=None):
                    help="ship the EMA weights that scored best in the sample evaluations, not necessarily the last")
     p.add_argument("--save-to", default=None, help="the pipeline folder to write (default: --out/model)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimiser step (each process's share of --batch-size is split in these)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (memory for ~1/3 more compute)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--rollback-on-spike", type=int, default=0, metavar="WINDOW",
                    help="every WINDOW steps compare the window's mean loss with the best so far; past 3x, restore "
@@ -306,21 +311,32 @@ def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, poo
     return folder_data(Path(spec), task, vae)
 
 
-def batch_seed(seed: int, step: int, rank: int) -> int:
+def batch_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of step `step`'s whole global batch: its items, timesteps, noise and condition dropout (train_dit
+    draws the global batch on every process and takes its rows; `rank` is for scripts that draw per process)."""
     return seed * 1_000_003 + step * 64 + rank
+
+
+def take(cond, rows: slice):
+    """Rows of a condition: class ids (B,), or text (tokens (B, L, E), keep (B, L))."""
+    return tuple(c[rows] for c in cond) if isinstance(cond, tuple) else cond[rows]
 
 
 # ----------------------------------------------------------------------------------------------- conditioning
 class Conditioner:
     """Raw conditions -> the model's inputs, and the one call of the model the objective makes.
 
-    Class models take the ids as they are (label dropout for guidance is the model's own `class_dropout_prob`).
-    Text models take the frozen text encoder's tokens and keep mask; in training, `uncond_prob` of the captions
-    (chosen from the step's seed) become the empty prompt, the pipelines' default negative prompt.
+    Class models take the ids; in training (a `seed` given), `uncond_prob` of them become `null_class` (the DiT's
+    class_dropout_prob and null id: the script draws this dropout from the step's seed instead of leaving it to the
+    model's own torch.rand, so that it is a function of the sample's place in the global batch, whatever the
+    number of processes and micro-batches). Text models take the frozen text encoder's tokens and keep mask; in
+    training, `uncond_prob` of the captions (chosen from the step's seed) become the empty prompt, the pipelines'
+    default negative prompt.
     """
 
-    def __init__(self, task: str, text_encoder=None, uncond_prob: float = 0.0):
+    def __init__(self, task: str, text_encoder=None, uncond_prob: float = 0.0, null_class: int | None = None):
         self.task, self.text_encoder, self.uncond_prob = task, text_encoder, uncond_prob
+        self.null_class = null_class
         # the empty prompt's token ids (1, L): the pipelines' default negative prompt, tokenised once
         self.empty_ids = text_encoder.tokenize([""]) if text_encoder is not None else None
 
@@ -328,7 +344,10 @@ class Conditioner:
     def __call__(self, cond, seed: int | None = None):
         """cond: class ids, captions, or captions' token ids (B, L) from the encoder's tokenizer."""
         if self.task == "class":
-            return cond
+            if seed is None or self.uncond_prob <= 0 or self.null_class is None:
+                return cond
+            drop = torch.from_numpy(np.random.default_rng(seed).random(len(cond)) < self.uncond_prob).to(cond.device)
+            return torch.where(drop, torch.full_like(cond, self.null_class), cond)
         ids = cond if torch.is_tensor(cond) else self.text_encoder.tokenize(list(cond))
         if seed is not None and self.uncond_prob > 0:
             drop = torch.from_numpy(np.random.default_rng(seed).random(len(ids)) < self.uncond_prob).to(ids.device)
@@ -380,7 +399,9 @@ def selection_score(task: str, metrics: dict) -> float:
 
 
 def main(args) -> dict:
-    run = start_run(args)
+    # --batch-size is the global batch and one optimiser step consumes it whatever the number of processes, so the
+    # LR schedule advances once per step (accelerate advances it once per process unless batches are "split").
+    run = start_run(args, split_batches=True)
     acc = run.accelerator
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
     model = load_model(args.model, args.objective)
@@ -394,7 +415,19 @@ def main(args) -> dict:
         from shapes.clip import ShapesCLIP
 
         text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
-    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    if task == "class":
+        drop = model.config.class_dropout_prob
+        conditioner = Conditioner(task, uncond_prob=drop, null_class=model.config.num_classes if drop > 0 else None)
+        model.label_embed.dropout_prob = 0.0  # the conditioner drops labels instead (see Conditioner); runtime only
+    else:
+        conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    world, accum = acc.num_processes, args.grad_accum
+    if accum < 1 or args.batch_size % (world * accum):
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of processes x "
+                         f"--grad-accum = {world} x {accum}")
+    micro = args.batch_size // (world * accum)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
                      text_encoder.tokenize if text_encoder is not None else None)
     if task == "class" and data.num_classes > model.config.num_classes:
@@ -435,23 +468,34 @@ def main(args) -> dict:
             ema.restore(params)
         return metrics
 
-    guard = SpikeGuard(unwrapped, opt, sched, ema, every=args.rollback_on_spike) if args.rollback_on_spike else None
+    guard = SpikeGuard(unwrapped, opt, sched, ema, every=args.rollback_on_spike,
+                       reduce=lambda t: acc.reduce(t, reduction="mean")) if args.rollback_on_spike else None
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dit-{task}")
     net.train()
     model_fn = conditioner.model_fn(torch.compile(net) if args.compile else net)
     while step < args.steps:
-        seed = batch_seed(args.seed, step, acc.process_index)
-        x0, raw = data.batch(seed, args.batch_size, acc.device)
-        cond = conditioner(raw, seed)
-        gen = torch.Generator(acc.device).manual_seed(seed)
-        with acc.autocast():
-            terms = objective(model_fn, x0, cond, gen)
-        acc.backward(terms["loss"])
+        # The whole global batch (items, t, noise, condition dropout) comes from the step's seed on every process;
+        # each process takes its rows and splits them in micro-batches, so the gradient (DDP's mean over processes
+        # of the mean over micro-batches) is the one a single process would compute for the global batch.
+        seed = batch_seed(args.seed, step)
+        x0_all, raw = data.batch(seed, args.batch_size, acc.device)
+        cond_all = conditioner(raw, seed)
+        t_all, noise_all = objective.sample(x0_all, torch.Generator(acc.device).manual_seed(seed))
+        parts = []
+        for m in range(accum):
+            rows = slice((acc.process_index * accum + m) * micro, (acc.process_index * accum + m + 1) * micro)
+            # no gradient all-reduce until the last micro-batch has added its share
+            with (acc.no_sync(net) if m < accum - 1 else contextlib.nullcontext()), acc.autocast():
+                terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
+                acc.backward(terms["loss"] / accum)
+            parts.append(terms)
+        terms = {k: torch.stack([t[k] for t in parts]).mean() for k in parts[0]}  # this process's rows
         grad_norm = optimizer_step(acc, params, opt, sched)
         ema.step(params)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
+            terms = {k: acc.reduce(v.detach(), reduction="mean") for k, v in terms.items()}  # the global batch's
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
             run.log({"step": step, **{k: v.item() for k, v in terms.items()}, "grad_norm": None if grad_norm is None else float(grad_norm),
                      "lr": sched.get_last_lr()[0]})

@@ -170,7 +170,12 @@ class Run:
 def start_run(args, *, split_batches: bool = False) -> Run:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, split_batches=split_batches)
+    from accelerate import DataLoaderConfiguration
+
+    # (Accelerator's own split_batches= keyword is accepted but ignored by recent accelerate: the config object is
+    # what its LR scheduler wrapper reads.)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
+                              dataloader_config=DataLoaderConfiguration(split_batches=split_batches))
     set_seed(args.seed)
     return Run(args=args, accelerator=accelerator, out=out)
 
@@ -213,8 +218,11 @@ class SpikeGuard:
     """
 
     def __init__(self, model, opt, sched, ema=None, *, every: int = 100, factor: float = 3.0,
-                 lr_decay: float = 0.5, max_rollbacks: int = 5):
+                 lr_decay: float = 0.5, max_rollbacks: int = 5, reduce=None):
         self.model, self.opt, self.sched, self.ema = model, opt, sched, ema
+        # Across processes every replica must take the same decision: `reduce` averages the window's loss sum over
+        # them (a collective, at window ends only, which all processes reach at the same step).
+        self.reduce = reduce or (lambda t: t)
         self.every, self.factor, self.lr_decay, self.max_rollbacks = every, factor, lr_decay, max_rollbacks
         self.best = math.inf
         self.window_sum, self.window_n = None, 0
@@ -244,7 +252,7 @@ class SpikeGuard:
         self.window_n += 1
         if self.window_n < self.every:
             return None
-        mean = self.window_sum.item() / self.window_n
+        mean = self.reduce(self.window_sum).item() / self.window_n
         self.window_sum, self.window_n = None, 0
         if math.isfinite(mean) and mean <= self.factor * self.best:
             self.best = min(self.best, mean)
