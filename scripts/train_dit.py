@@ -497,8 +497,9 @@ def main(args) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             terms = {k: acc.reduce(v.detach(), reduction="mean") for k, v in terms.items()}  # the global batch's
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-            run.log({"step": step, **{k: v.item() for k, v in terms.items()}, "grad_norm": None if grad_norm is None else float(grad_norm),
-                     "lr": sched.get_last_lr()[0]})
+            run.log({"step": step, **{k: v.item() for k, v in terms.items()},
+                     "grad_norm": None if grad_norm is None else float(grad_norm), "lr": sched.get_last_lr()[0],
+                     "seconds": round(run.train_seconds(), 3)})
         if guard is not None and (event := guard.update(step, terms["loss"])):
             run.log(event)
             bar.write(f"loss spike at step {step}: window mean {event['window_loss']:.4f} vs best "

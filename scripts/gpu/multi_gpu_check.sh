@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call on an H200 pair (kind nvidia-h200-x2): scripts/train_dit.py on one GPU and, unchanged, on two
+# (accelerate launch --multi_gpu, DDP) at the same global batch. The global batch is drawn whole from each step's
+# seed and split over processes (scripts/train_dit.py), so the two loss curves must agree to float rounding;
+# the log's "seconds" give each run's throughput. Then the DiT-XL/2 training-throughput benchmark on one GPU.
+#   bash scripts/gpu/multi_gpu_check.sh [STEPS]
+set -uo pipefail
+STEPS=${1:-400}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=4
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+ARGS=(scripts/train_dit.py --model DiT-T/1 --steps "$STEPS" --batch-size 1024 --pool 60000 --lr 3e-4 --warmup 50
+      --log-every 10 --eval-every 100000 --ckpt-every 100000 --mixed-precision bf16 --ema-decay 0.999 --seed 3)
+accelerate launch --num_processes 1 --mixed_precision bf16 --dynamo_backend no "${ARGS[@]}" --out runs/mg-1gpu \
+  > "$OUT/mg-1gpu.log" 2>&1
+accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 --dynamo_backend no "${ARGS[@]}" \
+  --out runs/mg-2gpu > "$OUT/mg-2gpu.log" 2>&1
+cp runs/mg-1gpu/log.jsonl "$OUT/mg-1gpu.jsonl"; cp runs/mg-2gpu/log.jsonl "$OUT/mg-2gpu.jsonl"
+python3 - "$OUT" <<'PY' | tee "$OUT/multi_gpu_summary.json"
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def load(name):
+    return [json.loads(l) for l in (out / f"{name}.jsonl").read_text().splitlines() if '"loss"' in l]
+a, b = load("mg-1gpu"), load("mg-2gpu")
+steps = [r["step"] for r in a]
+diff = [abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b)]
+def throughput(rows):  # images per second between the 2nd log record (compile / warm-up done) and the last
+    return (rows[-1]["step"] - rows[1]["step"]) * 1024 / (rows[-1]["seconds"] - rows[1]["seconds"])
+print(json.dumps({"steps": steps[-1], "global_batch": 1024, "max_rel_loss_diff": max(diff),
+                  "rel_loss_diff_first_10": diff[:10], "img_per_s_1gpu": throughput(a),
+                  "img_per_s_2gpu": throughput(b), "scaling": throughput(b) / throughput(a)}, indent=1))
+PY
+python3 bench/train_dit_speed.py --out "$OUT/train_dit_speed.json" > "$OUT/train_dit_speed.log" 2>&1
+tail -12 "$OUT/train_dit_speed.log"
