@@ -191,12 +191,12 @@ def forward_inputs(w: dict, impl: str, batch: int, device, dtype):
     if w["kind"] == "class":
         x = torch.randn(rows, C, S, S, generator=g).to(device, dtype)
         y = (torch.arange(rows) % cfg["num_embeds_ada_norm"]).to(device)
-        return ((x, t, y), {}) if impl == "ours" else ((x,), dict(timestep=t, class_labels=y))
+        return ((x, t, y), {}) if impl != "diffusers" else ((x,), dict(timestep=t, class_labels=y))
     cond, neg, mask = text_inputs(w, batch, device, dtype)
     text, keep = torch.cat([cond, neg]), torch.cat([mask, mask])
     shape = (rows, C, S, S) if w["kind"] == "text" else (rows, C, w["frames"], S, S)
     x = torch.randn(*shape, generator=g).to(device, dtype)
-    if impl == "ours":
+    if impl != "diffusers":
         return (x, t, text, keep.bool()), {}
     kw = dict(timestep=t, encoder_hidden_states=text)
     if w["kind"] == "text":
@@ -207,7 +207,7 @@ def forward_inputs(w: dict, impl: str, batch: int, device, dtype):
 
 def call_forward(impl: str, model, args, kwargs):
     out = model(*args, **kwargs)
-    return out if impl == "ours" else out.sample
+    return out.sample if impl == "diffusers" else out
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -348,6 +348,17 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
     with torch.no_grad():
         eager_out = call_forward("ours", ours, *forward_inputs(w, "ours", b0, device, dtype))
     parity["eager_bf16_vs_fp32"] = rel(eager_out, ref)
+    if args.fp8:  # our model with e4m3 block linears (dit/fp8.py), against the bf16 and float32 outputs
+        import copy
+
+        from dit.fp8 import fp8_supported, quantize_linears
+
+        models["ours-fp8"] = copy.deepcopy(ours)
+        quantize_linears(models["ours-fp8"])
+        with torch.no_grad():
+            fp8_out = call_forward("ours-fp8", models["ours-fp8"], *forward_inputs(w, "ours", b0, device, dtype))
+        parity.update(fp8_vs_bf16=rel(fp8_out, eager_out), fp8_vs_fp32=rel(fp8_out, ref),
+                      fp8_tensor_cores=fp8_supported(device))
 
     # VAE decode alone (latents of the workload's shape), per batch.
     vae_s = {}
@@ -363,11 +374,10 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
     result.setdefault("scheduler_s", {})[name] = scheduler_cost(w, device, dtype, args.reps)
 
     for preset in args.presets:
-        for impl in ("diffusers", "ours"):
-            model = models[impl]
+        for impl, model in models.items():
             restore_eager(model)
             t_compile0 = time.perf_counter()
-            prepare_for_sampling(model, preset, fullgraph=impl == "ours")
+            prepare_for_sampling(model, preset, fullgraph=impl != "diffusers")
             for batch in w["batches"]:
                 if args.batches and batch not in args.batches:
                     continue
@@ -392,7 +402,7 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
                             row["fast_vs_fp32"] = rel(out, ref)
                         restore_eager(model)
                         row["forward_gflop"] = round(forward_flops(impl, model, *fargs) / 1e9, 4)
-                        prepare_for_sampling(model, preset, fullgraph=impl == "ours")
+                        prepare_for_sampling(model, preset, fullgraph=impl != "diffusers")
                         fwd()
                         if preset in ("eager", args.split_preset):
                             row["split_one_forward"] = kernel_split(fwd, device)
@@ -441,6 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip measurements that would start after this")
     p.add_argument("--merge", action="store_true", help="keep the rows already in --out")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (runs on a CPU in under a minute)")
+    p.add_argument("--fp8", action="store_true", help="also time our model with FP8 block linears (dit/fp8.py)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
