@@ -360,6 +360,24 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
         parity.update(fp8_vs_bf16=rel(fp8_out, eager_out), fp8_vs_fp32=rel(fp8_out, ref),
                       fp8_tensor_cores=fp8_supported(device))
 
+    # Our eager forward under each attention backend (what `auto` picks is one of them), at the largest batch.
+    if args.attention_backends:
+        from attention import use_backend
+
+        bmax = max(args.batches or w["batches"])
+        fargs = forward_inputs(w, "ours", bmax, device, dtype)
+        times = {}
+        for backend in args.attention_backends.split(","):
+            try:
+                with use_backend(backend), torch.no_grad():
+                    fwd = lambda: call_forward("ours", ours, *fargs)  # noqa: E731
+                    fwd()
+                    times[backend] = round(statistics.median(timed(fwd, device, args.reps)) * 1e3, 3)
+            except Exception as e:  # noqa: BLE001 — a backend that cannot run this problem is a result too
+                times[backend] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        result.setdefault("attention_backend_forward_ms", {})[f"{name}|batch {bmax}"] = times
+        save()
+
     # VAE decode alone (latents of the workload's shape), per batch.
     vae_s = {}
     for batch in w["batches"]:
@@ -451,6 +469,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip measurements that would start after this")
     p.add_argument("--merge", action="store_true", help="keep the rows already in --out")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (runs on a CPU in under a minute)")
+    p.add_argument("--attention-backends", default=None,
+                   help="comma list of attention backends to time our eager forward under (e.g. "
+                        "sdpa_cudnn,sdpa_flash,sdpa_efficient,flex)")
     p.add_argument("--fp8", action="store_true", help="also time our model with FP8 block linears (dit/fp8.py)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
