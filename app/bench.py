@@ -40,7 +40,12 @@ MAX_BATCH = 64
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="sampling speed of one or more models side by side: img/s, GFLOPs, memory")
     p.add_argument("--model", action="append", required=True,
-                   help="a model's name (see `ditstudio models`) or a model folder; repeat to compare")
+                   help="a model's name (see `ditstudio models`), a model folder, or a named DiT size such as "
+                        "DiT-XL/2 (random weights and a random SD-VAE-shaped VAE: speed does not depend on weight "
+                        "values); repeat to compare")
+    p.add_argument("--compile", default=None,
+                   help="compile the transformers for sampling with a dit.fast preset (eager, default, cudagraphs, "
+                        "max-autotune, fused); default: eager")
     p.add_argument("--models-dir", dest="models_dir", default=None, help="a folder of model folders to look in too")
     p.add_argument("--variant", action="append", default=None,
                    help="reserved for efficiency methods (none available yet: giving it is an error)")
@@ -120,8 +125,45 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
+def _named_dit(name: str) -> dict | None:
+    """A named class-conditional DiT size (DiT-XL/2, DiT-T/1, ...) as a benchmark subject, or None."""
+    from dit.dit import DIT_CONFIGS
+
+    if name not in DIT_CONFIGS:
+        return None
+    cfg = DIT_CONFIGS[name]
+    # ImageNet sizes decode through the SD VAE (f8), the shapes sizes through the shipped shapes VAE (f4).
+    factor = 8 if cfg["sample_size"] >= 32 else 4
+    return {"name": f"{name} (random weights)", "task": "class-to-image", "resolution": cfg["sample_size"] * factor,
+            "frames": None, "size_name": name, "vae_factor": factor}
+
+
+def _random_dit_pipeline(info: dict, device: str, dtype: str):
+    """Our pipeline around a named DiT size with random weights (std 1/sqrt(fan_in), so no layer is a trivial zero)
+    and a random VAE of the SD layout (or the shipped shapes VAE): for timing only."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from app.generate import check_dtype
+    from dit.dit import DiT
+    from dit.pipelines import ClassToImagePipeline
+
+    g = torch.Generator().manual_seed(0)
+    model = DiT.from_name(info["size_name"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim == 1 else p[0].numel() ** -0.5))
+    if info["vae_factor"] == 8:
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    else:
+        vae = AutoencoderKL.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "shapes-vae")
+    pipe = ClassToImagePipeline(transformer=model.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
+    return pipe.to(device=device, dtype=check_dtype(dtype))
+
+
 def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, device: str | None = None,
-              dtype: str = "float32", repeats: int = 3, variants=None, models_dir=None, progress=None) -> dict:
+              dtype: str = "float32", repeats: int = 3, variants=None, models_dir=None, progress=None,
+              compile: str | None = None) -> dict:
     """Benchmark `models` (names or folders) side by side; -> {"device", "torch", "date", "settings", "rows"}.
 
     Everything is checked before any model loads: ValueError for an unknown or non-generator model, a `size` that
@@ -141,8 +183,19 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
         size = _count(size, "size", 1)
     device = check_device(device)
     check_dtype(dtype)
+    if compile is not None:
+        from dit.fast import PRESETS
+
+        if compile not in PRESETS:
+            raise ValueError(f"--compile {compile!r}: unknown preset; valid: {', '.join(PRESETS)}")
     infos = []
     for model in models:
+        named = _named_dit(str(model))
+        if named is not None:
+            if size is not None and size != named["resolution"]:
+                raise ValueError(f"--size {size}: {model} generates {named['resolution']} px only")
+            infos.append((str(model), None, named))
+            continue
         folder = resolve_model(str(model), models_dir).resolve()
         info = describe(folder)
         if info["task"] not in PROMPTS and info["task"] != "class-to-image":
@@ -158,8 +211,15 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
             progress(f"benchmarking {info['name']}")
         task = info["task"]
         with _GENERATE_LOCK:  # the UI shares the cached pipelines
-            pipe = load_pipeline(folder, device, dtype)
-            pipe.scheduler = make_sampler(folder, None)[0]
+            if folder is None:
+                pipe = _random_dit_pipeline(info, device, dtype)
+            else:
+                pipe = load_pipeline(folder, device, dtype)
+                pipe.scheduler = make_sampler(folder, None)[0]
+            if compile is not None:
+                from dit.fast import prepare_for_sampling
+
+                prepare_for_sampling(pipe.transformer, compile)
             rss_before = _peak_rss_mb()
             _sample(pipe, task, steps, batch, 0, device)  # the warm-up sample (first calls tune and allocate)
             # One more, untimed, to count FLOPs (under a dispatch mode, kernels run slower and may differ).
@@ -175,7 +235,7 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
                 peak_mb, peak_kind = max(0.0, _peak_rss_mb() - rss_before), "cpu_peak_rss_growth"
         seconds = statistics.median(times)
         frames = info["frames"] or 1
-        row = {"model": info["name"], "path": str(folder), "task": task, "resolution": info["resolution"],
+        row = {"model": info["name"], "path": str(folder) if folder is not None else None, "task": task, "resolution": info["resolution"],
                "frames": info["frames"],
                "params": sum(p.numel() for p in pipe.transformer.parameters()),
                "tokens": (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2 * frames,
@@ -184,7 +244,11 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
                "frames_per_s": round(batch * frames / seconds, 4) if info["frames"] else None,
                "gflops": round(transformer_flops["flops"] / batch / 1e9, 4),
                "pipeline_gflops": round(whole.get_total_flops() / batch / 1e9, 4),
-               "peak_mem_mb": round(peak_mb, 1), "peak_mem_kind": peak_kind}
+               "peak_mem_mb": round(peak_mb, 1), "peak_mem_kind": peak_kind, "compile": compile or "eager"}
+        if compile is not None:  # the loaded pipeline is cached for the UI: hand it back uncompiled
+            from dit.fast import restore_eager
+
+            restore_eager(pipe.transformer)
         rows.append(row)
     for row in rows:
         row["speedup"] = round(rows[0]["s_per_img"] / row["s_per_img"], 3)
@@ -193,7 +257,7 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": "run_bench(" + ", ".join(f"{k}={v!r}" for k, v in dict(
                 models=models, steps=steps, batch=batch, size=size, device=device, dtype=dtype,
-                repeats=repeats).items()) + ")",
+                repeats=repeats, compile=compile).items()) + ")",
             "settings": {"steps": steps, "batch": batch, "cfg": CFG, "sampler": "saved with each model",
                          "dtype": dtype, "repeats": repeats, "size": size, "output_type": "np"},
             "rows": rows}
@@ -240,7 +304,7 @@ def _command(args) -> str:
     argv = ["ditstudio", "bench"]
     for m in args.model:
         argv += ["--model", m]
-    for flag in ("models_dir", "steps", "batch", "size", "device", "dtype", "repeats", "out"):
+    for flag in ("models_dir", "steps", "batch", "size", "device", "dtype", "repeats", "compile", "out"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -254,7 +318,7 @@ def run(args) -> int:
     result = run_bench(args.model, steps=args.steps, batch=args.batch,
                        size=None if args.size is None else args.size, device=args.device, dtype=args.dtype,
                        repeats=args.repeats, variants=args.variant, models_dir=args.models_dir,
-                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                       progress=lambda msg: print(msg, file=sys.stderr, flush=True), compile=args.compile)
     result["command"] = _command(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

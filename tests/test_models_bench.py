@@ -157,3 +157,17 @@ def test_generate_accepts_the_models_own_size_and_frames():
     app.generate._check_shape(Namespace(size=None, frames=None), folder)
     with pytest.raises(ValueError, match="generates exactly 8 frames"):
         app.generate._check_shape(Namespace(size=None, frames="4"), folder)
+
+
+def test_bench_a_named_dit_size_with_random_weights():
+    """`ditstudio bench --model DiT-XL/2` times a named size with random weights (the speed issue's row); here
+    the tiny size, through the same path: a 64 px class-to-image row, FLOPs counted, eager recorded."""
+    result = run_bench(["DiT-T/2"], steps=2, batch=2, device="cpu", repeats=1)
+    (row,) = result["rows"]
+    assert row["model"] == "DiT-T/2 (random weights)" and row["path"] is None
+    assert row["task"] == "class-to-image" and row["resolution"] == 64 and row["compile"] == "eager"
+    assert row["tokens"] == 64 and row["gflops"] > 0 and row["img_per_s"] > 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_bench(["DiT-T/2"], steps=2, device="cpu", compile="turbo")
+    with pytest.raises(ValueError, match="--size 128: DiT-XL/2 generates 256 px only"):
+        run_bench(["DiT-XL/2"], size=128, device="cpu")
