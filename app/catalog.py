@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A DyDiT folder (dit/dydit_io.py): routers (+ TD-LoRA) on a dense base pipeline it references by relative path.
+DYDIT_CONFIG = "dydit_config.json"
 SHIPPED_DIR = REPO_ROOT / "weights"
 
 
@@ -31,6 +33,8 @@ def _folder_bytes(path: Path) -> int:
 
 
 def _task_of(folder: Path) -> str:
+    if (folder / DYDIT_CONFIG).is_file():
+        return "DyDiT"
     for name in ("model_index.json", "config.json"):
         cfg = folder / name
         if cfg.is_file():
@@ -49,7 +53,7 @@ def list_models(directory: Path | None = None) -> list[ModelEntry]:
         return []
     entries = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if any((folder / n).is_file() for n in ("config.json", "model_index.json")):
+        if any((folder / n).is_file() for n in ("config.json", "model_index.json", DYDIT_CONFIG)):
             entries.append(ModelEntry(folder.name, folder, _task_of(folder), _folder_bytes(folder)))
     return entries
 
@@ -108,6 +112,27 @@ def vae_scale_factor(vae_config: dict) -> int:
     return 2 ** (len(blocks) - 1)
 
 
+def describe_dydit(folder: Path) -> dict:
+    """A DyDiT folder: its base pipeline's task, resolution and frames, plus method "DyDiT", lam (the trained
+    target FLOPs ratio) and flops_executed (the executed / dense block FLOPs its card measured over sampling runs,
+    None if not measured); size_bytes is the folder itself (routers, adapters), the base is in `uses`."""
+    config = _read_json(folder / DYDIT_CONFIG)
+    if config.get("format") != "dydit" or not config.get("base"):
+        raise ValueError(f"{DYDIT_CONFIG} is not a DyDiT config with a base model")
+    base = (folder / config["base"]).resolve()
+    try:
+        info = describe(base)
+    except ValueError as exc:
+        raise ValueError(f"its base model {config['base']} cannot be served: {exc}") from exc
+    if info["task"] == COMPONENT:
+        raise ValueError(f"its base model {config['base']} is a bare transformer; the app needs a pipeline folder")
+    card = _read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
+    measured = (card.get("comparison") or {}).get("sampling_flops_ratio")
+    return {**info, "name": folder.name, "path": str(folder), "class_name": "DyDiT",
+            "transformer": f"DyDiT({info['transformer']})", "uses": sorted({str(base), *info["uses"]}),
+            "method": "DyDiT", "lam": config.get("lam"), "flops_executed": measured, "base": base.name}
+
+
 def describe(folder: str | Path) -> dict:
     """Metadata of one model folder: name, path, task (class-to-image, text-to-image, text-to-video or component),
     class_name, size_bytes / size_mb (the folder itself; referenced shared components are listed in `uses`, not
@@ -117,9 +142,11 @@ def describe(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
     info = {"name": folder.name, "path": str(folder), "task": None, "class_name": None, "resolution": None,
-            "frames": None, "transformer": None, "uses": []}
+            "frames": None, "transformer": None, "uses": [], "method": None, "lam": None, "flops_executed": None}
     index_path, config_path = folder / "model_index.json", folder / "config.json"
-    if index_path.is_file():
+    if (folder / DYDIT_CONFIG).is_file():
+        info = describe_dydit(folder)
+    elif index_path.is_file():
         index = _read_json(index_path)
         name = index.get("_class_name")
         if name not in PIPELINE_TASKS:

@@ -44,7 +44,10 @@ def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None,
         from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline
 
         cls = {"class": ClassToImagePipeline, "text": TextToImagePipeline, "video": TextToVideoPipeline}[kind]
-        pipe = cls.from_pretrained(folder).to(device)
+        from dit.dydit_io import is_dydit_folder, load_dydit_pipeline
+
+        # a DyDiT folder: its routers (+ adapters) on the dense base pipeline it references
+        pipe = (load_dydit_pipeline(folder) if is_dydit_folder(folder) else cls.from_pretrained(folder)).to(device)
         pipe.set_progress_bar_config(disable=True)
         metrics = evaluate_pipeline(pipe, n=n, seed=seed, steps=spec.get("steps", 25), cfg=spec.get("cfg", 4.0),
                                     sampler=spec.get("sampler", "dpm++"))

@@ -81,8 +81,22 @@ def add_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model folder
+def _index_folder(folder: Path) -> Path:
+    """Where a model folder's model_index.json lives: the folder itself, or a DyDiT folder's base pipeline."""
+    from app.catalog import DYDIT_CONFIG
+
+    config = folder / DYDIT_CONFIG
+    if not config.is_file():
+        return folder
+    base = json.loads(config.read_text()).get("base")
+    if not base:
+        raise ValueError(f"DyDiT model {folder} names no base pipeline in {DYDIT_CONFIG}")
+    return (folder / base).resolve()
+
+
 @functools.lru_cache(maxsize=32)
 def _model_index(folder: Path) -> dict:
+    folder = _index_folder(folder)
     path = folder / "model_index.json"
     if not path.is_file():
         raise ValueError(f"model {folder} is not a pipeline folder: no model_index.json")
@@ -180,6 +194,13 @@ def load_pipeline(folder: Path, device: str, dtype: str):
     `TextToImagePipeline`, `TextToVideoPipeline`, by model_index.json `_class_name`) on `device` in `dtype`, loaded
     once per process and key."""
     torch_dtype = check_dtype(dtype)
+    if _index_folder(folder) != folder:  # DyDiT: the base pipeline with the routed transformer (dit/dydit_io.py)
+        from dit.dydit_io import load_dydit_pipeline
+
+        pipe = load_dydit_pipeline(folder).to(device)
+        pipe = pipe if torch_dtype is torch.float32 else pipe.to(dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     cls = _pipeline_class(PIPELINE_KINDS[_model_index(folder)["_class_name"]])
     # Weights load in float32; cast only for another dtype (the cast makes diffusers log a warning).
     pipe = cls.from_pretrained(folder, torch_dtype=None if torch_dtype is torch.float32 else torch_dtype).to(device)
@@ -199,7 +220,7 @@ def _saved_scheduler(folder: Path):
         raise ValueError(f"{folder}/model_index.json: scheduler {library}.{name} is not a diffusers scheduler")
     # Text pipelines name their scheduler folder in component_folders; diffusers folders use scheduler/.
     subfolder = (index.get("component_folders") or {}).get("scheduler", "scheduler")
-    return cls.from_pretrained((folder / subfolder).resolve())
+    return cls.from_pretrained((_index_folder(folder) / subfolder).resolve())
 
 
 def make_sampler(folder: Path, sampler: str | None):
@@ -243,14 +264,28 @@ def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype):
 
 
 def _sample(pipe, scheduler, device: str, seed: int, call):
-    """`call(generator)` with the scheduler swapped in, under the lock; -> (its result, wall seconds)."""
+    """`call(generator)` with the scheduler swapped in, under the lock; -> (its result, wall seconds, the executed
+    FLOPs of a DyDiT model: `_flops_settings`)."""
     with _GENERATE_LOCK:
         pipe.scheduler = scheduler
+        counter = getattr(pipe.transformer, "counter", None)  # a DyDiT's MAC counter (dit/dydit.py)
+        if counter is not None:
+            counter.reset()
         start = time.perf_counter()
         result = call(torch.Generator(device).manual_seed(seed))
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-        return result, round(time.perf_counter() - start, 3)
+        seconds = round(time.perf_counter() - start, 3)
+        return result, seconds, _flops_settings(counter)
+
+
+def _flops_settings(counter) -> dict:
+    """For a DyDiT model (its transformer's MacCounter, dit/dydit.py), what the batch executed: flops_executed
+    (executed / dense FLOPs of the transformer blocks) and gflops_dense / gflops_executed; nothing for a dense one."""
+    if counter is None:
+        return {}
+    return {"flops_executed": round(counter.ratio, 4), "gflops_dense": round(2 * counter.dense / 1e9, 3),
+            "gflops_executed": round(2 * counter.executed / 1e9, 3)}
 
 
 def _settings(folder: Path, kind: str, steps, cfg, sampler_name, seed, device, dtype, seconds, **extra) -> dict:
@@ -275,11 +310,11 @@ def generate_class_images(model: str | Path, labels: int | str | list[int | str]
         raise ValueError("no class label given")
     class_ids = [resolve_label(folder, y, pipe.transformer.config.num_classes) for y in labels]
     batch = [y for y in class_ids for _ in range(num)]
-    images, seconds = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
+    images, seconds, flops = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
         batch, num_inference_steps=steps, guidance_scale=float(cfg), generator=generator, output_type="pil",
         callback=callback).images)
     return [(image, _settings(folder, CLASS, steps, cfg, sampler_name, seed, device, dtype, seconds, label=y,
-                              index=i, size=list(image.size)))
+                              index=i, size=list(image.size), **flops))
             for i, (image, y) in enumerate(zip(images, batch))]
 
 
@@ -315,10 +350,10 @@ def generate_text_images(model: str | Path, prompts: str | list[str], steps: int
     """`num` images per prompt, in one batch (prompt-major), as (image, settings) pairs: `TextToImagePipeline` with
     `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, prompt, negative_prompt, index,
     size, steps, cfg, sampler, seed, device, dtype, seconds."""
-    folder, (output, seconds), batch, negative, sampler_name, device = _generate_text(
+    folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
         TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
     return [(image, _settings(folder, TEXT, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
-                              negative_prompt=negative, index=i, size=list(image.size)))
+                              negative_prompt=negative, index=i, size=list(image.size), **flops))
             for i, (image, prompt) in enumerate(zip(output.images, batch))]
 
 
@@ -329,11 +364,11 @@ def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20
     """`num` videos per prompt, as (frames, settings) pairs, frames a list of F PIL images: `TextToVideoPipeline`
     with `generator=torch.Generator(device).manual_seed(seed)`; settings as `generate_text_images`' plus
     num_frames."""
-    folder, (output, seconds), batch, negative, sampler_name, device = _generate_text(
+    folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
         VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
     return [(frames, _settings(folder, VIDEO, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
                                negative_prompt=negative, index=i, size=list(frames[0].size),
-                               num_frames=len(frames)))
+                               num_frames=len(frames), **flops))
             for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 

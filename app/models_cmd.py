@@ -3,7 +3,8 @@
 Lists the shipped defaults (weights/ or $DITSTUDIO_MODELS_DIR; source "shipped"), every folder in `--models-dir`
 ("models-dir") and the folders given as paths ("path"): name, task (class-to-image, text-to-image, text-to-video),
 size on disk (MB, the folder itself; the shared VAE / text encoder it references is not counted), resolution (px:
-transformer sample_size x VAE downsampling), frames (video models) and source. Components (the shipped VAE and CLIP)
+transformer sample_size x VAE downsampling), frames (video models), source, and for dynamic models (DyDiT) the
+executed share of the dense FLOPs their card measured over sampling runs, with the trained target lambda. Components (the shipped VAE and CLIP)
 are not servable on their own and are left out unless `--all` (task "component"). A folder that cannot be read is
 skipped with its reason: an entry with an "error" field in `--json`, a line under the table otherwise. The metadata
 comes from `app.catalog.servable_models`, which the UI reuses.
@@ -30,11 +31,19 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _flops(m: dict) -> str:
+    """Executed / dense FLOPs: 1 for a dense model; a DyDiT's measured ratio and its lambda."""
+    if m.get("method") != "DyDiT":
+        return "1"
+    measured = "?" if m.get("flops_executed") is None else f"{m['flops_executed']:.2f}"
+    return f"{measured} (DyDiT, λ {m.get('lam')})"
+
+
 def table(models: list[dict]) -> str:
     """The rows that could be read as a plain-text table."""
-    header = ("name", "task", "size (MB)", "resolution (px)", "frames", "source")
-    rows = [(m["name"], m["task"], f"{m['size_mb']:.1f}", _cell(m["resolution"]), _cell(m["frames"]), m["source"])
-            for m in models if "error" not in m]
+    header = ("name", "task", "size (MB)", "resolution (px)", "frames", "source", "FLOPs vs dense")
+    rows = [(m["name"], m["task"], f"{m['size_mb']:.1f}", _cell(m["resolution"]), _cell(m["frames"]), m["source"],
+             _flops(m)) for m in models if "error" not in m]
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))

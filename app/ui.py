@@ -208,6 +208,10 @@ def make_generate(kind: str, outputs_dir: Path, device: str | None):
             gallery = list(gallery or []) + paths
             seconds = results[0][1]["seconds"]
             status = f"seed {seed} · {len(paths)} in {seconds:.2f} s · saved to {out}"
+            if "flops_executed" in results[0][1]:  # a DyDiT model: what its routers let run
+                first = results[0][1]
+                status += (f" · executed {first['flops_executed']:.0%} of the dense FLOPs "
+                           f"({first['gflops_executed']:.2f} of {first['gflops_dense']:.2f} GFLOPs)")
             yield paths[0], gallery, status, gallery
         except Cancelled:
             return

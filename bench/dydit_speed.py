@@ -210,7 +210,7 @@ class SyntheticRouters:
                 tr[2].bias[0] = -amp * thr
         self.model.clear_cache()
         for i, t in enumerate(self.timesteps):
-            got = self.model.width_plan(t, self.device)
+            got = self.model.width_plan(t)
             h, g = widths[i]
             want = (tuple(range(h)), tuple(range(g)))
             if any(p != want for p in got):
@@ -233,8 +233,12 @@ def model_fn(variant: str, dit: DiT, dydit: DyDiT, counter: MacCounter | None = 
 
 
 @torch.no_grad()
-def sample(fn, sched: DDIMScheduler, x0, y_in, channels: int):
-    """The ClassToImagePipeline loop: batched cond + uncond (2B) model call, guidance, DDIM step."""
+def sample(fn, sched: DDIMScheduler, x0, y_in, channels: int, dydit: DyDiT | None = None):
+    """The ClassToImagePipeline loop: batched cond + uncond (2B) model call, guidance, DDIM step. With `dydit` (the
+    sliced variant) the run is planned first, as `DyDiTTransformer.attach` does in the pipelines: one router pass
+    for every step, prefix weight views, no per-step host sync for the widths."""
+    if dydit is not None:
+        dydit.set_sampling_grid(sched.timesteps)
     latents = x0
     for t in sched.timesteps:
         x_in = sched.scale_model_input(latents, t)
@@ -316,21 +320,22 @@ class Instrument:
         tsm = dydit_mod.token_skip_mlp
 
         def wrapped_tsm(x, keep, mlp, *rest):
-            def mlp_r(h):
+            def mlp_r(h, seq):
                 with rf("mlp"):
-                    return mlp(h)
+                    return mlp(h, seq)
             with rf("gather_scatter"):  # minus the nested mlp range, see split()
                 return tsm(x, keep, mlp_r, *rest)
 
         self._patch(dydit_mod, "token_skip_mlp", wrapped_tsm)
         cls = type(self.dydit)
-        plan = cls.width_plan
+        for name in ("set_sampling_grid", "_plan_for"):  # the per-run plan and the per-step lookup
+            plan = getattr(cls, name)
 
-        def wrapped_plan(model, *a, **k):
-            with rf("router_plan"):
-                return plan(model, *a, **k)
+            def wrapped_plan(model, *a, _plan=plan, **k):
+                with rf("router_plan"):
+                    return _plan(model, *a, **k)
 
-        self._patch(cls, "width_plan", wrapped_plan)
+            self._patch(cls, name, wrapped_plan)
         for block in self.dit.blocks:
             self._hook_range(block.mlp, "mlp")  # dense DiT: the whole MLP module
             self._hook_range(block.mlp.fc1, "mlp_fc")  # masked path calls fc1 / fc2 directly
@@ -429,7 +434,8 @@ def main(argv=None) -> int:
         ratios = {}
         for variant in ("sliced", "masked"):
             c = MacCounter()
-            sample(model_fn(variant, dit, dydit, c), make_scheduler(args.steps, device), x1, y1, channels)
+            sample(model_fn(variant, dit, dydit, c), make_scheduler(args.steps, device), x1, y1, channels,
+                   dydit if variant == "sliced" else None)
             ratios[variant] = c.ratio
         # the spec's mask-estimated r (masked path: what the masks would save)
         est = synth.ratio(widths, cols)
@@ -450,7 +456,8 @@ def main(argv=None) -> int:
                     rows.append({**dense_cache[B], "lam": lam})
                     continue
                 fn = model_fn(variant, dit, dydit)
-                run = lambda fn=fn: sample(fn, sched, x0, y_in, channels)  # noqa: E731
+                planned = dydit if variant == "sliced" else None
+                run = lambda fn=fn, planned=planned: sample(fn, sched, x0, y_in, channels, planned)  # noqa: E731
                 times = time_run(run, device, args.repeats, args.warmup)
                 med = statistics.median(times)
                 executed = 1.0 if variant == "dense" else ratios[variant]

@@ -1,35 +1,50 @@
-"""DyDiT: timestep-dynamic width (TDW) and spatially dynamic tokens (SDT) on our DiT (Zhao et al., "Dynamic
-Diffusion Transformer", ICLR 2025; spec: /work/shared/specs/dydit.md).
+"""DyDiT: timestep-dynamic width (TDW) and spatially dynamic tokens (SDT) on our DiT, PixArt and Latte models
+(Zhao et al., "Dynamic Diffusion Transformer", ICLR 2025; DyDiT++, arXiv 2504.06803; spec: /work/shared/specs/dydit.md).
 
-`DyDiT.from_dit(dit)` composes with a DiT; it never copies it. It holds the DiT by reference (`self.dit`) and one
-`BlockRouters` per block (`self.routers`), and runs each block's own modules (`modulation`, `norm1`, `attn.qkv`,
-`attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`) on a routed path. The DiT's state dict is untouched (`dydit.dit`), so
-a dense checkpoint loads as before and the routers are new keys.
+`DyDiT.from_dit(base)` composes with a base model; it never copies it. It holds the model by reference (`self.dit`:
+a class `DiT`, a text `PixArtDiT` or a video `LatteDiT`), one `BlockRouters` per routed block (`self.routers`, in
+execution order: DiT / PixArt `blocks`; Latte spatial 0, temporal 0, spatial 1, ...), optionally one TD-LoRA
+adapter per routed block (`self.lora`, dit/td_lora.py), and runs each block's own modules (`attn.qkv`, `attn.proj`,
+`mlp.fc1`, `mlp.fc2`, the norms, the modulation, PixArt's dense `cross_attn`) on a routed path. The base model's
+state dict is untouched (`dydit.dit`), so a dense checkpoint loads as before and routers / adapters are new keys.
 
 Code names -> paper symbols (one block, N tokens, width D, H heads, MLP hidden 4D split into H groups of G units):
-    t_emb             E_t, the timestep embedding (`dit.time_embed(t)`, without the class embedding)
+    t_emb             E_t, the timestep embedding (`time_embed(t)`, without class or text; for flow matching the
+                      embedding of t * 1000, as the objective feeds the model)
     head_router       Linear(D -> H-1) on E_t; head 0 always on          -> M_head in {0,1}^H
     channel_router    Linear(D -> H-1) on E_t; group 0 always on         -> M_channel in {0,1}^H (groups of G)
-    token_router      Linear(D -> D/16), ReLU, Linear(D/16 -> 1) on x after the attention update -> M_token (B, N)
+    token_router      Linear(D -> D/16), ReLU, Linear(D/16 -> 1) on the residual stream the MLP reads (after the
+                      self-attention update, and for PixArt / Latte spatial blocks after the cross-attention too,
+                      so the text is seen: ours) -> M_token per token
     gumbel_sigmoid_gate   hard(sigmoid((logit + g1 - g2) / tau) > 0.5) forward, soft gradient (straight-through)
-    layer_macs        A (attention: qkv, both N^2 products, proj) and M (MLP) dense MACs of one layer
-    flops_ratio       r = sum_l [A h_l/H + M (g_l/H)(k_l/N)] / (L (A + M))  per sample
+    block_macs        A (self-attention: qkv, both n^2 products, proj), C (cross-attention, dense, not routed) and M
+                      (MLP) MACs of one block from the shapes run
+    flops_ratio       r = sum_l [A_l h_l/H + C_l + M_l (g_l/H)(k_l/T)] / sum_l (A_l + C_l + M_l)  per sample
+                      (the spec's formula, plus the dense cross-attention term C that TDW does not touch)
     flops_loss        L_F = 2 (mean_batch(r) - lambda)^2
+
+Per family: PixArt's cross-attention stays dense; TDW acts on the self-attention heads and MLP channels, SDT on
+the image tokens. Latte: TDW and SDT in the spatial blocks (N tokens per frame) and the temporal blocks (F frames
+per patch position); a sample's token mask covers its F*N (frame, patch) tokens.
 
 Modes of `DyDiT.forward`:
     "masked"    the training path: masks multiply the per-head attention output before proj, the fc1 output
                 groups and the tokens' MLP updates (Gumbel noise in train(), none in eval()); dense compute.
     "complete"  every gate on (stage 1's second forward); r = 1.
-    "sliced"    inference (eval only): TDW masks precomputed per timestep value and shared by the whole batch
-                (cond and uncond halves of CFG included); qkv rows / proj columns of the active heads and fc1 rows /
-                fc2 columns of the active groups are sliced out and cached per unique (layer, mask); the MLP runs
-                only on the kept tokens, gathered over the flattened (B*N, D) batch and put back by index_add.
-Pass a `MacCounter` to count dense and executed MACs of the attention and MLP from the shapes actually run.
+    "sliced"    inference (eval only): TDW masks depend only on t and are shared by the whole batch (cond and
+                uncond halves of CFG included). Each block's weights are permuted once (`block_orders`: heads and
+                groups by how many timesteps keep them on), so a step's active heads / groups are a prefix and its
+                weights are views (`BlockWeights.prefix`), with no copy per step; a mask that is not a prefix of
+                its block's order gets one gathered copy per unique (layer, mask). The MLP runs only on the kept
+                tokens, gathered over the flattened (B*n, D) batch and put back by index_add.
+`set_sampling_grid(timesteps)` evaluates the routers for a whole sampling run at once (one host sync) so that the
+steps then need none for the width plan (only the token gather's nonzero remains).
+Pass a `MacCounter` to count dense and executed MACs from the shapes actually run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +52,10 @@ from torch import Tensor, nn
 
 from attention import attention
 
-from .dit import BLOCK_MODULATIONS, DiT, DiTBlock, modulate
+from .dit import BLOCK_MODULATIONS, DiT, modulate
+from .latte import LatteDiT
+from .pixart import PixArtDiT, keep_mask
+from .td_lora import BlockTDLoRA
 
 # Gumbel-sigmoid temperature (DyDiT `dynamic_model.py`).
 GATE_TAU = 5.0
@@ -46,6 +64,9 @@ WIDTH_ROUTER_BIAS = 15.0
 TOKEN_ROUTER_BIAS = 35.0
 # The token router's hidden width is D / TOKEN_ROUTER_REDUCTION.
 TOKEN_ROUTER_REDUCTION = 16
+# Timesteps over which `block_orders` counts how often each head / group is on (DDPM's 0..999 and flow's t*1000).
+ORDER_GRID = 1001
+BASES = (DiT, PixArtDiT, LatteDiT)
 
 
 # ----------------------------------------------------------------------------------------------- gates
@@ -87,20 +108,34 @@ class GumbelSigmoidGate(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
+def block_macs(seqs: int, tokens: int, width: int, inner: int, kept: int, hidden: int, text_tokens: int = 0
+               ) -> tuple[int, int, int]:
+    """MACs (A, C, M) of one block run on `seqs` sequences of `tokens` tokens: self-attention at `inner` = active
+    heads x head size (qkv, q k^T, attn v, proj), dense cross-attention to `text_tokens` per sequence (q, kv, both
+    products, proj; 0 without), and the MLP at `hidden` active units on `kept` tokens (fc1, fc2)."""
+    attn = seqs * (3 * tokens * width * inner + 2 * tokens * tokens * inner + tokens * inner * width)
+    cross = seqs * (2 * tokens * width * width + 2 * text_tokens * width * width + 2 * tokens * text_tokens * width) \
+        if text_tokens else 0
+    return attn, cross, 2 * kept * width * hidden
+
+
 def layer_macs(tokens: int, width: int, mlp_hidden: int) -> tuple[int, int]:
-    """Dense MACs of one sample through one block: A (qkv, q k^T, attn v, proj) and M (fc1, fc2)."""
-    attn = 3 * tokens * width * width + 2 * tokens * tokens * width + tokens * width * width
-    mlp = 2 * tokens * width * mlp_hidden
+    """Dense MACs of one sample through one DiT block: A (qkv, q k^T, attn v, proj) and M (fc1, fc2)."""
+    attn, _, mlp = block_macs(1, tokens, width, width, tokens, mlp_hidden)
     return attn, mlp
 
 
-def flops_ratio(masks: list[dict[str, Tensor]], attn_macs: int, mlp_macs: int) -> Tensor:
-    """(B,) r = sum_l [A h_l/H + M (g_l/H)(k_l/N)] / (L (A + M)); differentiable through straight-through masks."""
+def flops_ratio(masks: list[dict[str, Tensor]], attn_macs, mlp_macs, cross_macs=0) -> Tensor:
+    """(B,) r = sum_l [A_l h_l/H + C_l + M_l (g_l/H)(k_l/T)] / sum_l (A_l + C_l + M_l); differentiable through
+    straight-through masks. A, M, C: per-sample dense MACs, one number for every layer or a sequence per layer."""
+    L = len(masks)
+    per_layer = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * L  # noqa: E731
+    A, M, C = per_layer(attn_macs), per_layer(mlp_macs), per_layer(cross_macs)
     total = 0.0
-    for m in masks:
+    for m, a, mm, c in zip(masks, A, M, C):
         heads, groups, tokens = m["head"].mean(1), m["channel"].mean(1), m["token"].mean(1)  # (B,) each
-        total = total + attn_macs * heads + mlp_macs * groups * tokens
-    return total / (len(masks) * (attn_macs + mlp_macs))
+        total = total + a * heads + c + mm * groups * tokens
+    return total / (sum(A) + sum(M) + sum(C))
 
 
 def flops_loss(r_B: Tensor, lam: float | Tensor) -> Tensor:
@@ -117,19 +152,25 @@ def flops_target(step: int, lam: float, hold: int = 100, reach: int = 1000) -> f
 
 @dataclass
 class MacCounter:
-    """Multiply-accumulates of the blocks' attention and MLP, summed over forwards: `dense` as if every gate were
-    on, `executed` from the shapes actually run; `router` counts the routers' own linears separately."""
+    """Multiply-accumulates of the routed blocks (self-attention, cross-attention, MLP), summed over forwards:
+    `dense` as if every gate were on, `executed` from the shapes actually run; `router` (the routers' linears)
+    and `adapter` (TD-LoRA's low-rank paths) are counted apart, as overheads."""
 
     dense: int = 0
     executed: int = 0
     router: int = 0
+    adapter: int = 0
 
     @property
     def ratio(self) -> float:
         return self.executed / self.dense if self.dense else float("nan")
 
+    @property
+    def ratio_with_overheads(self) -> float:
+        return (self.executed + self.router + self.adapter) / self.dense if self.dense else float("nan")
+
     def reset(self) -> None:
-        self.dense = self.executed = self.router = 0
+        self.dense = self.executed = self.router = self.adapter = 0
 
 
 # ----------------------------------------------------------------------------------------------- routers
@@ -170,36 +211,73 @@ class BlockRouters(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- sliced path
+def _head_rows(heads, dh: int, width: int, device) -> Tensor:
+    """qkv rows of `heads` in head-major order: head h's q rows, then its k rows, then its v rows."""
+    h = torch.as_tensor(heads, device=device)[:, None, None]
+    s = torch.arange(3, device=device)[None, :, None]
+    j = torch.arange(dh, device=device)[None, None, :]
+    return (s * width + h * dh + j).flatten()  # (len(heads) * 3 * dh,)
+
+
+def _units(indices, size: int, device) -> Tensor:
+    """Columns of `indices` (heads or groups) each `size` wide, in the given order."""
+    return (torch.as_tensor(indices, device=device)[:, None] * size + torch.arange(size, device=device)).flatten()
+
+
 @dataclass
-class SlicedBlock:
-    """One block's weights at one TDW mask: the active heads' qkv rows and proj columns, the active groups' fc1 rows
-    and fc2 columns. `heads`/`groups` are the active indices."""
+class BlockWeights:
+    """One block's weights for a set of heads and groups, in their order: qkv rows head-major (per head q, k, v),
+    proj columns, fc1 rows and fc2 columns of those units, and TD-LoRA factors sliced the same way. Built once per
+    block in a permuted order (`gather`), a step's weights are `prefix(ha, ga)`: views, no copy."""
 
     heads: tuple[int, ...]
     groups: tuple[int, ...]
-    qkv_w: Tensor
+    head_dim: int
+    group_size: int
+    qkv_w: Tensor  # (nh * 3 * dh, D)
     qkv_b: Tensor
-    proj_w: Tensor
-    fc1_w: Tensor
+    proj_w: Tensor  # (D, nh * dh)
+    proj_b: Tensor
+    fc1_w: Tensor  # (ng * G, D)
     fc1_b: Tensor
-    fc2_w: Tensor
+    fc2_w: Tensor  # (D, ng * G)
+    fc2_b: Tensor
+    lora: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (A (K r, in'), B (out', K r))
 
     @classmethod
-    def from_block(cls, block: DiTBlock, heads: tuple[int, ...], groups: tuple[int, ...]) -> "SlicedBlock":
+    @torch.no_grad()
+    def gather(cls, block: nn.Module, lora: BlockTDLoRA | None, heads, groups) -> "BlockWeights":
         qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
         D, H = proj.in_features, block.attn.num_heads
         dh, G = D // H, fc1.out_features // H
         dev = qkv.weight.device
-        head_cols = (torch.tensor(heads, device=dev)[:, None] * dh + torch.arange(dh, device=dev)).flatten()
-        qkv_rows = torch.cat([s * D + head_cols for s in range(3)])  # q, k, v rows of the active heads
-        unit = (torch.tensor(groups, device=dev)[:, None] * G + torch.arange(G, device=dev)).flatten()
+        rows, cols, units = _head_rows(heads, dh, D, dev), _units(heads, dh, dev), _units(groups, G, dev)
+        factors = None
+        if lora is not None:
+            A, B = lora.A, lora.B
+            factors = {"qkv": (A["qkv"], B["qkv"].index_select(0, rows)),
+                       "proj": (A["proj"].index_select(1, cols), B["proj"]),
+                       "fc1": (A["fc1"], B["fc1"].index_select(0, units)),
+                       "fc2": (A["fc2"].index_select(1, units), B["fc2"])}
+            factors = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()}
         return cls(
-            heads, groups,
-            qkv.weight.index_select(0, qkv_rows), qkv.bias.index_select(0, qkv_rows),
-            proj.weight.index_select(1, head_cols),
-            fc1.weight.index_select(0, unit), fc1.bias.index_select(0, unit),
-            fc2.weight.index_select(1, unit),
+            tuple(heads), tuple(groups), dh, G,
+            qkv.weight.index_select(0, rows), qkv.bias.index_select(0, rows),
+            proj.weight.index_select(1, cols), proj.bias,
+            fc1.weight.index_select(0, units), fc1.bias.index_select(0, units),
+            fc2.weight.index_select(1, units), fc2.bias, factors,
         )
+
+    def prefix(self, heads: int, groups: int) -> "BlockWeights":
+        """The first `heads` heads and `groups` groups, as views of these tensors."""
+        r, c, u = heads * 3 * self.head_dim, heads * self.head_dim, groups * self.group_size
+        lora = None
+        if self.lora is not None:
+            (qa, qb), (pa, pb), (f1a, f1b), (f2a, f2b) = (self.lora[k] for k in ("qkv", "proj", "fc1", "fc2"))
+            lora = {"qkv": (qa, qb[:r]), "proj": (pa[:, :c], pb), "fc1": (f1a, f1b[:u]), "fc2": (f2a[:, :u], f2b)}
+        return replace(self, heads=self.heads[:heads], groups=self.groups[:groups],
+                       qkv_w=self.qkv_w[:r], qkv_b=self.qkv_b[:r], proj_w=self.proj_w[:, :c],
+                       fc1_w=self.fc1_w[:u], fc1_b=self.fc1_b[:u], fc2_w=self.fc2_w[:, :u], lora=lora)
 
 
 def token_skip_mlp(
@@ -208,7 +286,8 @@ def token_skip_mlp(
     """x + keep * gate * mlp(modulate(norm(x))) computed on the kept tokens only.
 
     Flattens to (B*N, D), gathers the K kept tokens (per-sample counts may differ, no padding), indexes the
-    per-sample shift/scale/gate by token // N, runs `mlp` on (K, D) and index_adds the update back.
+    per-sample shift/scale/gate by token // N, runs `mlp(h_KD, sample_K)` on the (K, D) kept tokens (sample_K: each
+    token's sequence, for per-sequence parameters such as TD-LoRA's mixture) and index_adds the update back.
     Returns the new x and K.
     """
     B, N, D = x_BND.shape
@@ -216,39 +295,103 @@ def token_skip_mlp(
     idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
     sample = idx // N
     h = norm(x_flat.index_select(0, idx)) * (1 + scale_BD[sample]) + shift_BD[sample]  # (K, D)
-    update = gate_BD[sample] * mlp(h)
+    update = gate_BD[sample] * mlp(h, sample)
     return x_flat.index_add(0, idx, update).view(B, N, D), idx.numel()
 
 
 # ----------------------------------------------------------------------------------------------- model
 @dataclass
 class DyDiTOutput:
-    sample: Tensor  # (B, C_out, H, W)
-    flops_ratio: Tensor  # (B,) r of the spec formula from the masks used
-    masks: list[dict[str, Tensor]] = field(default_factory=list)  # per block: head (B,H), channel (B,H), token (B,N)
+    sample: Tensor  # the base model's output layout
+    flops_ratio: Tensor  # (B,) r of the formula above, from the masks used
+    masks: list[dict[str, Tensor]] = field(default_factory=list)  # per routed block: head (B,H), channel (B,H),
+    #                                                               token (B, T): a sample's T tokens in that block
+
+
+@dataclass
+class _Pass:
+    """One forward's state, shared by its blocks."""
+
+    mode: str
+    batch: int
+    t_emb: Tensor  # E_t (B, D)
+    noise: bool
+    counter: MacCounter | None
+    plan: list[BlockWeights] | None = None  # sliced: this step's weights per routed block
+    pi: list[Tensor] | None = None  # TD-LoRA mixtures per routed block, (B, K)
+    masks: list[dict[str, Tensor]] = field(default_factory=list)
+    costs: list[tuple[int, int, int]] = field(default_factory=list)  # per block: dense (A, C, M) of one sample
+
+
+def _order(mask_TH: Tensor) -> tuple[int, ...]:
+    """Indices by how many rows keep them on, most first (ties by index)."""
+    return tuple(torch.argsort(-mask_TH.sum(0), stable=True).tolist())
+
+
+def _timesteps(timestep, batch: int, device) -> Tensor:
+    t = torch.as_tensor(timestep, device=device)
+    t_B = t.expand(batch) if t.ndim == 0 else t
+    if t_B.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or (batch,) = ({batch},), got {tuple(t_B.shape)}")
+    return t_B
 
 
 class DyDiT(nn.Module):
-    """A DiT with TDW and SDT routers; see the module docstring for the modes and symbols."""
+    """A DiT, PixArtDiT or LatteDiT with TDW and SDT routers (and optionally TD-LoRA); see the module docstring.
 
-    def __init__(self, dit: DiT, tau: float = GATE_TAU):
+    forward(sample, timestep, cond, cond_mask=None, mode=None, counter=None): `cond` is the class ids (DiT) or the
+    text encoder states (B, L, E) with `cond_mask` their (B, L) keep mask (PixArt, Latte), as the base forward."""
+
+    def __init__(self, dit: nn.Module, tau: float = GATE_TAU):
         super().__init__()
-        self.dit = dit  # by reference: the dense model's modules are the ones run
+        if not isinstance(dit, BASES):
+            raise ValueError(f"DyDiT routes {', '.join(b.__name__ for b in BASES)}; got {type(dit).__name__}")
+        self.dit = dit  # by reference: the base model's modules are the ones run
         D, H = dit.config.hidden_size, dit.config.num_heads
-        if dit.blocks[0].mlp.fc1.out_features % H:
-            raise ValueError(f"MLP hidden {dit.blocks[0].mlp.fc1.out_features} does not split into {H} groups")
-        self.routers = nn.ModuleList(BlockRouters(D, H, tau) for _ in dit.blocks)
-        self._masks_by_t: dict[tuple, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-        self._sliced: dict[tuple, SlicedBlock] = {}
+        blocks = self.routed_blocks()
+        hidden = blocks[0].mlp.fc1.out_features
+        if hidden % H:
+            raise ValueError(f"MLP hidden {hidden} does not split into {H} groups")
+        self.routers = nn.ModuleList(BlockRouters(D, H, tau) for _ in blocks)
+        self.lora: nn.ModuleList | None = None
+        self._grid: tuple[Tensor, list[list[BlockWeights]]] | None = None
+        self._grid_step = 0
+        self.clear_cache()
 
     @classmethod
-    def from_dit(cls, dit: DiT, tau: float = GATE_TAU) -> "DyDiT":
+    def from_dit(cls, dit: nn.Module, tau: float = GATE_TAU) -> "DyDiT":
         return cls(dit, tau)
+
+    def routed_blocks(self) -> list[nn.Module]:
+        """The blocks the routers belong to, in execution order (Latte: spatial 0, temporal 0, spatial 1, ...)."""
+        if isinstance(self.dit, LatteDiT):
+            return [b for pair in zip(self.dit.spatial_blocks, self.dit.temporal_blocks) for b in pair]
+        return list(self.dit.blocks)
+
+    def add_td_lora(self, rank: int = 4, experts: int = 4, alpha: float | None = None) -> "DyDiT":
+        """Attach one TD-LoRA adapter (dit/td_lora.py) per routed block; zero at init, so outputs are unchanged."""
+        blocks = self.routed_blocks()
+        ref = blocks[0].mlp.fc1.weight
+        self.lora = nn.ModuleList(
+            BlockTDLoRA(self.dit.config.hidden_size, blocks[0].mlp.fc1.out_features, rank, experts, alpha)
+            for _ in blocks
+        ).to(ref.device)
+        self.clear_cache()
+        return self
+
+    def frozen_backbone(self) -> "DyDiT":
+        """Freeze the base model so that only the routers (and TD-LoRA adapters) train."""
+        self.dit.requires_grad_(False)
+        return self
 
     # caches hold values derived from the weights; they are rebuilt after any switch of train()/eval().
     def clear_cache(self) -> None:
-        self._masks_by_t.clear()
-        self._sliced.clear()
+        self._masks_by_t: dict[float, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self._steps: dict[float, list[BlockWeights]] = {}
+        self._orders: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+        self._permuted: dict[int, BlockWeights] = {}
+        self._sliced: dict[tuple, BlockWeights] = {}  # gathered copies for masks that are not prefixes
+        self._grid = None
 
     def train(self, mode: bool = True) -> "DyDiT":
         self.clear_cache()
@@ -256,151 +399,359 @@ class DyDiT(nn.Module):
 
     @property
     def num_tokens(self) -> int:
+        """Tokens per image (per frame for Latte)."""
         return (self.dit.config.sample_size // self.dit.config.patch_size) ** 2
 
     def dense_layer_macs(self) -> tuple[int, int]:
-        return layer_macs(self.num_tokens, self.dit.config.hidden_size, self.dit.blocks[0].mlp.fc1.out_features)
+        """(A, M) of one sample through one image block (self-attention and MLP; cross-attention not included)."""
+        return layer_macs(self.num_tokens, self.dit.config.hidden_size, self.routed_blocks()[0].mlp.fc1.out_features)
 
-    def frozen_backbone(self) -> "DyDiT":
-        """Freeze the DiT so that only the routers train (TD-LoRA-style PEFT, or router-only tests)."""
-        self.dit.requires_grad_(False)
-        return self
-
-    # --- forward
-    def forward(
-        self,
-        sample: Tensor,
-        timestep: Tensor | float | int,
-        class_labels: Tensor,
-        mode: str | None = None,
-        counter: MacCounter | None = None,
-    ) -> DyDiTOutput:
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, cond: Tensor, cond_mask: Tensor | None = None,
+                mode: str | None = None, counter: MacCounter | None = None) -> DyDiTOutput:
         mode = mode or ("masked" if self.training else "sliced")
         if mode not in ("masked", "complete", "sliced"):
             raise ValueError(f"unknown mode {mode!r}; valid: masked, complete, sliced")
         if mode == "sliced" and self.training:
             raise ValueError("the sliced path is for inference: call .eval() first")
+        if isinstance(self.dit, LatteDiT):
+            return self._forward_latte(sample, timestep, cond, cond_mask, mode, counter)
+        if isinstance(self.dit, PixArtDiT):
+            return self._forward_pixart(sample, timestep, cond, cond_mask, mode, counter)
+        return self._forward_dit(sample, timestep, cond, mode, counter)
+
+    def _begin(self, mode: str, t_B: Tensor, t_emb: Tensor, counter: MacCounter | None) -> _Pass:
+        ps = _Pass(mode, t_B.shape[0], t_emb, self.training, counter)
+        if mode == "sliced":
+            ps.plan = self._plan_for(t_B)
+        if self.lora is not None:
+            ps.pi = [lora.mixture(t_emb) for lora in self.lora]
+        return ps
+
+    @staticmethod
+    def _end(sample: Tensor, ps: _Pass) -> DyDiTOutput:
+        A, C, M = ([c[i] for c in ps.costs] for i in range(3))
+        return DyDiTOutput(sample, flops_ratio(ps.masks, A, M, C), ps.masks)
+
+    def _check_size(self, height: int, width: int) -> None:
+        size = self.dit.config.sample_size
+        if (height, width) != (size, size):
+            raise ValueError(f"sample is {height}x{width}, this {type(self.dit).__name__} takes {size}x{size}")
+
+    def _check_text(self, text: Tensor, batch: int) -> int:
+        cfg = self.dit.config
+        if not torch.is_tensor(text) or text.ndim != 3 or text.shape[0] != batch \
+                or text.shape[2] != cfg.caption_channels:
+            got = tuple(text.shape) if torch.is_tensor(text) else type(text).__name__
+            raise ValueError(f"cond must be the text states (batch {batch}, tokens, caption_channels "
+                             f"{cfg.caption_channels}), got {got}")
+        if text.shape[1] > cfg.max_text_tokens:
+            raise ValueError(f"{text.shape[1]} text tokens, this model takes at most {cfg.max_text_tokens}")
+        return text.shape[1]
+
+    def _forward_dit(self, sample, timestep, class_labels, mode, counter) -> DyDiTOutput:
         dit = self.dit
-        B, C, Hs, Ws = sample.shape
-        if (Hs, Ws) != (dit.config.sample_size,) * 2:
-            raise ValueError(f"sample is {Hs}x{Ws}, this DiT takes {dit.config.sample_size}x{dit.config.sample_size}")
+        B, _, Hs, Ws = sample.shape
+        self._check_size(Hs, Ws)
         x = dit.embed(sample)
-        # DiT.condition returns only t_emb + y_emb; the routers need t_emb alone, so the sum is formed here
-        # (the same two modules, once each).
-        t = torch.as_tensor(timestep, device=class_labels.device)
-        t_B = t.expand(B) if t.ndim == 0 else t
+        t_B = _timesteps(timestep, B, sample.device)
+        # DiT.condition returns only t_emb + y_emb; the routers need t_emb alone, so the sum is formed here.
         t_emb = dit.time_embed(t_B)  # E_t: (B, D)
         c = t_emb + dit.label_embed(class_labels)
-        A, M = self.dense_layer_macs()
-        if mode == "sliced":
-            x, masks = self._forward_sliced(x, c, t_B, counter)
+        ps = self._begin(mode, t_B, t_emb, counter)
+        for layer, block in enumerate(dit.blocks):
+            mods = block.modulation(F.silu(c)).chunk(BLOCK_MODULATIONS, dim=1)
+            x = self._block(layer, block, x, mods, ps)
+        return self._end(dit.head(x, c, Hs, Ws), ps)
+
+    def _forward_pixart(self, sample, timestep, text, text_mask, mode, counter) -> DyDiTOutput:
+        base = self.dit
+        B, _, Hs, Ws = sample.shape
+        self._check_size(Hs, Ws)
+        L = self._check_text(text, B)
+        keep = keep_mask(text_mask, B, L)
+        x = base.embed(sample)
+        t_B = _timesteps(timestep, B, sample.device)
+        t_emb, t6 = base.condition(t_B, B, sample.device)  # E_t (B, D) is adaLN-single's t
+        text_BLD = base.embed_text(text)
+        ps = self._begin(mode, t_B, t_emb, counter)
+        for layer, block in enumerate(base.blocks):
+            mods = (block.scale_shift_table[None] + t6).unbind(1)
+            cross = lambda x, block=block: x + block.cross_attn(x, text_BLD, keep)  # noqa: E731  dense
+            x = self._block(layer, block, x, mods, ps, cross, L)
+        return self._end(base.head(x, t_emb, Hs, Ws), ps)
+
+    def _forward_latte(self, sample, timestep, text, text_mask, mode, counter) -> DyDiTOutput:
+        base, cfg = self.dit, self.dit.config
+        if sample.ndim != 5:
+            raise ValueError(f"sample must be (batch, channels, frames, height, width), got {tuple(sample.shape)}")
+        B, _, frames, Hs, Ws = sample.shape
+        self._check_size(Hs, Ws)
+        if frames not in (1, cfg.num_frames):
+            raise ValueError(f"sample has {frames} frames, this LatteDiT takes num_frames={cfg.num_frames} or 1")
+        L = self._check_text(text, B)
+        keep = keep_mask(text_mask, B, L)
+        x = base.embed(sample)  # (B·F, N, D)
+        N = x.shape[1]
+        t_B = _timesteps(timestep, B, sample.device)
+        t_emb, t6 = base.condition(t_B, B, sample.device)
+        text_BF = base.embed_text(text).repeat_interleave(frames, dim=0)  # (B·F, L, D)
+        keep_BF = None if keep is None else keep.repeat_interleave(frames, dim=0)
+        t6_spatial, t6_temporal = t6.repeat_interleave(frames, dim=0), t6.repeat_interleave(N, dim=0)
+        ps = self._begin(mode, t_B, t_emb, counter)
+        for i, (spatial, temporal) in enumerate(zip(base.spatial_blocks, base.temporal_blocks)):
+            mods = (spatial.scale_shift_table[None] + t6_spatial).unbind(1)
+            cross = lambda x, block=spatial: x + block.cross_attn(x, text_BF, keep_BF)  # noqa: E731  dense
+            x = self._block(2 * i, spatial, x, mods, ps, cross, L)
+            x = base.to_temporal(x, frames)  # (B·N, F, D)
+            if i == 0 and frames > 1:
+                x = x + base.temporal_pos_embed.to(x.dtype)
+            mods = (temporal.scale_shift_table[None] + t6_temporal).unbind(1)
+            x = self._block(2 * i + 1, temporal, x, mods, ps)
+            x = base.to_spatial(x, N)  # (B·F, N, D)
+        return self._end(base.head(x, t_emb, B, Hs, Ws), ps)
+
+    # ------------------------------------------------------------------------------------------- one block
+    def _block(self, layer: int, block: nn.Module, x: Tensor, mods, ps: _Pass, cross=None, text_tokens: int = 0
+               ) -> Tensor:
+        """One routed block on x (S, n, D), S = B x sequences per sample; `cross` is the dense cross-attention
+        update (PixArt / Latte spatial blocks), applied after the self-attention update."""
+        S, n, D = x.shape
+        rep = S // ps.batch
+        H, hidden = block.attn.num_heads, block.mlp.fc1.out_features
+        router = self.routers[layer]
+        lora = None if self.lora is None else self.lora[layer]
+        pi = None if lora is None else ps.pi[layer].repeat_interleave(rep, dim=0)  # (S, K)
+        dense = block_macs(rep, n, D, D, rep * n, hidden, text_tokens)  # one sample
+        ps.costs.append(dense)
+        if ps.mode == "sliced":
+            return self._block_sliced(layer, block, x, mods, ps, cross, text_tokens, lora, pi)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        if ps.mode == "complete":
+            head_m = group_m = x.new_ones(ps.batch, H)
         else:
-            x, masks = self._forward_masked(x, c, t_emb, complete=mode == "complete", counter=counter)
-        return DyDiTOutput(dit.head(x, c, Hs, Ws), flops_ratio(masks, A, M), masks)
+            head_m, group_m = router.width_masks(ps.t_emb, ps.noise)  # (B, H) each
+        head_S, group_S = head_m.repeat_interleave(rep, dim=0), group_m.repeat_interleave(rep, dim=0)
+        # attention, all tokens, per-head output masked before proj
+        h = modulate(block.norm1(x), shift_a, scale_a)
+        qkv = block.attn.qkv(h)
+        if lora is not None:
+            qkv = qkv + lora.delta(h, lora.A["qkv"], lora.B["qkv"], pi)
+        q, k, v = qkv.view(S, n, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # (S, H, n, Dh)
+        out = (attention(q, k, v) * head_S[:, :, None, None]).transpose(1, 2).reshape(S, n, D)
+        attn_out = block.attn.proj(out)
+        if lora is not None:
+            attn_out = attn_out + lora.delta(out, lora.A["proj"], lora.B["proj"], pi)
+        x = x + gate_a[:, None] * attn_out
+        if cross is not None:
+            x = cross(x)
+        # token gate on the residual stream the MLP reads
+        if ps.mode == "complete":
+            tok_m = x.new_ones(S, n)
+        else:
+            tok_m = gumbel_sigmoid_gate(router.token_logits(x), router.gate.tau, ps.noise)
+        # MLP, hidden groups masked, tokens' updates masked
+        h = modulate(block.norm2(x), shift_m, scale_m)
+        a = block.mlp.fc1(h)
+        if lora is not None:
+            a = a + lora.delta(h, lora.A["fc1"], lora.B["fc1"], pi)
+        a = F.gelu(a, approximate="tanh") * group_S.repeat_interleave(hidden // H, dim=1)[:, None]  # (S, n, 4D)
+        m_out = block.mlp.fc2(a)
+        if lora is not None:
+            m_out = m_out + lora.delta(a, lora.A["fc2"], lora.B["fc2"], pi)
+        x = x + (tok_m[..., None] * gate_m[:, None]) * m_out
+        ps.masks.append({"head": head_m, "channel": group_m, "token": tok_m.reshape(ps.batch, -1)})
+        if ps.counter is not None:  # the masked path runs every shape densely
+            ps.counter.dense += ps.batch * sum(dense)
+            ps.counter.executed += ps.batch * sum(dense)
+            ps.counter.router += 0 if ps.mode == "complete" else S * router.macs(n, D)
+            if lora is not None:
+                ps.counter.adapter += _lora_macs(lora, S * n, S * n, D, D, hidden)
+        return x
 
-    def _forward_masked(self, x: Tensor, c: Tensor, t_emb: Tensor, complete: bool, counter: MacCounter | None):
-        B, N, D = x.shape
-        noise = self.training
-        masks = []
-        for block, router in zip(self.dit.blocks, self.routers):
-            H = block.attn.num_heads
-            if complete:
-                head_m = x.new_ones(B, H)
-                group_m = x.new_ones(B, H)
-            else:
-                head_m, group_m = router.width_masks(t_emb, noise)
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.modulation(F.silu(c)).chunk(
-                BLOCK_MODULATIONS, dim=1
-            )
-            # attention, all tokens, per-head output masked before proj
-            h = modulate(block.norm1(x), shift_a, scale_a)
-            q, k, v = block.attn.qkv(h).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-            out = attention(q, k, v) * head_m[:, :, None, None]
-            x = x + gate_a[:, None] * block.attn.proj(out.transpose(1, 2).reshape(B, N, D))
-            # token gate on the residual stream after the attention update
-            if complete:
-                tok_m = x.new_ones(B, N)
-            else:
-                tok_m = gumbel_sigmoid_gate(router.token_logits(x), router.gate.tau, noise)
-            # MLP, hidden groups masked, tokens' updates masked
-            h = modulate(block.norm2(x), shift_m, scale_m)
-            a = F.gelu(block.mlp.fc1(h), approximate="tanh")  # (B, N, 4D)
-            a = a * group_m.repeat_interleave(a.shape[-1] // H, dim=1)[:, None]
-            x = x + (tok_m[..., None] * gate_m[:, None]) * block.mlp.fc2(a)
-            masks.append({"head": head_m, "channel": group_m, "token": tok_m})
-            if counter is not None:  # the masked path runs every shape densely
-                A, M = self.dense_layer_macs()
-                counter.dense += B * (A + M)
-                counter.executed += B * (A + M)
-                counter.router += 0 if complete else B * router.macs(N, D)
-        return x, masks
+    def _block_sliced(self, layer, block, x, mods, ps: _Pass, cross, text_tokens, lora, pi) -> Tensor:
+        S, n, D = x.shape
+        H = block.attn.num_heads
+        w = ps.plan[layer]
+        dh, ha, ga = w.head_dim, len(w.heads), len(w.groups)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        h = modulate(block.norm1(x), shift_a, scale_a)
+        qkv = F.linear(h, w.qkv_w, w.qkv_b)
+        if lora is not None:
+            qkv = qkv + lora.delta(h, *w.lora["qkv"], pi)
+        q, k, v = qkv.view(S, n, ha, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # head-major rows -> (S, ha, n, Dh)
+        out = attention(q, k, v).transpose(1, 2).reshape(S, n, ha * dh)
+        attn_out = F.linear(out, w.proj_w, w.proj_b)
+        if lora is not None:
+            attn_out = attn_out + lora.delta(out, *w.lora["proj"], pi)
+        x = x + gate_a[:, None] * attn_out
+        if cross is not None:
+            x = cross(x)
+        keep = gumbel_sigmoid_gate(self.routers[layer].token_logits(x), noise=False) > 0  # (S, n)
 
-    # --- inference: precomputed TDW masks, sliced weights, gathered tokens
+        def mlp(h_KD: Tensor, seq_K: Tensor) -> Tensor:
+            a = F.linear(h_KD, w.fc1_w, w.fc1_b)
+            if lora is not None:
+                a = a + lora.delta(h_KD, *w.lora["fc1"], pi[seq_K])
+            a = F.gelu(a, approximate="tanh")
+            o = F.linear(a, w.fc2_w, w.fc2_b)
+            if lora is not None:
+                o = o + lora.delta(a, *w.lora["fc2"], pi[seq_K])
+            return o
+
+        x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m)
+        head_m, group_m = x.new_zeros(ps.batch, H), x.new_zeros(ps.batch, H)
+        head_m[:, list(w.heads)] = 1
+        group_m[:, list(w.groups)] = 1
+        ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1).to(x.dtype)})
+        if ps.counter is not None:  # from the shapes run above
+            ps.counter.dense += ps.batch * sum(ps.costs[-1])
+            ps.counter.executed += sum(block_macs(S, n, D, ha * dh, kept, ga * w.group_size, text_tokens))
+            ps.counter.router += S * self.routers[layer].macs(n, D)
+            if lora is not None:
+                ps.counter.adapter += _lora_macs(lora, S * n, kept, D, ha * dh, ga * w.group_size)
+        return x
+
+    # ------------------------------------------------------------------------------------------- inference plans
     @torch.no_grad()
-    def width_plan(self, timestep: float, device=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Active (head indices, group indices) of every block at one timestep value, cached by that value."""
-        dev = device or self.dit.pos_embed.device
-        key = (float(timestep), str(dev))
+    def _width_masks(self, timesteps: list[float]) -> list[list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """Active (heads, groups) per block for each timestep value: one router pass, one copy to the host."""
+        dev = self.dit.pos_embed.device
+        t_emb = self.dit.time_embed(torch.tensor(timesteps, device=dev, dtype=torch.float32))  # (T, D)
+        masks = torch.stack([torch.stack(r.width_masks(t_emb, noise=False), 1) for r in self.routers], 1)
+        masks = masks.bool().cpu()  # (T, L, 2, H)
+        return [[(tuple(m[0].nonzero().flatten().tolist()), tuple(m[1].nonzero().flatten().tolist()))
+                 for m in per_t] for per_t in masks]
+
+    def width_plan(self, timestep: float) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Active (head indices, group indices) of every routed block at one timestep value, cached by that value."""
+        key = float(timestep)
         if key not in self._masks_by_t:
-            t_emb = self.dit.time_embed(torch.tensor([float(timestep)], device=dev))  # (1, D)
-            plan = []
-            for router in self.routers:
-                head_m, group_m = router.width_masks(t_emb, noise=False)
-                plan.append((tuple(head_m[0].nonzero().flatten().tolist()),
-                             tuple(group_m[0].nonzero().flatten().tolist())))
-            self._masks_by_t[key] = plan
+            self._masks_by_t[key] = self._width_masks([key])[0]
         return self._masks_by_t[key]
 
-    def sliced_block(self, layer: int, heads: tuple[int, ...], groups: tuple[int, ...]) -> SlicedBlock:
-        """Sliced weights, cached per unique (layer, mask), so identical masks at different steps share them."""
+    @torch.no_grad()
+    def block_orders(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per routed block, heads and groups ordered by how many of ORDER_GRID timesteps in [0, 1000] keep them on
+        (most first): the fixed permutation that makes nested masks prefixes."""
+        if self._orders is None:
+            dev = self.dit.pos_embed.device
+            t_emb = self.dit.time_embed(torch.linspace(0, 1000, ORDER_GRID, device=dev))
+            self._orders = []
+            for router in self.routers:
+                head_m, group_m = router.width_masks(t_emb, noise=False)
+                self._orders.append((_order(head_m), _order(group_m)))
+        return self._orders
+
+    def block_weights(self, layer: int, heads: tuple[int, ...], groups: tuple[int, ...]) -> BlockWeights:
+        """Weights of one routed block at one mask: views of the block's permuted copy when the mask is a prefix of
+        its order, else a gathered copy cached per unique (layer, mask)."""
+        order_h, order_g = self.block_orders()[layer]
+        lora = None if self.lora is None else self.lora[layer]
+        if set(heads) == set(order_h[:len(heads)]) and set(groups) == set(order_g[:len(groups)]):
+            if layer not in self._permuted:
+                self._permuted[layer] = BlockWeights.gather(self.routed_blocks()[layer], lora, order_h, order_g)
+            return self._permuted[layer].prefix(len(heads), len(groups))
         key = (layer, heads, groups)
         if key not in self._sliced:
-            with torch.no_grad():
-                self._sliced[key] = SlicedBlock.from_block(self.dit.blocks[layer], heads, groups)
+            self._sliced[key] = BlockWeights.gather(self.routed_blocks()[layer], lora, heads, groups)
         return self._sliced[key]
 
-    def _forward_sliced(self, x: Tensor, c: Tensor, t_B: Tensor, counter: MacCounter | None):
+    def step_weights(self, timestep: float) -> list[BlockWeights]:
+        """Every routed block's weights at one timestep value (cached by value)."""
+        key = float(timestep)
+        if key not in self._steps:
+            self._steps[key] = [self.block_weights(layer, h, g) for layer, (h, g) in enumerate(self.width_plan(key))]
+        return self._steps[key]
+
+    @torch.no_grad()
+    def set_sampling_grid(self, timesteps: Tensor) -> None:
+        """Plan a sampling run: the width masks and weights of every step, from one router pass. The run's forwards
+        then take step i's plan in order, checking t on the device (`torch._assert_async`, no host sync)."""
+        values = [float(v) for v in timesteps.detach().float().cpu()]
+        missing = [v for v in dict.fromkeys(values) if v not in self._masks_by_t]
+        if missing:
+            self._masks_by_t.update(zip(missing, self._width_masks(missing)))
+        self._grid = (timesteps.detach(), [self.step_weights(v) for v in values])
+        self._grid_step = 0
+
+    def clear_sampling_grid(self) -> None:
+        self._grid = None
+
+    def _plan_for(self, t_B: Tensor) -> list[BlockWeights]:
+        if self._grid is not None:
+            grid, plans = self._grid
+            i = self._grid_step % len(plans)
+            self._grid_step += 1
+            torch._assert_async((t_B == grid[i].to(t_B.device, t_B.dtype)).all())
+            return plans[i]
         if not bool((t_B == t_B[0]).all()):
             raise ValueError("the sliced path shares one TDW mask per batch: every sample needs the same timestep")
-        B, N, D = x.shape
-        plan = self.width_plan(float(t_B[0]), x.device)
-        A, M = self.dense_layer_macs()
-        masks = []
-        for layer, (block, router, (heads, groups)) in enumerate(zip(self.dit.blocks, self.routers, plan)):
-            H = block.attn.num_heads
-            dh, G = D // H, block.mlp.fc1.out_features // H
-            w = self.sliced_block(layer, heads, groups)
-            ha, ga = len(heads), len(groups)
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.modulation(F.silu(c)).chunk(
-                BLOCK_MODULATIONS, dim=1
-            )
-            h = modulate(block.norm1(x), shift_a, scale_a)
-            q, k, v = F.linear(h, w.qkv_w, w.qkv_b).view(B, N, 3, ha, dh).permute(2, 0, 3, 1, 4).unbind(0)
-            out = attention(q, k, v)  # (B, ha, N, Dh)
-            attn_out = F.linear(out.transpose(1, 2).reshape(B, N, ha * dh), w.proj_w, block.attn.proj.bias)
-            x = x + gate_a[:, None] * attn_out
-            keep = torch.sigmoid(router.token_logits(x)) > 0.5  # (B, N)
-            mlp = lambda h_KD: F.linear(  # noqa: E731
-                F.gelu(F.linear(h_KD, w.fc1_w, w.fc1_b), approximate="tanh"), w.fc2_w, block.mlp.fc2.bias
-            )
-            x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m)
-            head_m = x.new_zeros(B, H)
-            head_m[:, list(heads)] = 1
-            group_m = x.new_zeros(B, H)
-            group_m[:, list(groups)] = 1
-            masks.append({"head": head_m, "channel": group_m, "token": keep.to(x.dtype)})
-            if counter is not None:  # from the shapes run above
-                counter.dense += B * (A + M)
-                counter.executed += (
-                    B * N * D * 3 * ha * dh  # qkv
-                    + 2 * B * ha * N * N * dh  # q k^T, attn v
-                    + B * N * ha * dh * D  # proj
-                    + kept * D * ga * G * 2  # fc1, fc2 on the kept tokens
-                )
-                counter.router += B * router.macs(N, D)
-        return x, masks
+        return self.step_weights(float(t_B[0]))
 
 
-def add_dydit(dit: DiT, tau: float = GATE_TAU) -> DyDiT:
+def _lora_macs(lora: BlockTDLoRA, tokens: int, kept: int, width: int, inner: int, hidden: int) -> int:
+    """MACs of TD-LoRA's low-rank paths: qkv and proj on `tokens`, fc1 and fc2 on `kept`, at the active sizes."""
+    kr = lora.experts * lora.rank
+    return tokens * kr * (width + 3 * inner + inner + width) + kept * kr * (width + hidden + hidden + width)
+
+
+def add_dydit(dit: nn.Module, tau: float = GATE_TAU) -> DyDiT:
     """The DyDiT that routes `dit` (same as `DyDiT.from_dit`)."""
     return DyDiT.from_dit(dit, tau)
+
+
+class DyDiTTransformer(nn.Module):
+    """A DyDiT as the `transformer` of our pipelines (ClassToImagePipeline, TextToImagePipeline,
+    TextToVideoPipeline): forward(sample, timestep, cond, cond_mask=None) -> the output tensor, on the sliced path,
+    every forward's MACs added to `counter`. `config`, `dtype` and `null_class_id` are the base model's.
+
+    `attach(pipe)`: each sampling run's width plan is then computed once from `pipe.scheduler.timesteps` (when that
+    tensor changes, i.e. at every `set_timesteps`), so the steps need no host sync for it."""
+
+    def __init__(self, dydit: DyDiT):
+        super().__init__()
+        self.dydit = dydit
+        self.counter = MacCounter()
+        self._pipe = None
+        self._grid_of: Tensor | None = None
+
+    @property
+    def config(self):
+        return self.dydit.dit.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.dydit.dit
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dydit.dit.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.dydit.dit.device
+
+    @property
+    def null_class_id(self) -> int:
+        return self.dydit.dit.null_class_id
+
+    def attach(self, pipe) -> "DyDiTTransformer":
+        import weakref
+
+        self._pipe = weakref.ref(pipe)
+        self._grid_of = None
+        return self
+
+    def train(self, mode: bool = True) -> "DyDiTTransformer":
+        self._grid_of = None
+        return super().train(mode)
+
+    def forward(self, sample: Tensor, timestep, cond, cond_mask: Tensor | None = None) -> Tensor:
+        pipe = self._pipe() if self._pipe is not None else None
+        if pipe is not None:
+            timesteps = pipe.scheduler.timesteps
+            if timesteps is not self._grid_of:
+                self.dydit.set_sampling_grid(timesteps)
+                self._grid_of = timesteps
+        return self.dydit(sample, timestep, cond, cond_mask, mode="sliced", counter=self.counter).sample

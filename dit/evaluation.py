@@ -76,9 +76,10 @@ def task_of(pipe) -> str:
     from .latte import LatteDiT
     from .pixart import PixArtDiT
 
-    if isinstance(pipe.transformer, LatteDiT):
+    model = getattr(pipe.transformer, "base_model", pipe.transformer)  # a method's wrapper (DyDiT) names its base
+    if isinstance(model, LatteDiT):
         return "video"
-    if isinstance(pipe.transformer, PixArtDiT):
+    if isinstance(model, PixArtDiT):
         return "text"
     return "class"
 

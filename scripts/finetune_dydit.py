@@ -1,24 +1,33 @@
-"""Fine-tune DyDiT routers (timestep-dynamic width + spatially dynamic tokens) on a class DiT
-(spec: /work/shared/specs/dydit.md section 2; model: dit/dydit.py; folder format: dit/dydit_io.py).
+"""Fine-tune DyDiT (timestep-dynamic width + spatially dynamic tokens) on any of our DiTs: class DiT, text PixArtDiT,
+video LatteDiT, under the DDPM or the flow-matching objective (spec: /work/shared/specs/dydit.md section 2; model:
+dit/dydit.py; TD-LoRA: dit/td_lora.py; folder format: dit/dydit_io.py).
 
     python scripts/finetune_dydit.py --out runs/dydit --model shapes-c2i --lam 0.5 --steps 20000 \
         --stage1-steps 3000 --batch-size 256 --lr 1e-4 --pool 100000 --skip-grad-norm 200 --mixed-precision bf16
-    python scripts/finetune_dydit.py --out runs/smoke --model shapes-c2i --steps 20 --batch-size 8 --pool 64 --cpu
+    python scripts/finetune_dydit.py --out runs/dydit-t2i --model shapes-t2i --train td-lora --lam 0.5 --steps 400 \
+        --batch-size 32 --lr 1e-3 --router-bias 3 --pool 4096 --cpu --final-eval-n 96
+    python scripts/finetune_dydit.py --evaluate weights/shapes-dydit-c2i --final-eval-n 480   # re-measure a folder
 
-Each step draws t stratified (the batch split evenly over [0,250), [250,500), [500,750), [750,1000)), runs the
-dynamic (masked, Gumbel gates) forward and adds L_F = 2 (mean r - lambda_t)^2 with lambda_t from `flops_target`
-(1 for --lam-hold steps, then linear to --lam at --lam-reach). For the first --stage1-steps steps (stage 1) a second,
-complete forward (all gates on) adds its diffusion loss too; this term only trains the backbone, so with
-`--train routers` (frozen backbone) it is not computed. L_diff is MSE(eps) + VLB (learned sigma), as in
-dit.objectives.DDPMObjective. A step whose global grad norm is >= --skip-grad-norm is skipped (no update, no EMA
-step); the skip rate is logged. Evaluations measure the executed-FLOPs ratio with the eval-mode sliced path and a
-MacCounter on a fixed batch over a grid of timesteps. The EMA of the trained parameters is saved with
-dit.dydit_io.save_dydit to --out/model (routers + a reference to the base model when the backbone is frozen).
+Each step draws t stratified (the batch split evenly over the four quarters of [0, T) for DDPM, of [0, 1) for flow),
+runs the dynamic (masked, Gumbel gates) forward through the objective (dit/objectives.py: MSE(eps) + VLB for
+DDPM with learned sigma, velocity MSE for flow) and adds L_F = 2 (mean r - lambda_t)^2 with lambda_t from
+`flops_target` (1 for --lam-hold steps, then linear to --lam at --lam-reach). For the first --stage1-steps steps
+(stage 1) a second, complete forward (all gates on) adds its loss too; this term only trains the backbone, so with
+a frozen backbone (`--train routers` or `td-lora`) it is not computed. `--train td-lora` adds TD-LoRA adapters
+(--lora-rank, --lora-experts) that train with the routers, the backbone frozen (DyDiT++'s PEFT recipe). A step whose
+global grad norm is >= --skip-grad-norm is skipped (no update, no EMA step); the skip rate is logged. Evaluations
+measure the executed-FLOPs ratio with the eval-mode sliced path and a MacCounter on a fixed batch over a grid of
+timesteps. The EMA of the trained parameters is saved with dit.dydit_io.save_dydit to --out/model (or --save-to):
+routers (+ adapters) and a reference to the base model when the backbone is frozen. --final-eval-n N measures the
+saved DyDiT and its dense base with dit.evaluation.evaluate_pipeline on the same N seeded prompts (25 DPM-Solver++
+steps, cfg 4) and puts both, and the executed-FLOPs ratio of those sampling runs, in the model card.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,11 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # training.py, train_d
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
+from dit.dit import DIT_CONFIGS  # noqa: E402
 from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target  # noqa: E402
-from dit.dydit_io import save_dydit  # noqa: E402
-from dit.objectives import DDPMObjective, _mean_flat, make_objective  # noqa: E402
-from train_dit import REPO, SHIPPED_VAE, batch_seed, load_model, shapes_data  # noqa: E402
+from dit.dydit_io import load_dydit_pipeline, read_config, save_dydit  # noqa: E402
+from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
+from dit.latte import LATTE_CONFIGS  # noqa: E402
+from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objective  # noqa: E402
+from dit.pixart import PIXART_CONFIGS  # noqa: E402
+from train_dit import (REPO, SHIPPED_CLIP, SHIPPED_VAE, TASK_OF, Conditioner, batch_seed, load_model,  # noqa: E402
+                       shapes_data)
 from training import add_common_args, start_run, write_model_card  # noqa: E402
 
 EVAL_SEED = 12345
@@ -44,33 +57,50 @@ QUARTERS = 4
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
-    p.add_argument("--model", default="shapes-c2i", help="a class DiT: shipped model, saved folder, named size, or .pt")
+    p.add_argument("--model", default="shapes-c2i",
+                   help="a DiT / PixArtDiT / LatteDiT: shipped model, saved folder, named size, or .pt")
+    p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
     p.add_argument("--lam", type=float, default=0.5, help="target FLOPs ratio lambda")
     p.add_argument("--lam-hold", type=int, default=100, help="lambda_t = 1 for these steps")
     p.add_argument("--lam-reach", type=int, default=1000, help="lambda_t reaches --lam at this step (spec: 5000 for 0.7)")
     p.add_argument("--stage1-steps", type=int, default=None,
                    help="steps with the complete forward's loss added (default: all steps)")
     p.add_argument("--train", default="routers", choices=["routers", "full", "td-lora"],
-                   help="routers: frozen backbone; full: backbone too; td-lora: not implemented yet")
+                   help="routers: frozen backbone; full: backbone too; td-lora: routers + TD-LoRA, frozen backbone")
+    p.add_argument("--lora-rank", type=int, default=4, help="td-lora: rank r of each expert")
+    p.add_argument("--lora-experts", type=int, default=4, help="td-lora: experts K mixed by softmax(Linear(E_t))")
     p.add_argument("--skip-grad-norm", type=float, default=None,
                    help="skip the update when the global grad norm is >= this (spec: 200 for lam 0.5, 50 for 0.7)")
     p.add_argument("--tau", type=float, default=GATE_TAU, help="Gumbel-sigmoid temperature")
     p.add_argument("--router-bias", type=float, default=None,
-                   help="test/ablation knob: set every router's output bias to this (default: the dydit.py init, "
-                        "15 width / 35 token, all gates on); low values start some gates off and risk early collapse")
+                   help="set every router's output bias to this (default: the dydit.py init, 15 width / 35 token, "
+                        "all gates on); a short run needs a small positive value so the gates can move; too low risks "
+                        "an early collapse")
     p.add_argument("--vae", default=str(SHIPPED_VAE))
+    p.add_argument("--text-encoder", default=str(SHIPPED_CLIP), help="text / video models: the ShapesCLIP folder")
+    p.add_argument("--uncond-prob", type=float, default=0.1, help="text models: share of captions replaced by ''")
     p.add_argument("--pool", type=int, default=0, help="shapes data pool size (0: fresh batches every step)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-n", type=int, default=16, help="fixed, seeded batch for the FLOPs and loss evaluation")
-    p.add_argument("--flops-grid", type=int, default=10, help="timesteps (evenly over [0, 999]) of the FLOPs measure")
+    p.add_argument("--flops-grid", type=int, default=10, help="timesteps (evenly over the range) of the FLOPs measure")
+    p.add_argument("--final-eval-n", type=int, default=0,
+                   help="prompts of the final sample evaluation of the DyDiT and its dense base (0: off)")
+    p.add_argument("--save-to", default=None, help="the DyDiT folder to write (default: --out/model)")
+    p.add_argument("--evaluate", default=None, metavar="FOLDER",
+                   help="only measure a saved DyDiT folder against its base (--final-eval-n prompts) and update its card")
+    p.add_argument("--dense-metrics", default=None, metavar="JSON",
+                   help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(lr=1e-4)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--evaluate" in argv and "--out" not in argv:  # no run folder: only a measurement
+        argv = [*argv, "--out", "unused", "--steps", "0"]
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
-def build_dydit(dit: DiT, tau: float, seed: int, router_bias: float | None = None) -> DyDiT:
+def build_dydit(dit, tau: float, seed: int, router_bias: float | None = None) -> DyDiT:
     """The DyDiT around `dit`, its routers drawn from their own RNG stream (seed), so they do not depend on what
     ran before; `router_bias` overrides every router's output bias."""
     with torch.random.fork_rng(devices=[]):
@@ -91,32 +121,64 @@ def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Gene
     return quarter * width + torch.randint(0, width, (n,), generator=generator, device=generator.device)
 
 
-def diffusion_loss(objective: DDPMObjective, out: torch.Tensor, x0, x_t, t_B, noise) -> torch.Tensor:
-    """MSE(eps) + VLB (learned sigma, stop-gradient mean) per batch, as DDPMObjective.__call__ computes it."""
-    C = x0.shape[1]
-    eps = out[:, :C]
-    loss = _mean_flat((noise.float() - eps.float()) ** 2)
-    if out.shape[1] == 2 * C:
-        loss = loss + objective.vlb_weight * objective.vlb_terms(x0, x_t, t_B, eps.detach(), out[:, C:])
-    return loss.mean()
+def stratified_flow_times(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) floats: sample i uniform in quarter i * 4 // n of [0, 1)."""
+    quarter = torch.arange(n, device=generator.device) * QUARTERS // n
+    return (quarter + torch.rand(n, generator=generator, device=generator.device)) / QUARTERS
+
+
+def draw(objective, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, noise) with stratified t, in the objective's own units (DDPM step ids, flow t in [0, 1))."""
+    if isinstance(objective, FlowMatchingObjective):
+        t_B = stratified_flow_times(x0.shape[0], gen)
+    else:
+        t_B = stratified_timesteps(x0.shape[0], objective.num_train_timesteps, gen)
+    return t_B.to(x0.device), torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)
+
+
+def noisy(objective, x0, noise, t_B):
+    """x_t and the timestep the model sees (flow: t * timestep_scale)."""
+    if isinstance(objective, FlowMatchingObjective):
+        return flow_interpolate(x0, noise, t_B)[0], t_B * objective.timestep_scale
+    return objective.scheduler.add_noise(x0, noise, t_B), t_B
+
+
+def model_time_grid(objective, grid: int) -> list[float]:
+    """`grid` timesteps evenly over the range the model sees."""
+    top = objective.timestep_scale if isinstance(objective, FlowMatchingObjective) else objective.num_train_timesteps - 1
+    return torch.linspace(0, top, grid).round().tolist()
+
+
+def run_loss(objective, net, x0, cond, draws, mode: str):
+    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward."""
+    seen = {}
+
+    def model_fn(x_t, t, c):
+        seen["out"] = net(x_t, t, *c, mode=mode)
+        return seen["out"].sample
+
+    return objective(model_fn, x0, cond, draws=draws), seen["out"]
 
 
 @torch.no_grad()
-def measure_flops(model: DyDiT, objective, x0, labels, noise, grid: int) -> dict:
+def measure_flops(model: DyDiT, objective, x0, cond, noise, grid: int) -> dict:
     """Executed/dense MACs of the sliced eval path (MacCounter) on a fixed batch, over `grid` timesteps; plus the
     per-t ratio and the per-(t, layer) active shares of heads, groups and tokens (the gate heat map)."""
     was_training = model.training
     model.eval()
     total, by_t, gates = MacCounter(), {}, {}
-    for t in torch.linspace(0, objective.num_train_timesteps - 1, grid).round().long().tolist():
-        t_B = torch.full((x0.shape[0],), t, device=x0.device)
-        x_t = objective.scheduler.add_noise(x0, noise, t_B)
+    for t in model_time_grid(objective, grid):
+        t_in = torch.full((x0.shape[0],), t, device=x0.device)
+        if isinstance(objective, FlowMatchingObjective):
+            x_t = flow_interpolate(x0, noise, t_in / objective.timestep_scale)[0]
+        else:
+            x_t = objective.scheduler.add_noise(x0, noise, t_in.long())
         c = MacCounter()
-        out = model(x_t, t, labels, mode="sliced", counter=c)
+        out = model(x_t, t, *cond, mode="sliced", counter=c)
         total.dense += c.dense
         total.executed += c.executed
-        by_t[t] = round(c.ratio, 4)
-        gates[t] = [[round(m[k].mean().item(), 3) for k in ("head", "channel", "token")] for m in out.masks]
+        by_t[int(t)] = round(c.ratio, 4)
+        gates[int(t)] = [[round(m[k].mean().item(), 3) for k in ("head", "channel", "token")] for m in out.masks]
     model.train(was_training)
     return {"flops_executed": total.ratio, "flops_by_t": by_t, "gates": gates}
 
@@ -141,7 +203,7 @@ class SkipCounter:
 
 def base_reference(spec: str) -> Path | None:
     """The folder of --model when it is one (shipped name or path); None for a named size or a checkpoint file."""
-    if spec in DIT_CONFIGS:
+    if spec in DIT_CONFIGS or spec in PIXART_CONFIGS or spec in LATTE_CONFIGS:
         return None
     path = Path(spec)
     if not path.exists() and (REPO / "weights" / spec).is_dir():
@@ -149,26 +211,103 @@ def base_reference(spec: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
+def compare_with_dense(folder: Path, n: int, seed: int = 0, dense_metrics: dict | None = None) -> dict:
+    """dit.evaluation.evaluate_pipeline of the DyDiT in `folder` and of its dense base pipeline, same n seeded
+    prompts and settings (25 DPM-Solver++ steps, cfg 4), and the executed/dense MACs of the DyDiT's sampling.
+    `dense_metrics`: the base's result for the same (n, seed), measured before (not measured again)."""
+    pipe = load_dydit_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    dense_s = None
+    if dense_metrics is None:
+        base = (folder / read_config(folder)["base"]).resolve()
+        dense = type(pipe).from_pretrained(base)
+        dense.set_progress_bar_config(disable=True)
+        t0 = time.perf_counter()
+        dense_metrics = evaluate_pipeline(dense, n=n, seed=seed)
+        dense_s = round(time.perf_counter() - t0, 1)
+    elif (dense_metrics["n"], dense_metrics["seed"]) != (n, seed):
+        raise ValueError(f"dense metrics for n={dense_metrics['n']}, seed={dense_metrics['seed']}; asked n={n}, "
+                         f"seed={seed}")
+    pipe.transformer.counter.reset()
+    t0 = time.perf_counter()
+    dy_metrics = evaluate_pipeline(pipe, n=n, seed=seed)
+    dy_s = time.perf_counter() - t0
+    c = pipe.transformer.counter
+    return {"kind": task_of(pipe), "dense": dense_metrics, "dydit": dy_metrics, "sampling_flops_ratio": c.ratio,
+            "sampling_flops_ratio_with_overheads": c.ratio_with_overheads,
+            "blocks_gmacs_per_image_dense": c.dense / n / 1e9, "blocks_gmacs_per_image_executed": c.executed / n / 1e9,
+            "eval_seconds_dense": dense_s, "eval_seconds_dydit": round(dy_s, 1)}
+
+
+def update_card(folder: Path, comparison: dict) -> None:
+    """Add the dense-vs-DyDiT comparison to card.json and README.md."""
+    card_path = folder / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card["comparison"] = comparison
+    card["eval"] = {"kind": comparison["kind"], **{k: comparison["dydit"][k] for k in ("n", "seed", "cfg", "steps",
+                                                                                       "sampler")}}
+    card["metrics"] = {**card.get("metrics", {}), **{k: v for k, v in comparison["dydit"].items()
+                                                     if k.endswith("accuracy")}}
+    card_path.write_text(json.dumps(card, indent=2))
+    task_keys = [k for k in comparison["dydit"] if k.endswith("accuracy")]
+    rows = "\n".join(f"| {k} | {comparison['dense'][k]:.4f} | {comparison['dydit'][k]:.4f} |" for k in task_keys)
+    text = (f"\n## Dense vs DyDiT (dit.evaluation, {comparison['dydit']['n']} seeded prompts, "
+            f"{comparison['dydit']['steps']} {comparison['dydit']['sampler']} steps, cfg {comparison['dydit']['cfg']})\n\n"
+            f"| metric | dense | DyDiT |\n|---|---|---|\n{rows}\n"
+            f"| executed / dense block MACs over the sampling runs | 1 | {comparison['sampling_flops_ratio']:.4f} |\n"
+            f"| ... with router and adapter overheads | 1 | {comparison['sampling_flops_ratio_with_overheads']:.4f} |\n"
+            f"\nMeasured with `python scripts/finetune_dydit.py --evaluate {_shown(folder)} --final-eval-n "
+            f"{comparison['dydit']['n']}` (the dense numbers: the same call of dit.evaluation.evaluate_pipeline on the "
+            f"base pipeline).\n")
+    readme = folder / "README.md"
+    old = readme.read_text() if readme.is_file() else f"# {folder.name}\n"
+    old = old.split("\n## Dense vs DyDiT")[0]
+    readme.write_text(old.rstrip("\n") + "\n" + text)
+
+
+def _shown(path: Path) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
-    if args.train == "td-lora":
-        raise ValueError("--train td-lora: TD-LoRA (DyDiT++, timestep-mixed LoRA experts) is not implemented yet; "
-                         "use --train routers (frozen backbone) or --train full")
+    if args.evaluate:
+        if not args.final_eval_n:
+            raise ValueError("--evaluate needs --final-eval-n (the number of prompts)")
+        dense = json.loads(Path(args.dense_metrics).read_text()) if args.dense_metrics else None
+        comparison = compare_with_dense(Path(args.evaluate), args.final_eval_n, dense_metrics=dense)
+        update_card(Path(args.evaluate), comparison)
+        print(json.dumps(comparison, indent=2))
+        return comparison
     if not 0 < args.lam <= 1:
         raise ValueError(f"--lam must be in (0, 1], got {args.lam}")
     stage1 = args.steps if args.stage1_steps is None else args.stage1_steps
     run = start_run(args)
     acc = run.accelerator
-    dit = load_model(args.model, "ddpm")
-    if not isinstance(dit, DiT):
-        raise ValueError(f"--model {args.model}: a {type(dit).__name__}; DyDiT fine-tuning takes a class DiT")
+    dit = load_model(args.model, args.objective)
+    task = TASK_OF.get(type(dit))
+    if task is None:
+        raise ValueError(f"--model {args.model}: a {type(dit).__name__}; DyDiT takes a DiT, PixArtDiT or LatteDiT")
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
-    objective = make_objective("ddpm")
+    text_encoder = None
+    if task != "class":
+        from shapes.clip import ShapesCLIP
+
+        text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
+    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
+    objective = make_objective(args.objective)
     model = build_dydit(dit, args.tau, args.seed, args.router_bias)
-    if args.train == "routers":
+    if args.train != "full":
         model.frozen_backbone()
+    if args.train == "td-lora":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 1)
+            model.add_td_lora(args.lora_rank, args.lora_experts)
     params = [p for p in model.parameters() if p.requires_grad]
-    data = shapes_data("class", vae, pool=args.pool, seed=args.seed)
+    data = shapes_data(task, vae, getattr(dit.config, "num_frames", 8), pool=args.pool, seed=args.seed,
+                       tokenize=text_encoder.tokenize if text_encoder is not None else None)
     ema = EMAModel(params, decay=args.ema_decay, foreach=True)
     ema.to(acc.device)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -179,41 +318,36 @@ def main(args) -> dict:
     step = run.resume()
     unwrapped = acc.unwrap_model(net)
 
-    x_eval, y_eval = data.batch(EVAL_SEED, args.eval_n, acc.device)
+    x_eval, raw_eval = data.batch(EVAL_SEED, args.eval_n, acc.device)
+    cond_eval = as_args(conditioner(raw_eval))
     g_eval = torch.Generator(acc.device).manual_seed(EVAL_SEED)
-    noise_eval = torch.randn(x_eval.shape, generator=g_eval, device=acc.device)
-    t_eval = stratified_timesteps(args.eval_n, objective.num_train_timesteps, g_eval)
+    t_eval, noise_eval = draw(objective, x_eval, g_eval)
 
     @torch.no_grad()
     def evaluate() -> dict:
         was_training = unwrapped.training
         unwrapped.eval()
-        x_t = objective.scheduler.add_noise(x_eval, noise_eval, t_eval)
-        out = unwrapped(x_t, t_eval, y_eval, mode="masked")
-        metrics = {"eval_loss": diffusion_loss(objective, out.sample, x_eval, x_t, t_eval, noise_eval).item(),
-                   "flops_mask": out.flops_ratio.mean().item(), "skip_rate": skips.rate}
+        terms, out = run_loss(objective, unwrapped, x_eval, cond_eval, (t_eval, noise_eval), "masked")
+        metrics = {"eval_loss": terms["loss"].item(), "flops_mask": out.flops_ratio.mean().item(),
+                   "skip_rate": skips.rate}
         unwrapped.train(was_training)
-        return {**metrics, **measure_flops(unwrapped, objective, x_eval, y_eval, noise_eval, args.flops_grid)}
+        return {**metrics, **measure_flops(unwrapped, objective, x_eval, cond_eval, noise_eval, args.flops_grid)}
 
     if step == 0 and acc.is_main_process:
         run.log({"step": 0, **evaluate()})
-    bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc="dydit")
+    bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dydit-{task}")
     net.train()
     while step < args.steps:
         seed = batch_seed(args.seed, step, acc.process_index)
-        x0, y = data.batch(seed, args.batch_size, acc.device)
-        gen = torch.Generator(acc.device).manual_seed(seed)
-        t_B = stratified_timesteps(x0.shape[0], objective.num_train_timesteps, gen)
-        noise = torch.randn(x0.shape, generator=gen, device=acc.device)
-        x_t = objective.scheduler.add_noise(x0, noise, t_B)
+        x0, raw = data.batch(seed, args.batch_size, acc.device)
+        cond = as_args(conditioner(raw, seed))
+        draws = draw(objective, x0, torch.Generator(acc.device).manual_seed(seed))
         lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach)
         with acc.autocast():
-            dyn = net(x_t, t_B, y, mode="masked")
-            terms = {"loss_dynamic": diffusion_loss(objective, dyn.sample, x0, x_t, t_B, noise),
-                     "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
-            if step < stage1 and args.train != "routers":  # the complete term trains the backbone only
-                full = net(x_t, t_B, y, mode="complete")
-                terms["loss_complete"] = diffusion_loss(objective, full.sample, x0, x_t, t_B, noise)
+            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked")
+            terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
+            if step < stage1 and args.train == "full":  # the complete term trains the backbone only
+                terms["loss_complete"] = run_loss(objective, net, x0, cond, draws, "complete")[0]["loss"]
         loss = sum(terms.values())
         acc.backward(loss)
         grad_norm = float(acc.clip_grad_norm_(params, float("inf")))
@@ -245,22 +379,30 @@ def main(args) -> dict:
     if acc.is_main_process:
         ema.copy_to(params)  # the shipped weights are the EMA of the trained parameters
         final = unwrapped.float().eval()
-        folder = run.out / "model"
+        folder = Path(args.save_to) if args.save_to else run.out / "model"
         base = base_reference(args.model)
         save_dydit(folder, final, lam=args.lam, base=base, include_backbone=args.train == "full",
-                   extra={"train": args.train, "steps": args.steps, "stage1_steps": stage1})
+                   extra={"train": args.train, "objective": args.objective, "task": task, "steps": step,
+                          "stage1_steps": stage1})
         metrics = evaluate()
         run.plot(["eval_loss", "flops_executed"])
+        lora = f", TD-LoRA rank {args.lora_rank} x {args.lora_experts} experts" if args.train == "td-lora" else ""
         write_model_card(
             folder, title=folder.name,
-            summary=f"DyDiT routers (lambda {args.lam}, {args.train}) fine-tuned on {args.model} with {data.description}; "
-                    f"FLOPs measured on the sliced eval path over {args.flops_grid} timesteps. EMA weights "
-                    f"(decay {args.ema_decay}).",
+            summary=f"DyDiT (lambda {args.lam}, {args.train}{lora}) fine-tuned from `{args.model}` with the "
+                    f"{args.objective} objective on {data.description}; FLOPs measured on the sliced eval path over "
+                    f"{args.flops_grid} timesteps. EMA weights (decay {args.ema_decay}).",
             run=run, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
             targets={"flops_executed": args.lam},
-            extra={"base_model": args.model, "lam": args.lam, "train": args.train, "skip_rate": skips.rate,
-                   "flops_by_t": metrics["flops_by_t"]})
-        print({"final": {k: v for k, v in metrics.items() if k != "gates"}})
+            extra={"base_model": args.model, "lam": args.lam, "train": args.train, "objective": args.objective,
+                   "task": task, "skip_rate": skips.rate, "flops_by_t": metrics["flops_by_t"],
+                   "gates": metrics["gates"], "steps_done": step,
+                   **({"td_lora": {"rank": args.lora_rank, "experts": args.lora_experts}} if lora else {})})
+        if args.final_eval_n and base is not None and args.objective == "ddpm":
+            comparison = compare_with_dense(folder, args.final_eval_n)
+            update_card(folder, comparison)
+            metrics["comparison"] = comparison
+        print({"final": {k: v for k, v in metrics.items() if k not in ("gates", "flops_by_t")}})
     acc.end_training()
     return metrics
 

@@ -153,13 +153,15 @@ def test_sliced_cache_and_errors():
     assert model.width_plan(500) is plan
     x, y = inputs(2)
     model(x, 500, y)
-    assert len(model._sliced) == len(model.dit.blocks)
+    weights = model.step_weights(500)
+    copies = len(model._permuted) + len(model._sliced)
+    assert 0 < copies <= len(model.dit.blocks)  # at most one weight copy per block for one mask each
     model(x, 500, y)
-    assert len(model._sliced) == len(model.dit.blocks)  # reused, not rebuilt
+    assert model.step_weights(500) is weights and len(model._permuted) + len(model._sliced) == copies  # reused
     with pytest.raises(ValueError, match="same timestep"):
         model(x, torch.tensor([1, 2]), y)
     model.train()
-    assert not model._sliced  # weights may change in training
+    assert not model._sliced and not model._permuted and not model._steps  # weights may change in training
     with pytest.raises(ValueError, match="eval"):
         model(x, 500, y, mode="sliced")
 
@@ -187,7 +189,7 @@ def test_token_skip_mlp_equals_masked_dense():
     keep = torch.rand(B, N, generator=g) > 0.5
     keep[0] = False  # a sample with no token kept
     keep[1] = True  # and one with all
-    out, kept = token_skip_mlp(x, keep, mlp, norm, shift, scale, gate)
+    out, kept = token_skip_mlp(x, keep, lambda h, sample: mlp(h), norm, shift, scale, gate)
     ref = x + keep[..., None] * gate[:, None] * mlp(modulate(norm(x), shift, scale))
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert kept == int(keep.sum())

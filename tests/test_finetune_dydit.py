@@ -1,7 +1,8 @@
 """scripts/finetune_dydit.py end to end on a tiny DiT (CPU) and the DyDiT folder format (dit/dydit_io.py): routers-only
 training drives the executed-FLOPs ratio (sliced path, MacCounter) from ~1 toward lambda, the saved folder reloads to
-the same outputs and leaves the backbone bit-identical, the grad-norm skip rule skips and logs its rate, and TD-LoRA
-is refused."""
+the same outputs and leaves the backbone bit-identical, the grad-norm skip rule skips and logs its rate, and
+`--train td-lora` on a text model under the flow objective trains routers + adapters and saves them beside each
+other."""
 import json
 import sys
 from pathlib import Path
@@ -102,9 +103,9 @@ def test_skip_rule_full_training_stage1(tiny_base, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_td_lora_is_refused(tmp_path):
-    args = finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", "--train", "td-lora"])
-    with pytest.raises(ValueError, match="TD-LoRA.*not implemented"):
+def test_bad_lambda_is_refused(tmp_path):
+    args = finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", "--lam", "1.5"])
+    with pytest.raises(ValueError, match="--lam must be in"):
         finetune_dydit.main(args)
 
 
@@ -135,3 +136,56 @@ def test_load_errors(tiny_base, tmp_path):
     (folder / "dydit_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="shapes do not match"):
         load_dydit(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart(tmp_path_factory) -> Path:
+    """A tiny PixArtDiT folder for the shapes CLIP (96-wide, 32-token text), small random adaLN / head weights."""
+    from dit.pixart import PixArtDiT
+
+    torch.manual_seed(0)
+    model = PixArtDiT(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                      caption_channels=96, max_text_tokens=32, learn_sigma=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "scale_shift_table" in name or "final" in name or "cross_attn.proj" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("base") / "tiny-pixart"
+    model.save_pretrained(folder)
+    return folder
+
+
+@needs_vae
+@pytest.mark.skipif(not train_dit.SHIPPED_CLIP.is_dir(), reason="shapes-clip not shipped")
+def test_td_lora_text_flow_finetune(tiny_pixart, tmp_path):
+    """--train td-lora on a text model under the flow objective: routers and adapters train, the backbone is
+    frozen, the folder holds routers + adapter and reloads to the same outputs; FLOPs move toward lambda."""
+    from dit.pixart import PixArtDiT
+
+    out = tmp_path / "tdlora"
+    metrics = _run(out, tiny_pixart, 30, "--train", "td-lora", "--objective", "flow", "--lr", "1e-2",
+                   "--router-bias", "2", "--eval-every", "15", "--ema-decay", "0.5", "--lora-rank", "2",
+                   "--lora-experts", "2")
+    evals = [r for r in _log(out) if "flops_executed" in r]
+    assert evals[0]["step"] == 0 and metrics["flops_executed"] < evals[0]["flops_executed"] - 0.1
+    assert all("loss_complete" not in r for r in _log(out))  # frozen backbone: no complete term
+    folder = out / "model"
+    config = json.loads((folder / "dydit_config.json").read_text())
+    assert config["td_lora"]["rank"] == 2 and config["base_class"] == "PixArtDiT" and config["objective"] == "flow"
+    loaded = load_dydit(folder)
+    base = PixArtDiT.from_pretrained(tiny_pixart)
+    for (k, a), (_, b) in zip(base.state_dict().items(), loaded.dit.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the adapter moved away from its zero init
+    assert max(b.abs().max().item() for lora in loaded.lora for b in lora.B.values()) > 0
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = loaded(x, 300.0, text, mode="sliced"), loaded(x, 300.0, text, mode="masked")
+    torch.testing.assert_close(a.sample, b.sample, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_times_are_stratified():
+    t = finetune_dydit.stratified_flow_times(8, torch.Generator().manual_seed(0))
+    assert [int(v * 4) for v in t] == [0, 0, 1, 1, 2, 2, 3, 3] and bool(((t >= 0) & (t < 1)).all())

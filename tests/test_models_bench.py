@@ -44,8 +44,10 @@ def models_json(argv, capsys) -> list[dict]:
 
 def test_models_lists_the_shipped_generators(capsys):
     models = {m["name"]: m for m in models_json([], capsys)}
-    assert set(models) == {"shapes-c2i", "shapes-t2i", "shapes-t2v"}  # components left out without --all
-    tasks = {"shapes-c2i": "class-to-image", "shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video"}
+    dynamic = {n for n in ("shapes-dydit-c2i", "shapes-dydit-t2i") if (WEIGHTS / n).is_dir()}  # DyDiT (issue 8)
+    assert set(models) == {"shapes-c2i", "shapes-t2i", "shapes-t2v", *dynamic}  # components left out without --all
+    tasks = {"shapes-c2i": "class-to-image", "shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video",
+             "shapes-dydit-c2i": "class-to-image", "shapes-dydit-t2i": "text-to-image"}
     for name, m in models.items():
         assert m["task"] == tasks[name] and m["resolution"] == 64 and m["source"] == "shipped"
         assert "error" not in m
@@ -65,7 +67,9 @@ def test_models_dir_corrupt_folder_and_path_argument(tmp_path, capsys):
     (extra / "empty").mkdir()
     given = diffusers_dit_folder(tmp_path / "elsewhere" / "my-dit", sample_size=64)
     models = {m["name"]: m for m in models_json(["--models-dir", str(extra), str(given)], capsys)}
-    assert {"shapes-c2i", "shapes-t2i", "shapes-t2v", "imagenet-dit", "broken", "empty", "my-dit"} == set(models)
+    dynamic = {n for n in ("shapes-dydit-c2i", "shapes-dydit-t2i") if (WEIGHTS / n).is_dir()}  # DyDiT (issue 8)
+    assert {"shapes-c2i", "shapes-t2i", "shapes-t2v", "imagenet-dit", "broken", "empty", "my-dit", *dynamic} == \
+        set(models)
     assert models["imagenet-dit"]["source"] == "models-dir" and models["imagenet-dit"]["task"] == "class-to-image"
     assert models["imagenet-dit"]["resolution"] == 256  # 32 latent px x 8 (4 VAE blocks)
     assert models["my-dit"]["source"] == "path" and models["my-dit"]["resolution"] == 512
