@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import bench, doctor, evaluate, generate, models_cmd, serve
+from app import bench, chat, doctor, evaluate, generate, models_cmd, serve
 
-# Subcommand modules in the order `ditstudio --help` lists them. Later issues add serve, models, bench, chat;
-# generate serves class→image, text→image and text→video folders (VAR comes later).
-COMMANDS = [doctor, models_cmd, generate, evaluate, bench, serve]
+# Subcommand modules in the order `ditstudio --help` lists them; generate serves class→image, text→image and
+# text→video folders (VAR pipelines are not wired into it yet), chat the vision-language models.
+COMMANDS = [doctor, models_cmd, generate, chat, evaluate, bench, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

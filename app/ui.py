@@ -327,6 +327,13 @@ def _benchmark_tab(all_models: list[str], outputs_dir: Path, device: str | None)
               concurrency_id="generate")
 
 
+def _chat_models(models_directory) -> list[str]:
+    """Names of the vision-language models the Chat tab offers (shipped, or in the models directory)."""
+    from app.catalog import list_models
+
+    return [m.name for m in list_models(Path(models_directory) if models_directory else None) if m.task == "vlm"]
+
+
 def build_app(models_directory: str | Path | None = None, outputs_dir: str | Path = "outputs",
               device: str | None = None) -> gr.Blocks:
     """The whole app; `launch_app` serves it."""
@@ -340,6 +347,12 @@ def build_app(models_directory: str | Path | None = None, outputs_dir: str | Pat
                 if by_kind[kind]:
                     with gr.Tab(KIND_TITLES[kind]):
                         _task_tab(kind, by_kind[kind], outputs_dir, device)
+            vlms = _chat_models(models_directory)
+            if vlms:
+                with gr.Tab("Chat"):
+                    from app.chat import build_chat_tab
+
+                    build_chat_tab(vlms, device)
             with gr.Tab("Benchmark"):
                 _benchmark_tab([name for models in by_kind.values() for name in models], outputs_dir, device)
     concurrency = 2 if gen.check_device(device).startswith("cuda") else 1

@@ -222,3 +222,17 @@ def test_real_browser_generates_an_image(served, tmp_path):
     shot = Image.open(tmp_path / "browser.png")
     assert shot.size[0] == 1280 and np.asarray(shot).std() > 10
     assert any(Path(outputs).rglob("*.png"))
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "weights" / "shapes-llava").is_dir(),
+                    reason="no shipped vision-language model")
+def test_chat_tab_is_wired_with_its_api_endpoint():
+    """The shipped VLM gets a Chat tab (app/chat.py's build_chat_tab) and a /chat API endpoint."""
+    import gradio as gr
+
+    from app.ui import build_app
+
+    demo = build_app()
+    tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert tabs.index("Chat") == tabs.index("Benchmark") - 1
+    assert "/chat" in {f"/{d.api_name}" for d in demo.fns.values() if d.api_name}
