@@ -18,13 +18,14 @@ policies return, per layer, the indices (B, H_kv, keep) of the tokens to keep; t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-class CachePolicy:
+class CachePolicy(ABC):
     """Decides which cached tokens a layer keeps. Called by `KVCache.append` after the new tokens are written.
 
     `select(layer, cache, q)` returns None (keep everything) or a LongTensor (B, H_kv, keep) of indices into the
@@ -35,8 +36,9 @@ class CachePolicy:
 
     name = "policy"
 
+    @abstractmethod
     def select(self, layer: int, cache: "LayerKV", q: Tensor | None) -> Tensor | None:
-        raise NotImplementedError
+        """None (keep all) or the (B, H_kv, keep) indices of the live tokens to keep."""
 
 
 class FullCache(CachePolicy):
