@@ -246,7 +246,8 @@ def restore_settings(file, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------- layout
-def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str | None) -> None:
+def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str | None, send_to_chat: bool = False):
+    """One generation tab; returns (result image, "Send to Chat" button or None) for the caller's wiring."""
     choice = _model_choice(kind, models)
     with gr.Row():
         with gr.Column(scale=2):
@@ -284,6 +285,8 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
             status = gr.Markdown()
             gallery = gr.Gallery(label="this session", columns=6, height=260, type="filepath",
                                  buttons=["download", "fullscreen"])
+            # images only: the chat model reads a still picture (a video tab's result is a GIF)
+            send = gr.Button("Send to Chat", size="sm") if send_to_chat and kind != gen.VIDEO else None
     state = gr.State([])
     inputs = [model, what, negative, sampler, steps, cfg, seed, randomize, num, state]
     event = run.click(make_generate(kind, outputs_dir, device), inputs, [preview, gallery, status, state],
@@ -293,6 +296,7 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed, api_name=False)
     restore.upload(lambda f: restore_settings(f, kind), restore,
                    [model, what, negative, sampler, steps, cfg, seed, randomize, num], api_name=False)
+    return preview, send
 
 
 def _benchmark_tab(all_models: list[str], outputs_dir: Path, device: str | None) -> None:
@@ -342,17 +346,23 @@ def build_app(models_directory: str | Path | None = None, outputs_dir: str | Pat
     with gr.Blocks(title="DiT Studio") as demo:
         gr.Markdown("# DiT Studio\nEfficient diffusion transformers on the shapes world — "
                     f"models from `{models_directory or models_dir()}`, results saved to `{outputs_dir}`.")
-        with gr.Tabs():
+        vlms = _chat_models(models_directory)
+        with gr.Tabs() as tabs:
+            sends = []  # (result image, its "Send to Chat" button) of each image tab
             for kind in (gen.TEXT, gen.CLASS, gen.VIDEO):
                 if by_kind[kind]:
                     with gr.Tab(KIND_TITLES[kind]):
-                        _task_tab(kind, by_kind[kind], outputs_dir, device)
-            vlms = _chat_models(models_directory)
+                        sends.append(_task_tab(kind, by_kind[kind], outputs_dir, device, send_to_chat=bool(vlms)))
             if vlms:
-                with gr.Tab("Chat"):
+                with gr.Tab("Chat", id="chat"):
                     from app.chat import build_chat_tab
 
-                    build_chat_tab(vlms, device)
+                    chat = build_chat_tab(vlms, device)
+                # a generated image goes to the chat's image box, and the Chat tab opens
+                for result, send in sends:
+                    if send is not None:
+                        send.click(lambda path: (path, gr.Tabs(selected="chat")), result, [chat["image"], tabs],
+                                   api_name=False)
             with gr.Tab("Benchmark"):
                 _benchmark_tab([name for models in by_kind.values() for name in models], outputs_dir, device)
     concurrency = 2 if gen.check_device(device).startswith("cuda") else 1

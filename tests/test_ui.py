@@ -236,3 +236,26 @@ def test_chat_tab_is_wired_with_its_api_endpoint():
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert tabs.index("Chat") == tabs.index("Benchmark") - 1
     assert "/chat" in {f"/{d.api_name}" for d in demo.fns.values() if d.api_name}
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "weights" / "shapes-llava").is_dir(),
+                    reason="no shipped vision-language model")
+def test_send_to_chat_moves_a_generated_image_into_the_chat_tab(tmp_path):
+    """Each image tab's "Send to Chat" puts its result (a file path) into the Chat tab's image box and opens the tab;
+    the video tab has none (the chat model reads stills)."""
+    import gradio as gr
+
+    from app.ui import build_app
+
+    demo = build_app()
+    sends = {b._id: b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Send to Chat"}
+    assert len(sends) == 2  # text -> image and class -> image
+    chat_image = next(b for b in demo.blocks.values() if isinstance(b, gr.Image) and b.label == "image")
+    wired = [f for f in demo.fns.values() if any(t[0] in sends for t in f.targets)]
+    assert len(wired) == 2
+    for f in wired:
+        assert [o._id for o in f.outputs][0] == chat_image._id and isinstance(f.outputs[1], gr.Tabs)
+        assert isinstance(f.inputs[0], gr.Image) and f.inputs[0].label == "result"
+        picture = tmp_path / "made.png"
+        path, tab = f.fn(str(picture))
+        assert path == str(picture) and tab.selected == "chat"
