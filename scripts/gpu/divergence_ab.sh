@@ -7,13 +7,8 @@
 # novlb (VLB weight 0), eager (no compile). Each batch 256, lr 3e-4, 500 warm-up steps.
 set -uo pipefail
 LIMIT=${1:-420}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/env.sh
+mkdir -p runs
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60 OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 run() {  # NAME EXTRA...

@@ -6,13 +6,8 @@
 #   bash scripts/gpu/multi_gpu_check.sh [STEPS]
 set -uo pipefail
 STEPS=${1:-400}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/env.sh
+mkdir -p runs
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 ARGS=(scripts/train_dit.py --model DiT-T/1 --steps "$STEPS" --batch-size 1024 --pool 60000 --lr 3e-4 --warmup 50

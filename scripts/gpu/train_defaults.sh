@@ -8,13 +8,8 @@
 # the shipped models were trained over several calls; each card's command and steps are those of its last call).
 set -uo pipefail
 LIMIT=${1:-420}; shift || true
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/env.sh
+mkdir -p runs
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 COMMON=(--mixed-precision bf16 --lr ${LR:-3e-4} --keep-best --warmup 500 --ema-decay 0.999 --save-dtype float16 --ckpt-every 100000

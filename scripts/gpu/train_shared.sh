@@ -4,13 +4,8 @@
 #   bash scripts/gpu/train_shared.sh [CLIP_STEPS] [VAE_STEPS] [TIME_LIMIT_S]
 set -uo pipefail
 CLIP_STEPS=${1:-8000}; VAE_STEPS=${2:-8000}; LIMIT=${3:-420}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/env.sh
+mkdir -p runs
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \

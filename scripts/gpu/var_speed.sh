@@ -7,17 +7,12 @@
 # Writes bench/results/var_speed.json (device, date, torch, command, parity, per depth × batch: s/batch, img/s,
 # peak memory, KV bytes, MFU, speed-up) and var_speed.log, and copies both into $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
+mkdir -p bench/results
 if [ ! -f third_party/VAR/models/var.py ]; then
   echo "third_party/VAR is missing: run scripts/gpu/var_fetch_official.sh here and carry it" >&2
   exit 2
 fi
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 bench/var_speed.py --official third_party/VAR --depths 16 30 --batches 1 16 64 \
