@@ -271,13 +271,15 @@ def kernel_split(fn, device) -> dict | None:
     wall = time.perf_counter() - t0
     split = {k: 0.0 for k, _ in KERNEL_CLASSES}
     split["other"] = 0.0
-    intervals = []
+    intervals, by_name = [], {}
     for ev in prof.events():
         if ev.device_type.name != "CUDA" or ev.device_time_total <= 0:
             continue
         name = ev.name.lower()
         kind = next((k for k, keys in KERNEL_CLASSES if any(s in name for s in keys)), "other")
         split[kind] += ev.device_time_total / 1e6
+        ms, n = by_name.get(ev.name, (0.0, 0))
+        by_name[ev.name] = (ms + ev.device_time_total / 1e3, n + 1)
         intervals.append((ev.time_range.start, ev.time_range.end))
     busy, end = 0.0, -math.inf
     for a, b in sorted(intervals):  # union of kernel intervals (µs)
@@ -285,7 +287,10 @@ def kernel_split(fn, device) -> dict | None:
             busy += b - max(a, end)
             end = b
     return {**{k: round(v * 1e3, 3) for k, v in split.items()}, "kernel_busy_ms": round(busy / 1e3, 3),
-            "wall_ms": round(wall * 1e3, 3), "host_gap_ms": round(wall * 1e3 - busy / 1e3, 3)}
+            "wall_ms": round(wall * 1e3, 3), "host_gap_ms": round(wall * 1e3 - busy / 1e3, 3),
+            # the kernels that take the time (name cut to 90 characters, ms over the call, launches)
+            "top_kernels": [(k[:90], round(ms, 3), n) for k, (ms, n) in
+                            sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]]}
 
 
 def rel(a, b) -> float:
@@ -391,8 +396,19 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
     result.setdefault("vae_decode_s", {})[name] = vae_s
     result.setdefault("scheduler_s", {})[name] = scheduler_cost(w, device, dtype, args.reps)
 
+    # FLOPs of one forward, counted once per (impl, batch) on the eager model: counting through a compiled model
+    # does not work, and re-compiling after an eager detour would cost a second compile per row.
+    flops = {}
+    for impl, model in models.items():
+        for batch in w["batches"]:
+            if not args.batches or batch in args.batches:
+                with torch.no_grad():
+                    flops[impl, batch] = forward_flops(impl, model, *forward_inputs(w, impl, batch, device, dtype))
+
     for preset in args.presets:
         for impl, model in models.items():
+            if impl == "diffusers" and preset not in args.diffusers_presets:
+                continue
             restore_eager(model)
             t_compile0 = time.perf_counter()
             prepare_for_sampling(model, preset, fullgraph=impl != "diffusers")
@@ -418,11 +434,8 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
                         if impl == "ours" and batch == b0 and preset != "eager":
                             row["fast_vs_eager_bf16"] = rel(out, eager_out)
                             row["fast_vs_fp32"] = rel(out, ref)
-                        restore_eager(model)
-                        row["forward_gflop"] = round(forward_flops(impl, model, *fargs) / 1e9, 4)
-                        prepare_for_sampling(model, preset, fullgraph=impl != "diffusers")
-                        fwd()
-                        if preset in ("eager", args.split_preset):
+                        row["forward_gflop"] = round(flops[impl, batch] / 1e9, 4)
+                        if preset == "eager" or preset in args.split_preset.split(","):
                             row["split_one_forward"] = kernel_split(fwd, device)
                         for with_vae in (False, True):
                             run = sampler_fn(w, impl, model, vae, batch, device, dtype, with_vae)
@@ -464,6 +477,8 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default=None, help="comma list of " + ", ".join(WORKLOADS))
     p.add_argument("--presets", default="eager,default,max-autotune,fused", help="comma list of " + ", ".join(PRESETS))
     p.add_argument("--batches", default=None, help="comma list (default: each workload's)")
+    p.add_argument("--diffusers-presets", default="eager,default",
+                   help="the presets diffusers' baseline is timed under (its best measured is torch.compile default)")
     p.add_argument("--split-preset", default="fused", help="the preset whose kernel split is recorded beside eager")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip measurements that would start after this")
@@ -487,11 +502,14 @@ def main(argv=None) -> int:
     bad = [x for x in args.presets if x not in PRESETS]
     if bad:
         p.error(f"unknown preset(s) {bad}; valid: {', '.join(PRESETS)}")
+    args.diffusers_presets = args.diffusers_presets.split(",")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     out = Path(args.out)
     result = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": []}
+    command = " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
+    result["commands"] = result.get("commands", []) + [command]  # with --merge, every run that added rows
     result.update(device=device_name(device), date=dt.date.today().isoformat(), torch=torch.__version__,
-                  command=" ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
+                  command=command,
                   dtype=str(dtype).replace("torch.", ""), smoke=args.smoke, skipped=[])
 
     def save():

@@ -244,6 +244,27 @@ def test_text_mask_reaches_the_transformer(clip, vae):
     assert not expected_keep.all(), "the prompts are padded: some tokens must be masked"
 
 
+def test_all_kept_text_mask_is_dropped_and_the_result_unchanged(ipipe):
+    """A keep mask with no padding reaches the transformer as None (dense cross-attention, no bias to build); the
+    image is the one the explicit all-true mask gives."""
+    tokens, keep = ipipe.text_encoder.encode_text_tokens(["a red circle", "a red circle", "", ""])
+    L = int(keep[0].sum())  # both rows share the prompt, so cut the padding off: every remaining token is kept
+    text, full = tokens[:, :L], torch.ones(4, L, dtype=torch.bool)
+    calls = record_forwards(ipipe.transformer)
+    try:
+        run = dict(prompt_embeds=text[:2], negative_prompt_embeds=text[2:], num_inference_steps=2,
+                   guidance_scale=3.0, output_type="latent")
+        out_none = ipipe(**run, generator=seeded()).images
+        assert calls and all(c["mask"] is None for c in calls)
+        model = ipipe.transformer
+        explicit = model.__class__.forward(model, out_none, torch.tensor([500, 500]), text[:2], full[:2])
+        dropped = model.__class__.forward(model, out_none, torch.tensor([500, 500]), text[:2], None)
+        torch.testing.assert_close(explicit, dropped)
+    finally:
+        del ipipe.transformer.forward  # the instance attribute record_forwards set
+    calls.clear()
+
+
 def test_learned_variance_goes_to_a_learned_range_scheduler(clip, vae):
     """With variance_type "learned_range" the conditional half's variance channels reach scheduler.step."""
     pipe = image_pipe(clip, vae, scheduler=DDPMScheduler(variance_type="learned_range"))

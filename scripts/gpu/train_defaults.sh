@@ -10,7 +10,7 @@ set -uo pipefail
 LIMIT=${1:-420}; shift || true
 source scripts/gpu/env.sh
 mkdir -p runs
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=4
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 COMMON=(--mixed-precision bf16 --lr ${LR:-3e-4} --keep-best --warmup 500 --ema-decay 0.999 --save-dtype float16 --ckpt-every 100000
         --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 --rollback-on-spike 200 "$@")
