@@ -114,21 +114,48 @@ class LabelEmbedder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- block
-class SelfAttention(nn.Module):
-    """Multi-head self-attention, fused q/k/v projection (rows: q of all heads, then k, then v)."""
+class QKNorm(nn.Module):
+    """Optional RMSNorm of queries and keys over each head's channels (one learned scale per channel, shared by the
+    heads), so attention logits stay bounded whatever the scale of the block's input.
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    Why: the official DiT has none, and our small shapes models trained at high learning rates grew first-block
+    attention logits to ~3·10^4 (entropy 1.3 of a possible 5.5: one-hot attention), where bf16 rounding of q and k
+    alone changes that block's output by 2% (ten times the other blocks'), and every continued training diverged,
+    sooner each time (docs/dit.md). Normalising q and k is the standard cure (ViT-22B, SD3). Off by default, so real
+    checkpoints keep their architecture; heads sliced by DyDiT keep their norm (it is per head channel)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.q = nn.RMSNorm(head_dim, eps=eps)
+        self.k = nn.RMSNorm(head_dim, eps=eps)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q(q), self.k(k)
+
+
+def no_qk_norm(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    return q, k
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, fused q/k/v projection (rows: q of all heads, then k, then v); `qk_norm` adds
+    QKNorm (`self.qk_norm(q, k)` is the identity without it, so methods that run the projections themselves call it
+    too)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.qk_norm = QKNorm(hidden_size // num_heads) if qk_norm else no_qk_norm
 
     def forward(self, x_BND: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, Dh)
+        q, k = self.qk_norm(q, k)
         out = attention(q, k, v)  # (B, h, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -147,11 +174,12 @@ class MLP(nn.Module):
 class DiTBlock(nn.Module):
     """x + gate * attn(modulate(norm(x))), then the same for the MLP; shift/scale/gate come from c (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, mlp_norm_eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, mlp_norm_eps: float,
+                 qk_norm: bool = False):
         super().__init__()
         self.modulation = nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = MLP(hidden_size, mlp_ratio)
 
@@ -190,6 +218,7 @@ class DiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]  # the blocks: FSDP's shard groups
 
     @register_to_config
     def __init__(
@@ -207,6 +236,7 @@ class DiT(ModelMixin, ConfigMixin):
         norm_eps: float = LAYERNORM_EPS,
         mlp_norm_eps: float = LAYERNORM_EPS,
         timestep_freq_shift: int = 0,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -220,7 +250,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.time_embed = TimestepEmbedder(hidden_size, timestep_freq_shift)
         self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_eps, mlp_norm_eps) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_eps, mlp_norm_eps, qk_norm) for _ in range(depth)
         )
         self.final = FinalLayer(hidden_size, patch_size, self.out_channels, norm_eps)
         self.initialize_weights()

@@ -538,6 +538,7 @@ class DyDiT(nn.Module):
         if lora is not None:
             qkv = qkv + lora.delta(h, lora.A["qkv"], lora.B["qkv"], pi)
         q, k, v = qkv.view(S, n, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # (S, H, n, Dh)
+        q, k = block.attn.qk_norm(q, k)
         out = (attention(q, k, v) * head_S[:, :, None, None]).transpose(1, 2).reshape(S, n, D)
         attn_out = block.attn.proj(out)
         if lora is not None:
@@ -580,6 +581,7 @@ class DyDiT(nn.Module):
         if lora is not None:
             qkv = qkv + lora.delta(h, *w.lora["qkv"], pi)
         q, k, v = qkv.view(S, n, ha, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # head-major rows -> (S, ha, n, Dh)
+        q, k = block.attn.qk_norm(q, k)
         out = attention(q, k, v).transpose(1, 2).reshape(S, n, ha * dh)
         attn_out = F.linear(out, w.proj_w, w.proj_b)
         if lora is not None:

@@ -75,11 +75,11 @@ class LatteTemporalBlock(nn.Module):
     PixArt's block without the cross-attention: the six (B', D) modulations are the model's shared 6·D vector plus
     this block's `scale_shift_table` rows (shift, scale, gate for attention, then for the MLP)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, qk_norm: bool = False):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(BLOCK_MODULATIONS, hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = MLP(hidden_size, mlp_ratio)
 
@@ -104,6 +104,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["PixArtBlock", "LatteTemporalBlock"]  # the blocks: FSDP's shard groups
 
     @register_to_config
     def __init__(
@@ -121,6 +122,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
         learn_sigma: bool = True,
         norm_eps: float = LAYERNORM_EPS,
         interpolation_scale: float | None = None,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -140,10 +142,10 @@ class LatteDiT(ModelMixin, ConfigMixin):
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size))
         self.caption_embed = CaptionProjection(caption_channels, hidden_size)
         self.spatial_blocks = nn.ModuleList(
-            PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth)
+            PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
         )
         self.temporal_blocks = nn.ModuleList(
-            LatteTemporalBlock(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth)
+            LatteTemporalBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
         )
         self.final = PixArtFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

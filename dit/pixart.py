@@ -39,9 +39,11 @@ from .dit import (
     FINAL_MODULATIONS,
     LAYERNORM_EPS,
     MLP,
+    QKNorm,
     SelfAttention,
     TimestepEmbedder,
     modulate,
+    no_qk_norm,
     sincos_1d,
 )
 
@@ -98,7 +100,7 @@ class CaptionProjection(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens (queries) attend to text tokens; k/v fused in one projection (rows: k of all heads, then v)."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -106,12 +108,14 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(hidden_size, hidden_size)
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.qk_norm = QKNorm(hidden_size // num_heads) if qk_norm else no_qk_norm
 
     def forward(self, x_BND: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
         B, N, D = x_BND.shape
         L, h = text_BLD.shape[1], self.num_heads
         q = self.q(x_BND).view(B, N, h, D // h).transpose(1, 2)  # (B, h, N, Dh)
         k, v = self.kv(text_BLD).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, L, Dh)
+        q, k = self.qk_norm(q, k)
         out = attention(q, k, v, key_padding_mask=text_keep_BL)  # (B, h, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -122,12 +126,12 @@ class PixArtBlock(nn.Module):
     The six (B, D) modulations are the model's shared 6·D vector plus this block's `scale_shift_table` rows, in the
     order shift, scale, gate for attention, then for the MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, qk_norm: bool = False):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(BLOCK_MODULATIONS, hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
-        self.attn = SelfAttention(hidden_size, num_heads)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = MLP(hidden_size, mlp_ratio)
 
@@ -165,6 +169,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["PixArtBlock"]  # the blocks: FSDP's shard groups
 
     @register_to_config
     def __init__(
@@ -181,6 +186,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         learn_sigma: bool = True,
         norm_eps: float = LAYERNORM_EPS,
         interpolation_scale: float | None = None,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -196,7 +202,8 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         # adaLN-single: the one map from t to the 6·D block modulation, shared by all blocks.
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size))
         self.caption_embed = CaptionProjection(caption_channels, hidden_size)
-        self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm)
+                                    for _ in range(depth))
         self.final = PixArtFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
