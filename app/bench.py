@@ -198,6 +198,9 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
             continue
         folder = resolve_model(str(model), models_dir).resolve()
         info = describe(folder)
+        if info["family"] == "var":
+            raise ValueError(f"model {model} is a VAR (next-scale) model: bench times the diffusion models; VAR's "
+                             "benchmark is bench/var_speed.py")
         if info["task"] not in PROMPTS and info["task"] != "class-to-image":
             raise ValueError(f"model {model} is a {info['task']}, not a generator: bench times class-to-image, "
                              "text-to-image and text-to-video models")

@@ -83,6 +83,9 @@ def resolve_model(name_or_path: str, models_dir: str | Path | None = None) -> Pa
 # CLIP) are components: task "component", not servable on their own.
 PIPELINE_TASKS = {"DiTPipeline": "class-to-image", "ClassToImagePipeline": "class-to-image",
                   "TextToImagePipeline": "text-to-image", "TextToVideoPipeline": "text-to-video"}
+# A saved vlm.var_pipeline.VARPipeline (next-scale prediction): its transformer class decides the task.
+VAR_PIPELINE = "VARPipeline"
+VAR_TASKS = {"VAR": "class-to-image", "TextVAR": "text-to-image"}
 COMPONENT = "component"
 SOURCES = ("shipped", "models-dir", "path")
 
@@ -133,44 +136,86 @@ def describe_dydit(folder: Path) -> dict:
             "method": "DyDiT", "lam": config.get("lam"), "flops_executed": measured, "base": base.name}
 
 
+def _referenced(folder: Path, index: dict) -> list[str]:
+    """The component folders a pipeline folder references outside itself (shared VAE, tokenizer, text encoder)."""
+    return sorted({str(_component_path(folder, index, n)) for n in (index.get("component_folders") or {})
+                   if not _component_path(folder, index, n).is_relative_to(folder.resolve())})
+
+
+def describe_diffusion(folder: Path, index: dict) -> dict:
+    """The fields of a diffusion pipeline folder (PIPELINE_TASKS): resolution = transformer sample_size x VAE
+    downsampling, frames for video models, family "dit"."""
+    name = index["_class_name"]
+    transformer_dir, vae_dir = _component_path(folder, index, "transformer"), _component_path(folder, index, "vae")
+    for what, path in (("transformer", transformer_dir), ("VAE", vae_dir)):
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{what} config {path / 'config.json'} not found")
+    transformer = _read_json(transformer_dir / "config.json")
+    vae = _read_json(vae_dir / "config.json")
+    sample_size = transformer.get("sample_size")
+    if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+        raise ValueError(f"transformer config has no valid sample_size ({sample_size!r})")
+    info = {"task": PIPELINE_TASKS[name], "class_name": name, "transformer": transformer.get("_class_name"),
+            "resolution": sample_size * vae_scale_factor(vae), "family": "dit", "uses": _referenced(folder, index)}
+    if info["task"] == "text-to-video":
+        frames = transformer.get("num_frames")
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise ValueError(f"video transformer config has no valid num_frames ({frames!r})")
+        info["frames"] = frames
+    return info
+
+
+def describe_var(folder: Path, index: dict) -> dict:
+    """The fields of a VARPipeline folder (vlm/var_pipeline.py): task from its transformer class (VAR: class-to-image,
+    TextVAR: text-to-image, which also needs its referenced text encoder), resolution = the tokenizer's
+    sample_size, family "var"."""
+    transformer_name = (index.get("transformer") or [None, None])[-1]
+    if transformer_name not in VAR_TASKS:
+        raise ValueError(f"model_index.json names a {transformer_name!r} VAR transformer; valid: "
+                         f"{', '.join(VAR_TASKS)}")
+    needed = [("transformer", "transformer"), ("tokenizer", "vqvae")]
+    if transformer_name == "TextVAR":
+        needed.append(("text encoder", "text_encoder"))
+    folders = index.get("component_folders") or {}
+    for what, name in needed:
+        if name not in folders:
+            raise ValueError(f"model_index.json has no component_folders entry for the {what} ({name!r})")
+        if not (_component_path(folder, index, name) / "config.json").is_file():
+            raise ValueError(f"{what} config {_component_path(folder, index, name) / 'config.json'} not found")
+    tokenizer = _read_json(_component_path(folder, index, "vqvae") / "config.json")
+    size = tokenizer.get("sample_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tokenizer config has no valid sample_size ({size!r})")
+    return {"task": VAR_TASKS[transformer_name], "class_name": VAR_PIPELINE, "transformer": transformer_name,
+            "resolution": size, "family": "var", "uses": _referenced(folder, index)}
+
+
 def describe(folder: str | Path) -> dict:
     """Metadata of one model folder: name, path, task (class-to-image, text-to-image, text-to-video or component),
-    class_name, size_bytes / size_mb (the folder itself; referenced shared components are listed in `uses`, not
-    counted), resolution (px: transformer sample_size x VAE downsampling), frames (video models, else None),
-    transformer (its class name) and uses. Raises ValueError with a reason for an unreadable or unknown folder."""
+    class_name, family ("var" for next-scale VARPipeline folders, "dit" for the diffusion pipelines, None for
+    components), size_bytes / size_mb (the folder itself; referenced shared components are listed in `uses`, not
+    counted), resolution (px: transformer sample_size x VAE downsampling; VAR: the tokenizer's sample_size), frames
+    (video models, else None), transformer (its class name) and uses. Raises ValueError with a reason for an
+    unreadable or unknown folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
     info = {"name": folder.name, "path": str(folder), "task": None, "class_name": None, "resolution": None,
-            "frames": None, "transformer": None, "uses": [], "method": None, "lam": None, "flops_executed": None}
+            "frames": None, "transformer": None, "uses": [], "method": None, "lam": None, "flops_executed": None,
+            "family": None}
     index_path, config_path = folder / "model_index.json", folder / "config.json"
     if (folder / DYDIT_CONFIG).is_file():
         info = describe_dydit(folder)
     elif index_path.is_file():
         index = _read_json(index_path)
         name = index.get("_class_name")
-        if name not in PIPELINE_TASKS:
+        if name == VAR_PIPELINE:
+            info.update(describe_var(folder, index))
+        elif name in PIPELINE_TASKS:
+            info.update(describe_diffusion(folder, index))
+        else:
             raise ValueError(f"model_index.json names a {name!r} pipeline; the app serves "
-                             f"{', '.join(PIPELINE_TASKS)}")
-        transformer_dir, vae_dir = _component_path(folder, index, "transformer"), _component_path(folder, index, "vae")
-        for what, path in (("transformer", transformer_dir), ("VAE", vae_dir)):
-            if not (path / "config.json").is_file():
-                raise ValueError(f"{what} config {path / 'config.json'} not found")
-        transformer = _read_json(transformer_dir / "config.json")
-        vae = _read_json(vae_dir / "config.json")
-        sample_size = transformer.get("sample_size")
-        if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
-            raise ValueError(f"transformer config has no valid sample_size ({sample_size!r})")
-        info.update(task=PIPELINE_TASKS[name], class_name=name, transformer=transformer.get("_class_name"),
-                    resolution=sample_size * vae_scale_factor(vae))
-        if info["task"] == "text-to-video":
-            frames = transformer.get("num_frames")
-            if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-                raise ValueError(f"video transformer config has no valid num_frames ({frames!r})")
-            info["frames"] = frames
-        info["uses"] = sorted({str(_component_path(folder, index, n))
-                               for n in (index.get("component_folders") or {})
-                               if not _component_path(folder, index, n).is_relative_to(folder.resolve())})
+                             f"{', '.join([*PIPELINE_TASKS, VAR_PIPELINE])}")
     elif config_path.is_file():
         config = _read_json(config_path)
         info.update(task=COMPONENT, class_name=config.get("_class_name"))

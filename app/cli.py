@@ -8,7 +8,7 @@ import sys
 from app import bench, chat, doctor, evaluate, generate, models_cmd, serve
 
 # Subcommand modules in the order `ditstudio --help` lists them; generate serves class→image, text→image and
-# text→video folders (VAR pipelines are not wired into it yet), chat the vision-language models.
+# text→video folders (diffusion pipelines, and VAR pipelines for class / text→image), chat the vision-language models.
 COMMANDS = [doctor, models_cmd, generate, chat, evaluate, bench, serve]
 
 

@@ -1,5 +1,6 @@
 """`ditstudio eval --model NAME_OR_PATH`: re-run a shipped model's evaluation (the kind, sample count and seed
-its model card names) and print the metrics beside the ones on the card."""
+its model card names) and print the metrics beside the ones on the card. A VAR (VARPipeline) folder is evaluated by
+`vlm.var_pipeline.evaluate_var` with or without a card (the card's n, seed, cfg, top_k, top_p when it has one)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,34 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _is_var(folder: Path) -> bool:
+    from app.catalog import VAR_PIPELINE, describe
+
+    return (folder / "model_index.json").is_file() and describe(folder)["class_name"] == VAR_PIPELINE
+
+
+def evaluate_var_folder(folder: Path, n: int | None = None, seed: int | None = None, device: str = "cpu") -> dict:
+    """A VARPipeline folder's shapes prompt accuracy (`evaluate_var`), sampled as its card's eval names (cfg, top_k,
+    top_p; without a card, VAR's DEFAULT_SAMPLING and n = 192)."""
+    from vlm.var_pipeline import VARPipeline, evaluate_var
+
+    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").is_file() else {}
+    spec = card.get("eval", {})
+    n = n or spec.get("n", 192)
+    seed = spec.get("seed", 0) if seed is None else seed
+    sampling = {name: spec[key] for key, name in (("cfg", "guidance_scale"), ("top_k", "top_k"), ("top_p", "top_p"))
+                if key in spec}
+    pipe = VARPipeline.from_pretrained(folder).to(device)
+    metrics = evaluate_var(pipe, n=n, seed=seed, **sampling)
+    return {"model": folder.name, "n": n, "seed": seed, "metrics": metrics, "card_metrics": card.get("metrics", {}),
+            "targets": card.get("targets", {})}
+
+
 def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None, device: str = "cpu") -> dict:
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be >= 1; got {n}")
+    if _is_var(folder):
+        return evaluate_var_folder(folder, n=n, seed=seed, device=device)
     card_path = folder / "card.json"
     if not card_path.is_file():
         raise FileNotFoundError(f"{folder} has no card.json: it is not a shipped model with a recorded evaluation")

@@ -1,12 +1,16 @@
 """`ditstudio generate --model NAME_OR_PATH (--label LABEL | --prompt TEXT) --out FOLDER`: class -> image,
-text -> image and text -> video with our DiT models.
+text -> image and text -> video with our DiT models, and class / text -> image with VAR (next-scale) models.
 
 The model is a shipped model's name or a saved pipeline folder; its model_index.json `_class_name` picks the kind:
 - "DiTPipeline" (a diffusers DiT folder) or "ClassToImagePipeline" (ours): class -> image, `--label`;
 - "TextToImagePipeline": text -> image, `--prompt` (and `--negative-prompt`);
-- "TextToVideoPipeline": text -> video, `--prompt` (and `--negative-prompt`).
+- "TextToVideoPipeline": text -> video, `--prompt` (and `--negative-prompt`);
+- "VARPipeline" (vlm/var_pipeline.py): class -> image (a `VAR` transformer, `--label`) or text -> image (a `TextVAR`,
+  `--prompt`), sampled scale by scale with `--cfg`, `--top-k`, `--top-p`; it has no steps, sampler or negative
+  prompt, and the diffusion models take no top-k / top-p: either given to the other family is one clear error.
 `load_pipeline` is the one loading entry (cached per folder, device, dtype). `generate_class_images`,
-`generate_text_images` and `generate_videos` are the functions the CLI, the UI and the tests call; each seeds
+`generate_text_images`, `generate_videos` and `generate_var_images` are the functions the CLI, the UI and the tests
+call; each seeds
 `torch.Generator(device).manual_seed(seed)` and hands it to the pipeline as one would to diffusers' `DiTPipeline`,
 so a seed gives diffusers' image. The CLI writes one PNG per image, with the settings as PNG text under the key
 "ditstudio", and one animated GIF per video (settings as JSON in the GIF comment; `--save-frames` also writes each
@@ -29,13 +33,15 @@ import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from app.catalog import resolve_model
+from app.catalog import VAR_PIPELINE, resolve_model
 
 # model_index.json `_class_name` -> kind of model; the kinds' tasks (the settings' "task").
 CLASS, TEXT, VIDEO = "class", "text", "video"
 PIPELINE_KINDS = {"DiTPipeline": CLASS, "ClassToImagePipeline": CLASS, "TextToImagePipeline": TEXT,
                   "TextToVideoPipeline": VIDEO}
 TASKS = {CLASS: "class-to-image", TEXT: "text-to-image", VIDEO: "text-to-video"}
+# VARPipeline folders: the transformer class model_index.json names -> kind.
+VAR_KINDS = {"VAR": CLASS, "TextVAR": TEXT}
 TASK = TASKS[CLASS]
 METADATA_KEY = "ditstudio"  # PNG text chunk holding the settings as JSON (GIFs: the comment holds the same JSON)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +49,7 @@ MAX_NUM = 64  # images per label / prompt in one call: all of them go through th
 LABELS_SHOWN = 8  # valid label names listed when a name is unknown
 DEFAULT_FPS = 4.0
 PROMPT_IN_NAME = 40  # characters of the prompt kept in a file name
+DEFAULT_STEPS = 50  # diffusion models' --steps
 
 # The cached pipelines are shared between callers (the UI calls repeatedly, possibly from several threads), and a
 # call swaps the scheduler: one generation at a time.
@@ -50,21 +57,27 @@ _GENERATE_LOCK = threading.Lock()
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="class -> image, text -> image or text -> video with a DiT model, written "
-                                        "as PNGs / GIFs with their settings")
+    p = sub.add_parser("generate", help="class -> image, text -> image or text -> video with a DiT or VAR model, "
+                                        "written as PNGs / GIFs with their settings")
     p.add_argument("--model", required=True,
                    help="a shipped model's name or a saved pipeline folder (DiTPipeline, ClassToImagePipeline, "
-                        "TextToImagePipeline or TextToVideoPipeline)")
+                        "TextToImagePipeline, TextToVideoPipeline or VARPipeline)")
     p.add_argument("--label", "--class-label", dest="class_label", action="append", default=None,
                    help="class models: class id (integer) or a class name from the model's id2label; repeatable")
     p.add_argument("--prompt", action="append", default=None, help="text and video models: the prompt; repeatable")
     p.add_argument("--negative-prompt", dest="negative_prompt", default=None,
                    help="text and video models: the prompt guidance steers away from (default: the empty prompt)")
     # Numbers are parsed here rather than by argparse, so that a bad value is one clear line like every other error.
-    p.add_argument("--steps", default="50", help="sampling steps (default 50)")
+    p.add_argument("--steps", default=None,
+                   help=f"diffusion models: sampling steps (default {DEFAULT_STEPS}); VAR samples one step per scale")
     p.add_argument("--cfg", default="4.0", help="classifier-free guidance scale, >= 0; 1 = no guidance (default 4)")
     p.add_argument("--sampler", default=None,
-                   help="ddpm, ddim, dpm++ or euler (default: the scheduler saved with the model)")
+                   help="diffusion models: ddpm, ddim, dpm++ or euler (default: the scheduler saved with the model)")
+    p.add_argument("--top-k", dest="top_k", default=None,
+                   help="VAR models: sample each token from the k most likely codes, an integer >= 0 (default 0: off)")
+    p.add_argument("--top-p", dest="top_p", default=None,
+                   help="VAR models: then from the smallest set of codes whose probability reaches p, in [0, 1] "
+                        "(default 0: off; 1 is off too)")
     p.add_argument("--seed", default="0", help="seed of the torch.Generator (default 0)")
     p.add_argument("--num", default="1", help=f"images (videos) per label or prompt, 1..{MAX_NUM} (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
@@ -104,10 +117,22 @@ def _model_index(folder: Path) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("_class_name") not in PIPELINE_KINDS:
+    if not isinstance(index, dict) or index.get("_class_name") not in (*PIPELINE_KINDS, VAR_PIPELINE):
         name = index.get("_class_name") if isinstance(index, dict) else None
-        raise ValueError(f"model {folder} is a {name!r} folder; generate takes {', '.join(PIPELINE_KINDS)}")
+        raise ValueError(f"model {folder} is a {name!r} folder; generate takes "
+                         f"{', '.join([*PIPELINE_KINDS, VAR_PIPELINE])}")
+    if index["_class_name"] == VAR_PIPELINE:
+        transformer = (index.get("transformer") or [None, None])[-1]
+        if transformer not in VAR_KINDS:
+            raise ValueError(f"model {folder} is a VARPipeline with a {transformer!r} transformer; valid: "
+                             f"{', '.join(VAR_KINDS)}")
     return index
+
+
+def _kind(index: dict) -> str:
+    if index["_class_name"] == VAR_PIPELINE:
+        return VAR_KINDS[index["transformer"][-1]]
+    return PIPELINE_KINDS[index["_class_name"]]
 
 
 def pipeline_folder(model: str | Path) -> Path:
@@ -118,8 +143,30 @@ def pipeline_folder(model: str | Path) -> Path:
 
 
 def model_kind(model: str | Path) -> str:
-    """"class", "text" or "video": what the model folder's `_class_name` makes it."""
-    return PIPELINE_KINDS[_model_index(pipeline_folder(model))["_class_name"]]
+    """"class", "text" or "video": what the model folder's `_class_name` (a VARPipeline: its transformer) makes it."""
+    return _kind(_model_index(pipeline_folder(model)))
+
+
+def is_var(model: str | Path) -> bool:
+    """Whether the model is a next-scale VARPipeline folder (else a diffusion pipeline)."""
+    return _model_index(pipeline_folder(model))["_class_name"] == VAR_PIPELINE
+
+
+def var_scales(model: str | Path) -> int:
+    """A VAR model's number of scales K (its sampling steps): the transformer config's patch_nums."""
+    folder = pipeline_folder(model)
+    config = folder / _model_index(folder)["component_folders"]["transformer"] / "config.json"
+    return len(json.loads(config.read_text())["patch_nums"])
+
+
+def check_kind(model: str | Path, kind: str) -> Path:
+    """The model's folder, or a ValueError if it is not a model of `kind`."""
+    folder = pipeline_folder(model)
+    found = _kind(_model_index(folder))
+    if found != kind:
+        raise ValueError(f"model {folder.name} is a {TASKS[found]} model ({_model_index(folder)['_class_name']}), "
+                         f"not a {TASKS[kind]} model")
+    return folder
 
 
 def label_ids(folder: Path) -> dict[str, int]:
@@ -180,7 +227,11 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _pipeline_class(kind: str):
+def _pipeline_class(index: dict):
+    if index["_class_name"] == VAR_PIPELINE:
+        from vlm.var_pipeline import VARPipeline
+        return VARPipeline
+    kind = _kind(index)
     if kind == CLASS:
         from dit.pipelines import ClassToImagePipeline
         return ClassToImagePipeline
@@ -191,8 +242,8 @@ def _pipeline_class(kind: str):
 @functools.lru_cache(maxsize=4)
 def load_pipeline(folder: Path, device: str, dtype: str):
     """The folder's pipeline (`ClassToImagePipeline` for DiTPipeline / ClassToImagePipeline folders,
-    `TextToImagePipeline`, `TextToVideoPipeline`, by model_index.json `_class_name`) on `device` in `dtype`, loaded
-    once per process and key."""
+    `TextToImagePipeline`, `TextToVideoPipeline`, `VARPipeline`, by model_index.json `_class_name`) on `device` in
+    `dtype`, loaded once per process and key."""
     torch_dtype = check_dtype(dtype)
     if _index_folder(folder) != folder:  # DyDiT: the base pipeline with the routed transformer (dit/dydit_io.py)
         from dit.dydit_io import load_dydit_pipeline
@@ -201,7 +252,7 @@ def load_pipeline(folder: Path, device: str, dtype: str):
         pipe = pipe if torch_dtype is torch.float32 else pipe.to(dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    cls = _pipeline_class(PIPELINE_KINDS[_model_index(folder)["_class_name"]])
+    cls = _pipeline_class(_model_index(folder))
     # Weights load in float32; cast only for another dtype (the cast makes diffusers log a warning).
     pipe = cls.from_pretrained(folder, torch_dtype=None if torch_dtype is torch.float32 else torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -235,17 +286,19 @@ def make_sampler(folder: Path, sampler: str | None):
 
 
 # ----------------------------------------------------------------------------------------------- generation
-def _check_numbers(steps, cfg, seed, num) -> None:
-    def is_int(x):
-        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
-    if not is_int(steps) or steps < 1:
+
+def _check_numbers(steps, cfg, seed, num) -> None:
+    """steps None: a VAR model (one step per scale)."""
+    if steps is not None and (not _is_int(steps) or steps < 1):
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or cfg < 0:
         raise ValueError(f"cfg (guidance scale) must be a finite number >= 0; got {cfg!r}")
-    if not is_int(seed) or not 0 <= seed < 2**63:
+    if not _is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
-    if not is_int(num) or not 1 <= num <= MAX_NUM:
+    if not _is_int(num) or not 1 <= num <= MAX_NUM:
         raise ValueError(f"num must be an integer in [1, {MAX_NUM}]; got {num!r}")
 
 
@@ -254,11 +307,10 @@ def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype):
     _check_numbers(steps, cfg, seed, num)
     device = check_device(device)
     check_dtype(dtype)
-    folder = pipeline_folder(model)
-    found = PIPELINE_KINDS[_model_index(folder)["_class_name"]]
-    if found != kind:
-        raise ValueError(f"model {folder.name} is a {TASKS[found]} model ({_model_index(folder)['_class_name']}), "
-                         f"not a {TASKS[kind]} model")
+    folder = check_kind(model, kind)
+    if is_var(folder):
+        raise ValueError(f"model {folder.name} is a VAR (next-scale) model: it has no steps or sampler; sample it "
+                         "with generate_var_images")
     scheduler, sampler_name = make_sampler(folder, sampler)
     return folder, load_pipeline(folder, device, dtype), scheduler, sampler_name, device
 
@@ -267,7 +319,8 @@ def _sample(pipe, scheduler, device: str, seed: int, call):
     """`call(generator)` with the scheduler swapped in, under the lock; -> (its result, wall seconds, the executed
     FLOPs of a DyDiT model: `_flops_settings`)."""
     with _GENERATE_LOCK:
-        pipe.scheduler = scheduler
+        if scheduler is not None:  # None: a VAR pipeline, which has none
+            pipe.scheduler = scheduler
         counter = getattr(pipe.transformer, "counter", None)  # a DyDiT's MAC counter (dit/dydit.py)
         if counter is not None:
             counter.reset()
@@ -372,6 +425,53 @@ def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20
             for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 
+def check_top_k_top_p(top_k, top_p) -> None:
+    """VAR's token filters: top_k an integer >= 0 (0 or >= the vocabulary: off), top_p in [0, 1] (0 or 1: off)."""
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top-k must be an integer >= 0 (0 = off); got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not math.isfinite(top_p) \
+            or not 0 <= top_p <= 1:
+        raise ValueError(f"top-p must be a number in [0, 1] (0 = off); got {top_p!r}")
+
+
+def generate_var_images(model: str | Path, prompts: int | str | list[int | str], cfg: float = 4.0, seed: int = 0,
+                        num: int = 1, top_k: int = 0, top_p: float = 0.0, device: str | None = None,
+                        dtype: str = "float32", callback=None) -> list[tuple[PIL.Image.Image, dict]]:
+    """`num` images per class label (a class VAR: ids or id2label names) or prompt (a text VAR), in one batch
+    (prompt-major), as (image, settings) pairs: `VARPipeline` with `guidance_scale=cfg`, `top_k`, `top_p` and
+    `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, family "var", label or prompt,
+    index, size, scales (K, VAR's steps), cfg, top_k, top_p, seed, device, dtype, seconds.
+    `callback(k, K, tokens, f_hat)` runs after every scale (`pipe.preview(f_hat)` gives its images)."""
+    _check_numbers(None, cfg, seed, num)
+    check_top_k_top_p(top_k, top_p)
+    device = check_device(device)
+    check_dtype(dtype)
+    folder = pipeline_folder(model)
+    if not is_var(folder):
+        raise ValueError(f"model {folder.name} is a diffusion model, not a VAR model: it takes steps and a sampler, "
+                         "not top-k / top-p")
+    kind = model_kind(folder)
+    pipe = load_pipeline(folder, device, dtype)
+    if kind == CLASS:
+        labels = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        if not labels:
+            raise ValueError("no class label given")
+        items = [resolve_label(folder, y, pipe.transformer.config.num_classes) for y in labels]
+        what = "label"
+    else:
+        items, _ = _check_prompts(prompts, None)
+        what = "prompt"
+    output, seconds, _ = _sample(pipe, None, device, seed, lambda generator: pipe(
+        items, guidance_scale=float(cfg), top_k=int(top_k), top_p=float(top_p), generator=generator,
+        num_images_per_prompt=num, output_type="pil", callback=callback))
+    batch = [item for item in items for _ in range(num)]  # the pipeline's prompt-major order
+    scales = len(pipe.transformer.patch_nums)
+    return [(image, {"model": folder.name, "task": TASKS[kind], "family": "var", what: item, "index": i,
+                     "size": list(image.size), "scales": scales, "cfg": float(cfg), "top_k": int(top_k),
+                     "top_p": float(top_p), "seed": seed, "device": device, "dtype": dtype, "seconds": seconds})
+            for i, (image, item) in enumerate(zip(output.images, batch))]
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(text)).strip("-") or "x"
 
@@ -428,9 +528,20 @@ def _parse(kind, name: str, text: str):
         raise ValueError(f"--{name} must be {'an integer' if kind is int else 'a number'}; got {text!r}") from None
 
 
-def _check_flags(args, kind: str, name: str) -> None:
-    """The options the model's kind takes: one clear error for one of another kind."""
+def _check_flags(args, kind: str, name: str, var: bool = False) -> None:
+    """The options the model's kind (and family: VAR or diffusion) takes: one clear error for one of another."""
     what = f"model {name} is a {TASKS[kind]} model"
+    if var:
+        wrong = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),
+                                          ("--negative-prompt", args.negative_prompt)) if value is not None]
+        if wrong:
+            raise ValueError(f"model {name} is a VAR (next-scale) model: it samples one step per scale and takes "
+                             f"no {' / '.join(wrong)} (its options: --cfg, --top-k, --top-p)")
+    else:
+        wrong = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+        if wrong:
+            raise ValueError(f"{what}: {' / '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to VAR "
+                             "(next-scale) models, not to this diffusion model")
     if kind == CLASS:
         wrong = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt))
                  if value is not None]
@@ -471,24 +582,31 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    kind = model_kind(args.model)
-    _check_flags(args, kind, args.model)
+    kind, var = model_kind(args.model), is_var(args.model)
+    _check_flags(args, kind, args.model, var)
     _check_shape(args, pipeline_folder(args.model))
     fps = DEFAULT_FPS
     if kind == VIDEO and args.fps is not None:
         fps = _parse(float, "fps", args.fps)
         if not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"--fps must be a finite number > 0; got {args.fps!r}")
-    numbers_ = dict(steps=_parse(int, "steps", args.steps), cfg=_parse(float, "cfg", args.cfg),
-                    seed=_parse(int, "seed", args.seed), num=_parse(int, "num", args.num))
-    common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, **numbers_)
-    if kind == CLASS:
-        labels = args.class_label if len(args.class_label) > 1 else args.class_label[0]
-        results = generate_class_images(args.model, labels, **common)
-    elif kind == TEXT:
-        results = generate_text_images(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
+    numbers_ = dict(cfg=_parse(float, "cfg", args.cfg), seed=_parse(int, "seed", args.seed),
+                    num=_parse(int, "num", args.num))
+    if var:
+        filters = dict(top_k=_parse(int, "top-k", "0" if args.top_k is None else args.top_k),
+                       top_p=_parse(float, "top-p", "0" if args.top_p is None else args.top_p))
+        results = generate_var_images(args.model, args.class_label if kind == CLASS else args.prompt,
+                                      device=args.device, dtype=args.dtype, **filters, **numbers_)
     else:
-        results = generate_videos(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
+        steps = _parse(int, "steps", str(DEFAULT_STEPS) if args.steps is None else args.steps)
+        common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, steps=steps, **numbers_)
+        if kind == CLASS:
+            labels = args.class_label if len(args.class_label) > 1 else args.class_label[0]
+            results = generate_class_images(args.model, labels, **common)
+        elif kind == TEXT:
+            results = generate_text_images(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
+        else:
+            results = generate_videos(args.model, args.prompt, negative_prompt=args.negative_prompt, **common)
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
     for result, settings in results:

@@ -1,13 +1,16 @@
 """The web UI (Gradio Blocks): one tab per task that has a pipeline, and a Benchmark tab.
 
 The UI holds no model logic: every Generate button calls the functions `ditstudio generate` calls
-(`app.generate.generate_class_images` / `generate_text_images` / `generate_videos`), every result is saved under the
+(`app.generate.generate_class_images` / `generate_text_images` / `generate_videos`, and `generate_var_images` for a
+VAR (next-scale) model, listed in the class → image / text → image tab of its task), every result is saved under the
 outputs folder the way the CLI saves it (PNG / GIF with the settings embedded) and shown from there, so a download
 carries its settings and nothing is lost when the page closes. What is UI-specific lives here:
 
 - progress and a live preview: the pipelines' per-step `callback` reports the step and, every `PREVIEW_EVERY`
-  steps, the VAE's decode of the current latents; the sampling runs in a worker thread and the event handler
-  (a generator) yields the preview as it comes;
+  steps, the VAE's decode of the current latents (a VAR model: per scale, the tokenizer's decode of the current
+  f̂); the sampling runs in a worker thread and the event handler (a generator) yields the preview as it comes;
+- top-k / top-p controls, shown while a VAR model is picked (steps, sampler and negative prompt are hidden then);
+  non-zero values for a diffusion model are refused, as the CLI refuses them;
 - cancel: the Cancel button cancels the event; the handler's `finally` sets a flag the next step's callback turns
   into an exception, so the worker stops sampling instead of running to the end;
 - a per-session gallery (`gr.State`), a seed box with a dice button, the seed actually used shown with the result;
@@ -37,7 +40,7 @@ QUEUE_SIZE = 16
 MAX_SEED = 2**31 - 1
 MAX_BATCH = 8
 MAX_STEPS = 200
-DEFAULTS = dict(steps=25, cfg=4.0, sampler="dpm++", seed=0, num=1)
+DEFAULTS = dict(steps=25, cfg=4.0, sampler="dpm++", seed=0, num=1, top_k=0, top_p=0.0)
 KIND_TITLES = {gen.TEXT: "Text → image", gen.CLASS: "Class → image", gen.VIDEO: "Text → video"}
 DEFAULT_MODELS = {gen.TEXT: "shapes-t2i", gen.CLASS: "shapes-c2i", gen.VIDEO: "shapes-t2v"}
 
@@ -58,6 +61,13 @@ def models_by_kind(directory: Path | None = None) -> dict[str, dict[str, str]]:
             continue
         out[kind][entry.name] = str(entry.path)
     return out
+
+
+def _is_var(model) -> bool:
+    try:
+        return bool(model) and gen.is_var(model)
+    except (ValueError, OSError, KeyError):
+        return False
 
 
 def _model_choice(kind: str, models: dict[str, str]) -> str | None:
@@ -84,7 +94,8 @@ def _number(value, name: str, kind=float, lo=None, hi=None):
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be {'a whole number' if kind is int else 'a number'}; got {value!r}") from None
     if x != x or (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise ValueError(f"{name} must be between {lo} and {hi}; got {value!r}")
+        raise ValueError(f"{name} must be " + (f"between {lo} and {hi}" if hi is not None else f">= {lo}")
+                         + f"; got {value!r}")
     return x
 
 
@@ -106,17 +117,28 @@ def _preview(folder: str, latents: torch.Tensor):
     return pipe.image_processor.postprocess(image, "pil")[0]
 
 
-def _run_with_progress(call, folder: str, steps: int, progress: gr.Progress):
+def _var_preview(folder: str, f_hat: torch.Tensor):
+    """A VAR model's first sample after the current scale: its f̂ through the tokenizer's decoder."""
+    return gen.load_pipeline(gen.pipeline_folder(folder), str(f_hat.device), "float32").preview(f_hat[:1])[0]
+
+
+def _run_with_progress(call, folder: str, steps: int, progress: gr.Progress, var: bool = False):
     """Run `call(callback)` in a worker thread; yield (step, preview or None) as sampling goes, then return its
-    result (StopIteration value). Cancelling (closing this generator) stops the sampling at its next step."""
+    result (StopIteration value). Cancelling (closing this generator) stops the sampling at its next step.
+    `var`: the callback is VAR's per-scale `(k, K, tokens, f_hat)` (steps = K), previewed at every scale."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     box: dict = {}
+    unit = "scale" if var else "step"
 
-    def callback(step, t, latents):
+    def callback(step, *state):
         if stop.is_set():
             raise Cancelled()
-        preview = _preview(folder, latents) if (step + 1) % PREVIEW_EVERY == 0 or step + 1 == steps else None
+        if var:
+            preview = _var_preview(folder, state[-1])
+        else:
+            last = (step + 1) % PREVIEW_EVERY == 0 or step + 1 == steps
+            preview = _preview(folder, state[-1]) if last else None
         events.put((step + 1, preview))
 
     def work():
@@ -136,7 +158,7 @@ def _run_with_progress(call, folder: str, steps: int, progress: gr.Progress):
             if item is None:
                 break
             step, preview = item
-            progress(step / steps, desc=f"step {step}/{steps}")
+            progress(step / steps, desc=f"{unit} {step}/{steps}")
             if preview is not None:
                 yield step, preview
     finally:
@@ -163,21 +185,46 @@ def _outputs(outputs_dir: Path) -> Path:
     return folder
 
 
-def make_generate(kind: str, outputs_dir: Path, device: str | None):
+def _var_call(kind: str, folder: str, what, negative, cfg, seed, num, top_k, top_p, device):
+    """`call(callback)` sampling a VAR model (gen.generate_var_images) for one tab's request."""
+    gen.check_kind(folder, kind)
+    if kind == gen.CLASS:
+        if what in (None, ""):
+            raise ValueError("pick a class")
+    else:
+        if not isinstance(what, str) or not what.strip():
+            raise ValueError("the prompt is empty")
+        if negative and negative.strip():
+            raise ValueError("VAR models take no negative prompt: clear it")
+        what = what.strip()
+    return lambda cb: gen.generate_var_images(folder, [what], cfg, seed, num, top_k, top_p, device, callback=cb)
+
+
+def make_generate(kind: str, outputs_dir: Path, device: str | None, models: dict[str, str] | None = None):
     """The Generate handler of one tab: (model, what, negative, sampler, steps, cfg, seed, randomize, num,
-    gallery) -> yields (preview, gallery, status, gallery state)."""
+    gallery, top_k, top_p) -> yields (preview, gallery, status, gallery state). `models` (name -> folder, the tab's
+    list) resolves the names of models from `--models-dir`; other values are shipped names or paths. A VAR model
+    ignores steps and sampler (one step per scale); a diffusion model refuses non-zero top-k / top-p."""
+    models = models or {}
 
     def handler(model, what, negative, sampler, steps, cfg, seed, randomize, num, gallery,
-                progress=gr.Progress()):
+                top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], progress=gr.Progress()):
         try:
             if not model:
                 raise ValueError("no model selected")
-            folder = str(gen.pipeline_folder(model))
-            steps = _number(steps, "steps", int, 1, MAX_STEPS)
+            folder = str(gen.pipeline_folder(models.get(model, model)))
+            var = gen.is_var(folder)
             cfg = _number(cfg, "guidance", float, 0, 30)
             num = _number(num, "batch size", int, 1, MAX_BATCH)
+            top_k, top_p = _number(top_k, "top-k", int, 0), _number(top_p, "top-p", float, 0, 1)
+            if not var and (top_k or top_p):
+                raise ValueError(f"top-k / top-p only apply to VAR (next-scale) models; {model} is a diffusion "
+                                 "model: set them to 0")
+            steps = gen.var_scales(folder) if var else _number(steps, "steps", int, 1, MAX_STEPS)
             seed = _seed(seed, randomize)
-            if kind == gen.CLASS:
+            if var:
+                call = _var_call(kind, folder, what, negative, cfg, seed, num, top_k, top_p, device)
+            elif kind == gen.CLASS:
                 if what in (None, ""):
                     raise ValueError("pick a class")
                 call = lambda cb: gen.generate_class_images(folder, [what], steps, cfg, sampler, seed, num,  # noqa: E731
@@ -188,14 +235,14 @@ def make_generate(kind: str, outputs_dir: Path, device: str | None):
                 fn = gen.generate_text_images if kind == gen.TEXT else gen.generate_videos
                 call = lambda cb: fn(folder, [what.strip()], steps, cfg, seed, num, sampler, negative or "",  # noqa: E731
                                      device, callback=cb)
-            runner = _run_with_progress(call, folder, steps, progress)
+            runner = _run_with_progress(call, folder, steps, progress, var=var)
             while True:
                 try:
                     step, preview = next(runner)
                 except StopIteration as done:
                     results = done.value
                     break
-                yield preview, gallery, f"step {step}/{steps} · seed {seed}", gallery
+                yield preview, gallery, f"{'scale' if var else 'step'} {step}/{steps} · seed {seed}", gallery
             out = _outputs(outputs_dir)
             date = time.strftime("%Y%m%d-%H%M%S")
             paths = []
@@ -222,7 +269,8 @@ def make_generate(kind: str, outputs_dir: Path, device: str | None):
 
 
 def restore_settings(file, kind: str):
-    """A dropped PNG / GIF -> updates for (model, what, negative, sampler, steps, cfg, seed, randomize, num)."""
+    """A dropped PNG / GIF -> updates for (model, what, negative, sampler, steps, cfg, seed, randomize, num, top_k,
+    top_p); a VAR image leaves sampler and steps as they are (it has none)."""
     try:
         if file is None:
             raise ValueError("no file")
@@ -241,14 +289,18 @@ def restore_settings(file, kind: str):
             what = names[int(what)] if str(what).isdigit() and int(what) < len(names) else what
         except (ValueError, KeyError, IndexError):
             pass
-    return (settings.get("model"), what, settings.get("negative_prompt", ""), settings.get("sampler"),
-            settings.get("steps"), settings.get("cfg"), settings.get("seed"), False, 1)
+    var = settings.get("family") == "var"
+    return (settings.get("model"), what, settings.get("negative_prompt", ""),
+            gr.update() if var else settings.get("sampler"), gr.update() if var else settings.get("steps"),
+            settings.get("cfg"), settings.get("seed"), False, 1, settings.get("top_k", DEFAULTS["top_k"]),
+            settings.get("top_p", DEFAULTS["top_p"]))
 
 
 # ----------------------------------------------------------------------------------------------- layout
 def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str | None, send_to_chat: bool = False):
     """One generation tab; returns (result image, "Send to Chat" button or None) for the caller's wiring."""
     choice = _model_choice(kind, models)
+    var = _is_var(models.get(choice))
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(list(models), value=choice, label="model", allow_custom_value=True)
@@ -257,17 +309,22 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
                 what = gr.Dropdown(names, value=names[0] if names else None, label="class", allow_custom_value=True)
                 negative = gr.Textbox(visible=False)
                 def pick_model(m):
-                    choices = class_names(m)
+                    choices = class_names(models.get(m, m))
                     return gr.update(choices=choices, value=choices[0])
 
                 model.change(pick_model, model, what, api_name=False)
             else:
                 what = gr.Textbox(label="prompt", lines=2, placeholder="a big red star in the top left")
-                negative = gr.Textbox(label="negative prompt", value="")
+                negative = gr.Textbox(label="negative prompt", value="", visible=not var)
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULTS["sampler"], label="sampler")
-                steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="steps")
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULTS["sampler"], label="sampler", visible=not var)
+                steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="steps", visible=not var)
                 cfg = gr.Slider(0, 15, value=DEFAULTS["cfg"], step=0.5, label="guidance")
+            with gr.Row():  # VAR (next-scale) models only
+                top_k = gr.Number(value=DEFAULTS["top_k"], precision=0, minimum=0, label="top-k (VAR; 0 = off)",
+                                  visible=var)
+                top_p = gr.Slider(0, 1, value=DEFAULTS["top_p"], step=0.01, label="top-p (VAR; 0 = off)",
+                                  visible=var)
             with gr.Row():
                 seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="seed", minimum=0, maximum=MAX_SEED)
                 dice = gr.Button("new seed", scale=0, min_width=90)
@@ -287,15 +344,25 @@ def _task_tab(kind: str, models: dict[str, str], outputs_dir: Path, device: str 
                                  buttons=["download", "fullscreen"])
             # images only: the chat model reads a still picture (a video tab's result is a GIF)
             send = gr.Button("Send to Chat", size="sm") if send_to_chat and kind != gen.VIDEO else None
+
+    def pick_family(m):
+        """VAR: show top-k / top-p, hide steps, sampler and negative prompt; diffusion: the reverse, filters off."""
+        var = _is_var(models.get(m, m))
+        off = {} if var else {"value": 0}
+        return (gr.update(visible=not var), gr.update(visible=not var),
+                gr.update(visible=not var and kind == gen.TEXT, **({"value": ""} if var else {})),
+                gr.update(visible=var, **off), gr.update(visible=var, **off))
+
+    model.change(pick_family, model, [sampler, steps, negative, top_k, top_p], api_name=False)
     state = gr.State([])
-    inputs = [model, what, negative, sampler, steps, cfg, seed, randomize, num, state]
-    event = run.click(make_generate(kind, outputs_dir, device), inputs, [preview, gallery, status, state],
+    inputs = [model, what, negative, sampler, steps, cfg, seed, randomize, num, state, top_k, top_p]
+    event = run.click(make_generate(kind, outputs_dir, device, models), inputs, [preview, gallery, status, state],
                       api_name={gen.CLASS: "class_to_image", gen.TEXT: "text_to_image", gen.VIDEO: "text_to_video"}[kind],
                       concurrency_id="generate")
     cancel.click(None, None, None, cancels=[event])
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed, api_name=False)
     restore.upload(lambda f: restore_settings(f, kind), restore,
-                   [model, what, negative, sampler, steps, cfg, seed, randomize, num], api_name=False)
+                   [model, what, negative, sampler, steps, cfg, seed, randomize, num, top_k, top_p], api_name=False)
     return preview, send
 
 
@@ -364,7 +431,8 @@ def build_app(models_directory: str | Path | None = None, outputs_dir: str | Pat
                         send.click(lambda path: (path, gr.Tabs(selected="chat")), result, [chat["image"], tabs],
                                    api_name=False)
             with gr.Tab("Benchmark"):
-                _benchmark_tab([name for models in by_kind.values() for name in models], outputs_dir, device)
+                _benchmark_tab([name for models in by_kind.values() for name, folder in models.items()
+                                if not _is_var(folder)], outputs_dir, device)  # VAR: bench/var_speed.py
     concurrency = 2 if gen.check_device(device).startswith("cuda") else 1
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency)
     return demo

@@ -85,8 +85,12 @@ def _probe(name: str, p: Problem, run: Callable[[Problem], Tensor], variant: str
             warnings.simplefilter("always")
             try:
                 tiny = tiny_like(p)
-                # The probe judges the kernel at the problem's own dtype: no autocast around it.
-                with torch.set_grad_enabled(tiny.needs_grad), torch.autocast(p.q.device.type, enabled=False):
+                # The probe judges the kernel at the problem's own dtype: no autocast around it. Its own autograd
+                # graph keeps its tensors itself (identity saved-tensor hooks): under activation checkpointing the
+                # first call's probe would otherwise count among the block's saved tensors, the recomputation
+                # (probe cached) saves fewer, and torch.utils.checkpoint raises CheckpointError.
+                with torch.set_grad_enabled(tiny.needs_grad), torch.autocast(p.q.device.type, enabled=False), \
+                        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                     _PROBES[key] = _check_on_tiny(run, tiny)
             except Exception as e:  # the probe exists to turn kernel errors into reasons
                 why = [str(w.message).split(" (Triggered internally")[0] for w in caught]

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from diffusers import AutoencoderKL  # noqa: E402
-from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
@@ -56,8 +55,8 @@ from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import to_float  # noqa: E402
 from shapes.scene import class_name  # noqa: E402
-from training import (SpikeGuard, add_common_args, cosine_schedule, optimizer_step, start_run,  # noqa: E402
-                      write_model_card)  # noqa: E402
+from training import (EMA, SpikeGuard, add_common_args, cosine_schedule, full, local, optimizer_step,  # noqa: E402
+                      start_run, write_model_card)  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_VAE = REPO / "weights" / "shapes-vae"
@@ -92,6 +91,11 @@ def parse_args(argv=None):
                    help="shapes data: render and encode this many items once and sample batches from them (0: fresh "
                         "batches every step, CPU-bound)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--qk-norm", action="store_true",
+                   help="fresh named sizes: RMSNorm on queries and keys (bounded attention logits; docs/dit.md)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimiser state over the processes (FSDP2, one shard group per "
+                        "transformer block) instead of replicating them (DDP): for the XL sizes")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -121,12 +125,15 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- model
-def load_model(spec: str, objective: str) -> torch.nn.Module:
-    """A fresh named size (learns σ only under the DDPM objective), a shipped model, a saved folder (ours or
-    diffusers', transformer or whole pipeline) or an official DiT checkpoint file."""
+def load_model(spec: str, objective: str, qk_norm: bool = False) -> torch.nn.Module:
+    """A fresh named size (learns σ only under the DDPM objective; `qk_norm` adds QK-norm), a shipped model, a saved
+    folder (ours or diffusers', transformer or whole pipeline) or an official DiT checkpoint file."""
     for configs, cls in ((DIT_CONFIGS, DiT), (PIXART_CONFIGS, PixArtDiT), (LATTE_CONFIGS, LatteDiT)):
         if spec in configs:
-            return cls.from_name(spec, learn_sigma=objective == "ddpm")
+            return cls.from_name(spec, learn_sigma=objective == "ddpm", qk_norm=qk_norm)
+    if qk_norm:  # a trained model's architecture is its own: adding norms would change what it computes
+        raise ValueError(f"--qk-norm applies to a fresh named size, not to --model {spec!r} (a trained model keeps "
+                         "its own architecture; its config says whether it has QK-norm)")
     path = Path(spec)
     if not path.exists() and (REPO / "weights" / spec).is_dir():  # a shipped model's name
         path = REPO / "weights" / spec
@@ -401,10 +408,14 @@ def selection_score(task: str, metrics: dict) -> float:
 def main(args) -> dict:
     # --batch-size is the global batch and one optimiser step consumes it whatever the number of processes, so the
     # LR schedule advances once per step (accelerate advances it once per process unless batches are "split").
-    run = start_run(args, split_batches=True)
+    if args.fsdp and args.lora:
+        raise ValueError("--fsdp with --lora is not supported: a LoRA fine-tune's trainable weights are small, train "
+                         "it with DDP (without --fsdp)")
+    run = start_run(args, split_batches=True, fsdp=args.fsdp, checkpoint_blocks=args.gradient_checkpointing)
     acc = run.accelerator
+    sharded = acc.is_fsdp2  # --fsdp on more than one process
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
-    model = load_model(args.model, args.objective)
+    model = load_model(args.model, args.objective, args.qk_norm)
     task = task_of(model)
     if (vae.config.latent_channels, vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)) != \
             (model.config.in_channels, model.config.sample_size):
@@ -426,7 +437,7 @@ def main(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of processes x "
                          f"--grad-accum = {world} x {accum}")
     micro = args.batch_size // (world * accum)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and not sharded:  # under FSDP the plugin checkpoints the blocks (fsdp_plugin)
         model.enable_gradient_checkpointing()
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
                      text_encoder.tokenize if text_encoder is not None else None)
@@ -436,14 +447,16 @@ def main(args) -> dict:
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {"vlb_weight": args.vlb_weight}))
     net = add_lora(model, args.lora) if args.lora else model
     params = [p for p in net.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay, foreach=True)
-    ema.to(acc.device)
     impl = args.adam_impl if args.adam_impl != "auto" else ("fused" if acc.device.type == "cuda" else "foreach")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=impl == "fused" or None,
                             foreach=impl == "foreach" if impl != "fused" else None)
     sched = cosine_schedule(opt, args.steps, args.warmup if args.warmup is not None else min(500, args.steps // 10),
                             run.time_progress if args.anneal_to_time_limit else None)
     net, opt, sched = acc.prepare(net, opt, sched)
+    # Under FSDP the prepared model's parameters are new tensors (DTensor shards): the EMA averages those, shard by
+    # shard, and gathers the full weights when they are saved or evaluated.
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema = EMA(params, decay=args.ema_decay, foreach=True)
     acc.register_for_checkpointing(ema)
     step = run.resume()
 
@@ -453,19 +466,50 @@ def main(args) -> dict:
     base = unwrapped.get_base_model() if args.lora else unwrapped  # the DiT / PixArtDiT / LatteDiT itself
 
     best = {"score": -1.0, "step": None, "params": None}  # the best EMA weights seen by the sample evaluation
+    replica = {}
+
+    def gathered(averaged: bool):
+        """FSDP, on every process (a collective): the full weights, current or EMA, in an unsharded copy of the
+        model on the main process (None elsewhere), which the main process evaluates and saves."""
+        if averaged:
+            current = [local(p).detach().clone() for p in params]
+            ema.copy_to(params)
+        state = acc.get_state_dict(net)
+        if averaged:
+            with torch.no_grad():
+                for p, c in zip(params, current):
+                    local(p).copy_(c)
+        if not acc.is_main_process:
+            return None
+        if "model" not in replica:
+            with torch.random.fork_rng(devices=[]):  # its throw-away initialisation leaves the RNG alone
+                cls = next(c for c in TASK_OF if isinstance(base, c))  # not fully_shard's FSDP<class> subclass
+                replica["model"] = cls.from_config(base.config).to(acc.device)
+        replica["model"].load_state_dict(state)
+        return replica["model"]
 
     def evaluate() -> dict:
         """Loss of the current weights; sample metrics of the EMA weights (what would ship). With --keep-best the
-        EMA weights that scored best so far are remembered (a late divergence then cannot ruin the result)."""
-        metrics = {"eval_loss": eval_loss(unwrapped, objective, conditioner, eval_batch, acc.device)}
+        EMA weights that scored best so far are remembered (a late divergence then cannot ruin the result). Under
+        FSDP this runs on every process (gathering the weights) and the main process evaluates."""
+        main = acc.is_main_process
+        current = gathered(averaged=False) if sharded else unwrapped
+        metrics = {"eval_loss": eval_loss(current, objective, conditioner, eval_batch, acc.device)} if main else {}
         if args.sample_eval_n:
-            ema.store(params)
-            ema.copy_to(params)
-            metrics.update(sample_metrics(args, task, base, vae, objective, text_encoder))
-            score = selection_score(task, metrics)
-            if args.keep_best and score > best["score"]:
-                best.update(score=score, step=step, params=[p.detach().clone() for p in params])
-            ema.restore(params)
+            if sharded:
+                shipped = gathered(averaged=True)  # (the same copy: the current weights' loss is taken)
+            else:
+                ema.store(params)
+                ema.copy_to(params)
+                shipped = base
+            if main:
+                metrics.update(sample_metrics(args, task, shipped, vae, objective, text_encoder))
+                score = selection_score(task, metrics)
+                if args.keep_best and score > best["score"]:
+                    kept = shipped.parameters() if sharded else params
+                    best.update(score=score, step=step, params=[p.detach().clone() for p in kept])
+            if not sharded:
+                ema.restore(params)
         return metrics
 
     guard = SpikeGuard(unwrapped, opt, sched, ema, every=args.rollback_on_spike,
@@ -498,13 +542,13 @@ def main(args) -> dict:
             terms = {k: acc.reduce(v.detach(), reduction="mean") for k, v in terms.items()}  # the global batch's
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
             run.log({"step": step, **{k: v.item() for k, v in terms.items()},
-                     "grad_norm": None if grad_norm is None else float(grad_norm), "lr": sched.get_last_lr()[0],
+                     "grad_norm": None if grad_norm is None else float(full(grad_norm)), "lr": sched.get_last_lr()[0],
                      "seconds": round(run.train_seconds(), 3)})
         if guard is not None and (event := guard.update(step, terms["loss"])):
             run.log(event)
             bar.write(f"loss spike at step {step}: window mean {event['window_loss']:.4f} vs best "
                       f"{event['best_window_loss']:.4f}; rolled back, LR x{event['lr_scale']:g}")
-        state = run.end_of_step(step, bar, evaluate)
+        state = run.end_of_step(step, bar, evaluate, evaluate_everywhere=sharded)
         if state == "interrupted":
             bar.close()
             return {}
@@ -514,9 +558,13 @@ def main(args) -> dict:
 
     metrics = {}
     acc.wait_for_everyone()
+    if sharded:  # the EMA's full weights, in an unsharded copy on the main process (a collective)
+        unwrapped = base = gathered(averaged=True)
+        params = [p for p in base.parameters() if p.requires_grad] if acc.is_main_process else None
     if acc.is_main_process:
         final_n = args.final_eval_n or args.sample_eval_n
-        ema.copy_to(params)  # the shipped weights are the EMA
+        if not sharded:
+            ema.copy_to(params)  # the shipped weights are the EMA
         selected = step
         if args.keep_best and best["params"] is not None:
             last = selection_score(task, sample_metrics(args, task, base, vae, objective, text_encoder))
@@ -533,7 +581,7 @@ def main(args) -> dict:
         metrics = {"eval_loss": eval_loss(final, objective, conditioner, eval_batch, acc.device),
                    **sample_metrics(args, task, final, vae, objective, text_encoder, final_n)}
         run.plot(["eval_loss", *[k for k in TARGETS[task] if k in metrics]])
-        card_extra = {"selected_step": selected, "objective": args.objective, "data": args.data, "base_model": args.model, "lora": args.lora,
+        card_extra = {"fsdp": sharded, "selected_step": selected, "objective": args.objective, "data": args.data, "base_model": args.model, "lora": args.lora,
                       "task": task, "vae": _shown(args.vae)}
         if final_n and args.objective == "ddpm":
             card_extra["eval"] = {"kind": task, "n": final_n, "seed": 0, "cfg": args.sample_eval_cfg, "steps": 25,

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, set_seed
+from diffusers.training_utils import EMAModel
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def add_common_args(p) -> None:
@@ -96,16 +98,19 @@ class Run:
         self.args.steps = step
         return True
 
-    def end_of_step(self, step: int, bar, evaluate) -> str:
+    def end_of_step(self, step: int, bar, evaluate, evaluate_everywhere: bool = False) -> str:
         """The bookkeeping after optimiser step `step`: evaluation every --eval-every steps and at the end
-        (`evaluate()` returns a metrics dict; main process only), a checkpoint every --ckpt-every steps.
-        Returns "go" to continue, "stop" to end the loop and save (time limit), or "interrupted" to return
-        without saving (--stop-after)."""
+        (`evaluate()` returns a metrics dict; it runs on the main process only, or with `evaluate_everywhere` on
+        every process, e.g. to gather sharded weights, and the main process's result is logged), a checkpoint
+        every --ckpt-every steps. Returns "go" to continue, "stop" to end the loop and save (time limit), or
+        "interrupted" to return without saving (--stop-after)."""
         args = self.args
-        if (step % args.eval_every == 0 or step == args.steps) and self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if (step % args.eval_every == 0 or step == args.steps) and (main or evaluate_everywhere):
             metrics = evaluate()
-            self.log({"step": step, **metrics})
-            bar.write(f"step {step}: {metrics}")
+            if main:
+                self.log({"step": step, **metrics})
+                bar.write(f"step {step}: {metrics}")
         if step % args.ckpt_every == 0 and step < args.steps:
             self.checkpoint(step)
         if self.interrupted(step):
@@ -167,17 +172,91 @@ class Run:
         return path
 
 
-def start_run(args, *, split_batches: bool = False) -> Run:
+def fsdp_plugin(mixed_precision: str = "no", checkpoint_blocks: bool = False) -> FullyShardedDataParallelPlugin:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) through accelerate: every transformer block is its own shard
+    group (accelerate's transformer-based wrap reads the block classes from the model's `_no_split_modules`), the
+    root group holds the embedders and the final layer; parameters are resharded after each block's forward;
+    checkpoints and `get_state_dict` hold the full, unsharded weights. Under --mixed-precision the blocks compute in
+    bf16 / fp16 from fp32 master weights, and gradients are reduced in fp32 (as DDP's are).
+
+    `checkpoint_blocks`: activation checkpointing of every block, applied by accelerate inside the shard groups
+    (torch's checkpoint_wrapper around each block, then fully_shard: accelerate's and torchtitan's order, so the
+    checkpointed region holds the block's computation and not FSDP's gather hooks); it replaces the model's own
+    (diffusers') gradient checkpointing under FSDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else None
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                                          mixed_precision_policy=policy, activation_checkpointing=checkpoint_blocks)
+
+
+def start_run(args, *, split_batches: bool = False, fsdp: bool = False, checkpoint_blocks: bool = False) -> Run:
+    """The run folder and the Accelerator. `fsdp`: shard the model over the processes (`fsdp_plugin`, with
+    `checkpoint_blocks`) instead of replicating it (DDP); on one process there is nothing to shard and training is
+    the plain one."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from accelerate import DataLoaderConfiguration
+    from accelerate.state import PartialState
 
+    plugin = fsdp_plugin(args.mixed_precision, checkpoint_blocks) if fsdp else None
     # (Accelerator's own split_batches= keyword is accepted but ignored by recent accelerate: the config object is
     # what its LR scheduler wrapper reads.)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, fsdp_plugin=plugin,
                               dataloader_config=DataLoaderConfiguration(split_batches=split_batches))
+    if fsdp and accelerator.num_processes > 1 and not accelerator.is_fsdp2:
+        if accelerator.distributed_type != DistributedType.MULTI_CPU:
+            raise RuntimeError(f"--fsdp: accelerate chose {accelerator.distributed_type} instead of FSDP")
+        # accelerate 1.15 applies an FSDP plugin only to accelerator processes (AcceleratorState.__init__ lists
+        # MULTI_GPU, MULTI_NPU, ...); CPU processes would silently train with DDP instead. torch's fully_shard
+        # runs on a CPU (gloo) mesh, so take accelerate's FSDP path explicitly: the same code as on GPUs, which is
+        # what tests/test_train_parallel.py checks on the CPU.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
     set_seed(args.seed)
     return Run(args=args, accelerator=accelerator, out=out)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the shard of an FSDP2 (DTensor) parameter or state, else the tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 (DTensor) shard gathered from every process (a collective), else the tensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class EMA(EMAModel):
+    """diffusers' EMAModel, kept in the parameters' own layout, with a checkpoint state that is always the full
+    weights: under FSDP each process averages its own shards (no communication per step) and `state_dict` gathers
+    them (a collective: accelerate's save_state calls it on every process, then writes the main one's).
+    `load_state_dict` copies the saved weights into the existing shadows in place, so they keep their device and
+    sharding (diffusers' own replaces them with the loaded CPU tensors: a resumed GPU run would average CUDA
+    parameters into CPU shadows)."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "shadow_params": [full(p).cpu() for p in self.shadow_params]}
+
+    @torch.no_grad()
+    def copy_to(self, parameters) -> None:
+        """Shard by shard (DTensor has no sharding rule for the foreach copy diffusers uses)."""
+        for shadow, param in zip(self.shadow_params, parameters):
+            local(param).copy_(local(shadow))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        shadows = self.shadow_params
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for mine, saved in zip(shadows, self.shadow_params):
+                if isinstance(mine, DTensor):  # every process holds the full tensor: take its shard, no transfer
+                    saved = distribute_tensor(saved.to(mine.device), mine.device_mesh, mine.placements,
+                                              src_data_rank=None)
+                local(mine).copy_(local(saved))
+        self.shadow_params = shadows
 
 
 def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int,
@@ -229,21 +308,30 @@ class SpikeGuard:
         self.saved = None
         self.rollbacks: list[dict] = []
 
+    # Snapshots hold each process's own part (`local`: its shards under FSDP, everything under DDP) and are copied
+    # back in place, so every tensor keeps its device, dtype and sharding.
+    def _opt_states(self) -> list[dict]:
+        return [self.opt.state[p] for group in self.opt.param_groups for p in group["params"]]
+
     def _snapshot(self):
-        cpu = lambda t: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t  # noqa: E731
-        opt_state = {k: {n: cpu(v) for n, v in st.items()} for k, st in self.opt.state_dict()["state"].items()}
+        cpu = lambda t: local(t).detach().to("cpu", copy=True) if torch.is_tensor(t) else t  # noqa: E731
         return {"model": {k: cpu(v) for k, v in self.model.state_dict().items()},
-                "opt": opt_state,
+                "opt": [{n: cpu(v) for n, v in st.items()} for st in self._opt_states()],
                 "ema": [cpu(p) for p in self.ema.shadow_params] if self.ema is not None else None}
 
+    @torch.no_grad()
     def _restore(self, snap) -> None:
-        self.model.load_state_dict(snap["model"])
-        state = self.opt.state_dict()
-        state["state"] = snap["opt"]
-        self.opt.load_state_dict(state)  # load_state_dict moves the moments back to the parameters' device
+        for k, v in self.model.state_dict().items():
+            local(v).copy_(snap["model"][k])
+        for st, saved in zip(self._opt_states(), snap["opt"]):
+            for n, v in st.items():
+                if torch.is_tensor(v):
+                    local(v).copy_(saved[n])
+                else:
+                    st[n] = saved[n]
         if self.ema is not None:
             for shadow, saved in zip(self.ema.shadow_params, snap["ema"]):
-                shadow.copy_(saved)
+                local(shadow).copy_(saved)
 
     def update(self, step: int, loss: torch.Tensor) -> dict | None:
         """Call after each optimiser step with that step's loss; returns a record when it rolled back."""

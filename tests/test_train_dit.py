@@ -328,3 +328,14 @@ def test_time_limit_checkpoints_so_a_longer_limit_resumes(tiny_dit, tmp_path, ca
     assert "resumed from" in capsys.readouterr().out
     assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r] \
         == [1, 2, 3]
+
+
+def test_qk_norm_flag_builds_fresh_sizes_and_refuses_trained_models(tmp_path):
+    for name, cls in (("DiT-T/2", "DiT"), ("PixArt-T/2", "PixArtDiT"), ("Latte-T/2", "LatteDiT")):
+        model = train_dit.load_model(name, "ddpm", qk_norm=True)
+        assert type(model).__name__ == cls and model.config.qk_norm
+        assert any("qk_norm" in k for k in model.state_dict())
+        assert not train_dit.load_model(name, "ddpm").config.qk_norm
+    DiT(**TINY).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="--qk-norm applies to a fresh named size"):
+        train_dit.load_model(str(tmp_path / "m"), "ddpm", qk_norm=True)

@@ -1,7 +1,8 @@
 """scripts/train_dit.py splits one global batch over processes (DDP) and micro-batches (accumulation) without
 changing what is learned: two processes (torchrun, gloo on the CPU — the GPU path is the same code under
 `accelerate launch --multi_gpu`) and two micro-batches give the loss curve and final weights of one process at the
-same global batch, to float rounding."""
+same global batch, to float rounding. The same holds with the model sharded over the two processes (--fsdp,
+FSDP2), also across a checkpoint and resume."""
 import json
 import os
 import subprocess
@@ -13,10 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from dit.dit import DiT
+from dit.latte import LatteDiT
+from dit.pixart import PixArtDiT
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import train_dit  # noqa: E402
+from training import EMA, fsdp_plugin  # noqa: E402
 
 needs_vae = pytest.mark.skipif(not train_dit.SHIPPED_VAE.is_dir(), reason="shapes-vae not shipped yet")
 ARGS = ["--steps", "4", "--batch-size", "8", "--pool", "32", "--lr", "2e-3", "--warmup", "1", "--cpu",
@@ -69,6 +73,72 @@ def test_two_processes_and_accumulation_equal_one_process(tiny, tmp_path):
     assert ref[0][-1] < ref[0][0] * 1.5  # it trained (lr 2e-3, 4 steps), not a frozen model compared with itself
     _close(_result(accum), ref, "2 micro-batches")
     _close(_result(ddp), ref, "2 processes")
+
+
+def _torchrun(args, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), str(REPO / "scripts" / "train_dit.py"), *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@needs_vae
+def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tiny, tmp_path):
+    """--fsdp on two gloo processes: the loss curve and the saved (gathered EMA) weights of one process, with two
+    micro-batches per process (FSDP2's deferred gradient reduction); and a run stopped after a step-2 checkpoint,
+    then resumed (with block checkpointing and the spike guard's snapshots on, which must not change the numbers),
+    goes on with the uninterrupted run's losses and ends with its weights."""
+    one = tmp_path / "one"
+    train_dit.main(train_dit.parse_args(["--out", str(one), "--model", str(tiny), *ARGS]))
+    fsdp = tmp_path / "fsdp"
+    _torchrun(["--out", str(fsdp), "--model", str(tiny), "--fsdp", "--grad-accum", "2", *ARGS], 29518)
+    resumed = tmp_path / "resumed"
+    again = ["--out", str(resumed), "--model", str(tiny), "--fsdp", *ARGS, "--ckpt-every", "2"]
+    _torchrun([*again, "--stop-after", "2"], 29519)
+    assert (resumed / "checkpoints" / "step_2" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP path
+    _torchrun([*again, "--gradient-checkpointing", "--rollback-on-spike", "1"], 29520)
+    assert json.loads((fsdp / "model" / "card.json").read_text())["fsdp"] is True  # sharded, not a DDP fallback
+    ref = _result(one)
+    _close(_result(fsdp), ref, "FSDP, 2 processes")
+    _close(_result(resumed), _result(fsdp), "FSDP, stopped at step 2 and resumed")
+
+
+def test_fsdp_plugin_shards_the_blocks():
+    """The plugin: FSDP2, one shard group per transformer block of each family (from `_no_split_modules`), low
+    precision compute with fp32 gradient reduction, accelerate's block checkpointing on request."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = fsdp_plugin("bf16", checkpoint_blocks=True)
+    assert plugin.fsdp_version == 2 and plugin.activation_checkpointing and plugin.reshard_after_forward is True
+    assert plugin.mixed_precision_policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                 reduce_dtype=torch.float32)
+    assert fsdp_plugin("no").mixed_precision_policy is None
+    tiny = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2)
+    models = {DiT(**tiny, num_classes=4): {"DiTBlock"},
+              PixArtDiT(**tiny, caption_channels=8, max_text_tokens=4): {"PixArtBlock"},
+              LatteDiT(**tiny, caption_channels=8, max_text_tokens=4, num_frames=2): {"PixArtBlock",
+                                                                                      "LatteTemporalBlock"}}
+    for model, blocks in models.items():
+        plugin = fsdp_plugin()
+        plugin.set_auto_wrap_policy(model)  # what accelerate.prepare does first
+        groups = {type(m).__name__ for m in model.modules()
+                  if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)}
+        assert groups == blocks, (type(model).__name__, groups)
+
+
+def test_ema_checkpoint_keeps_the_shadows_in_place():
+    """training.EMA loads a checkpoint into its existing shadows (device and layout kept), unlike diffusers'."""
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    ema = EMA(params, decay=0.5, foreach=True)
+    state = {**ema.state_dict(), "shadow_params": [torch.full((3,), 2.0), torch.full((2, 2), 3.0)],
+             "optimization_step": 7}
+    shadows = ema.shadow_params
+    ema.load_state_dict(state)
+    assert ema.shadow_params is shadows and ema.optimization_step == 7
+    assert shadows[0].tolist() == [2.0] * 3 and shadows[1].eq(3.0).all()
+    ema.copy_to(params)
+    assert params[1].eq(3.0).all()
 
 
 @needs_vae

@@ -135,7 +135,7 @@ def test_restore_settings_from_a_png_and_refuse_junk(tmp_path):
                                                   negative_prompt="red", device="cpu")
     png = gen.save_png(image, settings, tmp_path, "20260101")
     restored = ui.restore_settings(str(png), gen.TEXT)
-    assert restored == ("shapes-t2i", "a blue square", "red", "ddim", 3, 2.5, 11, False, 1)
+    assert restored == ("shapes-t2i", "a blue square", "red", "ddim", 3, 2.5, 11, False, 1, 0, 0.0)  # top-k / p off
     with pytest.raises(gr.Error, match="for text-to-image, not class-to-image"):
         ui.restore_settings(str(png), gen.CLASS)
     junk = tmp_path / "junk.png"

@@ -14,11 +14,14 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 OMP_NUM_THREADS=${OMP_NUM_THREADS:
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 COMMON=(--mixed-precision bf16 --lr ${LR:-3e-4} --keep-best --warmup 500 --ema-decay 0.999 --save-dtype float16 --ckpt-every 100000
         --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 --rollback-on-spike 200 "$@")
+# FRESH=1: train from scratch with QK-norm (the continued models' first-block attention logits had grown until
+# every continuation diverged: docs/dit.md), instead of continuing the folder in weights/.
 train() {  # NAME MODEL STEPS BATCH SAMPLE_N FINAL_N EVAL_EVERY POOL
-  local model=$2; [ -f "weights/$1/model_index.json" ] && model="weights/$1"
+  local model=$2 extra=()
+  if [ -n "${FRESH:-}" ]; then extra=(--qk-norm); elif [ -f "weights/$1/model_index.json" ]; then model="weights/$1"; fi
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
     scripts/train_dit.py --out "runs/$1" --model "$model" --steps "$3" --batch-size "$4" --sample-eval-n "$5" \
-    --final-eval-n "$6" --eval-every "$7" --pool "$8" --compile --save-to "weights/$1" "${COMMON[@]}" > "$OUT/$1.log" 2>&1
+    --final-eval-n "$6" --eval-every "$7" --pool "$8" --compile --save-to "weights/$1" "${extra[@]}" "${COMMON[@]}" > "$OUT/$1.log" 2>&1
 }
 ONLY=${ONLY:-"c2i t2i t2v"}  # which of the three to train in this call
 pids=()
