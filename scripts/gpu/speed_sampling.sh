@@ -6,16 +6,7 @@
 #   3. PixArt-α 512 px, 8 images, eager / default for both.
 # Each step has its own time limit; rows are written to $OUT/sample_dit.json as they are measured (--merge), so a
 # step cut off keeps what it measured. Usage on the device machine:  bash scripts/gpu/speed_sampling.sh
-set -uo pipefail
-source scripts/gpu/env.sh
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-J="$OUT/sample_dit.json"
-step() {  # LIMIT_S ARGS...
-  local limit=$1; shift
-  timeout "$limit" python3 bench/sample_dit.py --out "$J" --merge --budget-s $((limit - 40)) "$@" 2>&1 \
-    | tee -a "$OUT/sample_dit.log" | grep -v "^\s*$" | grep -E '^\{|Error|error|skipped' | cut -c1-400
-}
+source scripts/gpu/sample_steps.sh
 step ${S1:-330} --workloads dit256 --presets eager,default,fused --batches 32 \
   --attention-backends sdpa_cudnn,sdpa_flash,sdpa_efficient,flex
 step ${S2:-90} --workloads dit256 --presets eager,default --batches 1,8

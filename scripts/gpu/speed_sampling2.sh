@@ -3,15 +3,7 @@
 #   1. DiT-XL/2 256 px, 32 images, ours under the `fused` preset (max-autotune with prologue / epilogue fusion; its
 #      compile alone took > 150 s there), with its kernel split and top kernels;
 #   2. PixArt-α 512 px, 8 images, ours compiled (default), kernel split. Diffusers is not re-timed here (no time).
-set -uo pipefail
-source scripts/gpu/env.sh
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-J="$OUT/sample_dit.json"
-step() {  # LIMIT_S ARGS...
-  local limit=$1; shift
-  timeout "$limit" python3 bench/sample_dit.py --out "$J" --merge --budget-s $((limit - 40)) --diffusers-presets none \
-    --split-preset default,fused "$@" 2>&1 | tee -a "$OUT/sample_dit.log" | grep -E '^\{|Error|error' | cut -c1-300
-}
+STEP_ARGS="--diffusers-presets none --split-preset default,fused"
+source scripts/gpu/sample_steps.sh
 step ${S1:-320} --workloads dit256 --presets fused --batches 32
 step ${S2:-160} --workloads pixart512 --presets default --batches 8
