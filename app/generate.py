@@ -33,16 +33,16 @@ import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from app.catalog import VAR_PIPELINE, resolve_model
+from app.catalog import VAR_PIPELINE, VAR_TASKS, resolve_model
 
 # model_index.json `_class_name` -> kind of model; the kinds' tasks (the settings' "task").
 CLASS, TEXT, VIDEO = "class", "text", "video"
 PIPELINE_KINDS = {"DiTPipeline": CLASS, "ClassToImagePipeline": CLASS, "TextToImagePipeline": TEXT,
                   "TextToVideoPipeline": VIDEO}
 TASKS = {CLASS: "class-to-image", TEXT: "text-to-image", VIDEO: "text-to-video"}
-# VARPipeline folders: the transformer class model_index.json names -> kind.
-VAR_KINDS = {"VAR": CLASS, "TextVAR": TEXT}
 TASK = TASKS[CLASS]
+# VARPipeline folders: the transformer class model_index.json names -> kind (the catalog's task table, as kinds).
+VAR_KINDS = {name: next(k for k, t in TASKS.items() if t == task) for name, task in VAR_TASKS.items()}
 METADATA_KEY = "ditstudio"  # PNG text chunk holding the settings as JSON (GIFs: the comment holds the same JSON)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_NUM = 64  # images per label / prompt in one call: all of them go through the model as one batch
@@ -162,9 +162,9 @@ def var_scales(model: str | Path) -> int:
 def check_kind(model: str | Path, kind: str) -> Path:
     """The model's folder, or a ValueError if it is not a model of `kind`."""
     folder = pipeline_folder(model)
-    found = _kind(_model_index(folder))
-    if found != kind:
-        raise ValueError(f"model {folder.name} is a {TASKS[found]} model ({_model_index(folder)['_class_name']}), "
+    index = _model_index(folder)
+    if _kind(index) != kind:
+        raise ValueError(f"model {folder.name} is a {TASKS[_kind(index)]} model ({index['_class_name']}), "
                          f"not a {TASKS[kind]} model")
     return folder
 
@@ -447,10 +447,11 @@ def generate_var_images(model: str | Path, prompts: int | str | list[int | str],
     device = check_device(device)
     check_dtype(dtype)
     folder = pipeline_folder(model)
-    if not is_var(folder):
+    index = _model_index(folder)
+    if index["_class_name"] != VAR_PIPELINE:
         raise ValueError(f"model {folder.name} is a diffusion model, not a VAR model: it takes steps and a sampler, "
                          "not top-k / top-p")
-    kind = model_kind(folder)
+    kind = _kind(index)
     pipe = load_pipeline(folder, device, dtype)
     if kind == CLASS:
         labels = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]

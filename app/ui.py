@@ -185,21 +185,6 @@ def _outputs(outputs_dir: Path) -> Path:
     return folder
 
 
-def _var_call(kind: str, folder: str, what, negative, cfg, seed, num, top_k, top_p, device):
-    """`call(callback)` sampling a VAR model (gen.generate_var_images) for one tab's request."""
-    gen.check_kind(folder, kind)
-    if kind == gen.CLASS:
-        if what in (None, ""):
-            raise ValueError("pick a class")
-    else:
-        if not isinstance(what, str) or not what.strip():
-            raise ValueError("the prompt is empty")
-        if negative and negative.strip():
-            raise ValueError("VAR models take no negative prompt: clear it")
-        what = what.strip()
-    return lambda cb: gen.generate_var_images(folder, [what], cfg, seed, num, top_k, top_p, device, callback=cb)
-
-
 def make_generate(kind: str, outputs_dir: Path, device: str | None, models: dict[str, str] | None = None):
     """The Generate handler of one tab: (model, what, negative, sampler, steps, cfg, seed, randomize, num,
     gallery, top_k, top_p) -> yields (preview, gallery, status, gallery state). `models` (name -> folder, the tab's
@@ -222,18 +207,26 @@ def make_generate(kind: str, outputs_dir: Path, device: str | None, models: dict
                                  "model: set them to 0")
             steps = gen.var_scales(folder) if var else _number(steps, "steps", int, 1, MAX_STEPS)
             seed = _seed(seed, randomize)
-            if var:
-                call = _var_call(kind, folder, what, negative, cfg, seed, num, top_k, top_p, device)
-            elif kind == gen.CLASS:
+            if var:  # (a diffusion model's kind is checked by its generate function)
+                gen.check_kind(folder, kind)
+            if kind == gen.CLASS:
                 if what in (None, ""):
                     raise ValueError("pick a class")
-                call = lambda cb: gen.generate_class_images(folder, [what], steps, cfg, sampler, seed, num,  # noqa: E731
-                                                            device, callback=cb)
             else:
                 if not isinstance(what, str) or not what.strip():
                     raise ValueError("the prompt is empty")
+                what = what.strip()
+            if var:
+                if kind != gen.CLASS and negative and negative.strip():
+                    raise ValueError("VAR models take no negative prompt: clear it")
+                call = lambda cb: gen.generate_var_images(folder, [what], cfg, seed, num, top_k, top_p,  # noqa: E731
+                                                          device, callback=cb)
+            elif kind == gen.CLASS:
+                call = lambda cb: gen.generate_class_images(folder, [what], steps, cfg, sampler, seed, num,  # noqa: E731
+                                                            device, callback=cb)
+            else:
                 fn = gen.generate_text_images if kind == gen.TEXT else gen.generate_videos
-                call = lambda cb: fn(folder, [what.strip()], steps, cfg, seed, num, sampler, negative or "",  # noqa: E731
+                call = lambda cb: fn(folder, [what], steps, cfg, seed, num, sampler, negative or "",  # noqa: E731
                                      device, callback=cb)
             runner = _run_with_progress(call, folder, steps, progress, var=var)
             while True:
