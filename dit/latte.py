@@ -247,6 +247,38 @@ class LatteDiT(ModelMixin, ConfigMixin):
         return cls(**{**LATTE_CONFIGS[name], **overrides})
 
 
+# ----------------------------------------------------------------------------------------------- image init
+# The config entries a video model must share with the image model it starts from (all but depth/num_frames).
+SHARED_WITH_IMAGE = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_heads", "mlp_ratio",
+                     "caption_channels", "max_text_tokens", "learn_sigma", "norm_eps", "interpolation_scale", "qk_norm")
+
+
+@torch.no_grad()
+def init_from_image_model(video: LatteDiT, image: nn.Module) -> LatteDiT:
+    """Start a video model from a trained text-to-image PixArt model, as Latte does (its best variant initialises
+    from PixArt-α): the patch embedding, timestep and caption embedders, adaLN-single map, final layer and spatial
+    block i are the image model's (block i), and every temporal block's output projections (attention `proj`, MLP
+    `fc2`) are zeroed, so each temporal block starts as the identity: a one-frame video is then exactly the image
+    model's output, and a clip starts as the image model per frame plus the temporal position table. Training
+    then only has to learn motion, not what the objects look like. Returns `video`, changed in place."""
+    vc, ic = video.config, image.config
+    if vc.depth != ic.depth:
+        raise ValueError(f"the video model has {vc.depth} spatial blocks, the image model {ic.depth}: they must match")
+    differ = {k: (vc.get(k), ic.get(k)) for k in SHARED_WITH_IMAGE if vc.get(k) != ic.get(k)}
+    if differ:
+        raise ValueError(f"video and image model configs differ in {differ} (video, image)")
+    src = image.state_dict()
+    dst = {k.replace("blocks.", "spatial_blocks.", 1) if k.startswith("blocks.") else k: v for k, v in src.items()}
+    missing, unexpected = video.load_state_dict(dst, strict=False)
+    if unexpected or any(not k.startswith("temporal_blocks.") for k in missing):
+        raise ValueError(f"image weights do not fit the video model: missing {missing}, unexpected {unexpected}")
+    for block in video.temporal_blocks:
+        for linear in (block.attn.proj, block.mlp.fc2):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    return video
+
+
 # ----------------------------------------------------------------------------------------------- sizes
 # Latte-1 (text to video, 512 px): SD VAE latents 64x64x4 per frame, 16 frames, T5-XXL text (4096 wide, 120 tokens).
 LATTE_512_VIDEO = dict(
@@ -260,5 +292,7 @@ LATTE_CONFIGS: dict[str, dict] = {
     "Latte-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **LATTE_512_VIDEO),
     # T/1 is the shipped shapes-t2v: 1.57 M parameters, 3.15 MB in fp16 (patch 1: see DiT-T/1)
     "Latte-T/1": dict(depth=3, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_VIDEO),
+    # T6/1: six pairs, the depth of PixArt-T/1 (shapes-t2i), so that it can start from it (init_from_image_model)
+    "Latte-T6/1": dict(depth=6, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_VIDEO),
     "Latte-T/2": dict(depth=3, hidden_size=128, num_heads=4, patch_size=2, **SHAPES_TEXT_VIDEO),
 }

@@ -45,7 +45,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
-from dit.latte import LATTE_CONFIGS, LatteDiT  # noqa: E402
+from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model  # noqa: E402
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import make_objective  # noqa: E402
 from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
@@ -93,6 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--qk-norm", action="store_true",
                    help="fresh named sizes: RMSNorm on queries and keys (bounded attention logits; docs/dit.md)")
+    p.add_argument("--init-from-image", default=None, metavar="T2I",
+                   help="video models: start from this text-to-image model (shipped name or folder, same width and "
+                        "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
+                        "(dit/latte.py init_from_image_model)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimiser state over the processes (FSDP2, one shard group per "
                         "transformer block) instead of replicating them (DDP): for the XL sizes")
@@ -417,6 +421,12 @@ def main(args) -> dict:
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
     model = load_model(args.model, args.objective, args.qk_norm)
     task = task_of(model)
+    if args.init_from_image:
+        image = load_model(args.init_from_image, args.objective)
+        if task != "video" or task_of(image) != "text":
+            raise ValueError(f"--init-from-image starts a video model from a text-to-image model; got a {task} model "
+                             f"({args.model}) and a {task_of(image)} model ({args.init_from_image})")
+        init_from_image_model(model, image)
     if (vae.config.latent_channels, vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)) != \
             (model.config.in_channels, model.config.sample_size):
         raise ValueError(f"the VAE's latents do not fit the model ({model.config.in_channels} channels, "

@@ -18,6 +18,10 @@ steps, then cosine to zero (its own peak LR: --stage1-lr, --lr); weight decay 0,
 The CLIP tower is frozen, so its features are computed once for a fixed pool of `--pool` rendered scenes and
 cached in the run folder (pool.safetensors); each step draws its scenes and fresh questions / paraphrased
 captions about them from (seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
+`--tune-vision-blocks N` (default 0: the tower stays frozen) trains the last N blocks of the tower's feature path
+in stage 2 at their own peak LR `--vision-lr` (they are pretrained): the cache then holds the hidden states entering
+those blocks (CLS included), and every step runs the N blocks on them (stage 1 too, without gradients: the
+blocks stay frozen while the projector aligns). The saved folder then holds its tuned tower (`vision_tower/`).
 Evaluation every --eval-every steps: exact match per question kind on held-out questions (vlm.generate).
 """
 from __future__ import annotations
@@ -62,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--stage1-lr", type=float, default=1e-3)
     p.add_argument("--stage1-train", choices=["lm", "projector"], default="lm",
                    help="stage 1 trains projector + decoder (default; no pretrained LLM here) or the projector only")
+    p.add_argument("--tune-vision-blocks", type=int, default=0,
+                   help="stage 2 also trains the last N blocks of the CLIP tower's feature path (0 = frozen tower)")
+    p.add_argument("--vision-lr", type=float, default=None,
+                   help="peak LR of the tuned vision blocks (default 0.1 x --lr: they are pretrained)")
     p.add_argument("--warmup-frac", type=float, default=0.03)
     p.add_argument("--describe-frac", type=float, default=0.15, help="share of stage-2 samples asking a description")
     p.add_argument("--max-turns", type=int, default=4, help="stage 2: up to this many questions per conversation")
@@ -76,6 +84,10 @@ def parse_args(argv=None):
         p.error(f"unknown --size {args.size!r}; valid: {', '.join(LLAVA_SIZES)}")
     if not 0 <= args.stage1_steps < args.steps:
         p.error("--stage1-steps must be >= 0 and below --steps (stage 2 needs steps)")
+    if args.tune_vision_blocks < 0:
+        p.error("--tune-vision-blocks must be >= 0")
+    if args.vision_lr is None:
+        args.vision_lr = 0.1 * args.lr
     return args
 
 
@@ -92,20 +104,33 @@ def tokenizer_for(run_dir: Path) -> VLMTokenizer:
     return VLMTokenizer(tok, tok.convert_tokens_to_ids("<image>"))
 
 
-def build_pool(run_dir: Path, n: int, seed: int, tower: ShapesCLIPTower):
-    """The fixed pool: scenes (re-drawn from the seed), and their tower features (cached on disk)."""
+def build_pool(run_dir: Path, n: int, seed: int, tower: ShapesCLIPTower, tune_blocks: int = 0):
+    """The fixed pool: scenes (re-drawn from the seed), and their frozen tower outputs (cached on disk): the
+    features (n, N, C), or with `tune_blocks` the hidden states entering the last tuned blocks (n, 1 + N, C)."""
     rng = np.random.default_rng([POOL_SALT, seed])
     batch = make_batch("caption", rng, n)
     path = run_dir / "pool.safetensors"
+    key = "block_inputs" if tune_blocks else "features"
     if path.is_file():
-        feats = load_file(path)["features"]
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta_n = int((f.metadata() or {}).get("tune_vision_blocks", 0))
+        if meta_n != tune_blocks:
+            raise ValueError(f"{path} caches the tower for --tune-vision-blocks {meta_n}, not {tune_blocks}; "
+                             f"use a new --out")
+        feats = load_file(path)[key]
         if feats.shape[0] != n:
             raise ValueError(f"{path} holds {feats.shape[0]} scenes but --pool is {n}; use a new --out")
     else:
-        chunks = [tower(batch["image"][i:i + 512]).to(torch.float16)
+        def encode(images):
+            return tower.block_inputs(images, tune_blocks) if tune_blocks else tower(images)
+
+        chunks = [encode(batch["image"][i:i + 512]).to(torch.float16)
                   for i in tqdm(range(0, n, 512), desc="tower features of the pool", mininterval=10)]
         feats = torch.cat(chunks)
-        save_file({"features": feats.contiguous()}, path)
+        meta = {"tune_vision_blocks": str(tune_blocks)} if tune_blocks else None
+        save_file({key: feats.contiguous()}, path, metadata=meta)
     return batch["scenes"], feats
 
 
@@ -147,7 +172,8 @@ def step_batch(step: int, args, scenes, feats, tok: VLMTokenizer):
 
 
 def lr_factors(args, time_progress=None):
-    """Per param group (projector, decoder): step -> learning rate (the optimiser's base LR is 1).
+    """Per param group (projector, decoder, and with --tune-vision-blocks the vision blocks): step -> learning rate
+    (the optimiser's base LR is 1). The vision blocks follow stage 2's curve scaled to --vision-lr, 0 in stage 1.
 
     With `time_progress` (Run.time_progress: share of --time-limit spent) stage 2's cosine follows whichever of
     step and time is further along, so a run cut by the time limit still ends annealed (as
@@ -172,7 +198,10 @@ def lr_factors(args, time_progress=None):
             return curve(step, s1, args.stage1_lr) if args.stage1_train == "lm" else 0.0
         return stage2(step)
 
-    return [projector, decoder]
+    def vision(step):
+        return 0.0 if step < s1 else stage2(step) * args.vision_lr / args.lr
+
+    return [projector, decoder] + ([vision] if args.tune_vision_blocks else [])
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -184,18 +213,31 @@ def main(args) -> dict:
     tok = tokenizer_for(run.out)
     clip = ShapesCLIP.from_pretrained(args.clip, device=acc.device)
     tower = ShapesCLIPTower(clip)
-    scenes, feats = build_pool(run.out, args.pool, args.seed, tower)
+    n_tune = args.tune_vision_blocks
+    scenes, feats = build_pool(run.out, args.pool, args.seed, tower, n_tune)
     model = from_name(args.size, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                       pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, mm_hidden_size=tower.hidden_size)
     proj = list(model.mm_projector.parameters())
     proj_ids = {id(p) for p in proj}
     rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in proj_ids]
-    opt = torch.optim.AdamW([{"params": proj}, {"params": rest}], lr=1.0, betas=(0.9, 0.98), weight_decay=0.0)
+    groups = [{"params": proj}, {"params": rest}]
+    if n_tune:
+        # The tower's own last blocks (shared with `tower`, so evaluation and saving see the tuned weights).
+        tail = tower.tail(n_tune)
+        groups.append({"params": list(tail.parameters())})
+    opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factors(args, run.time_progress if args.time_limit else None))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    if n_tune:
+        model, tail, opt, sched = acc.prepare(model, tail, opt, sched)
+    else:
+        model, opt, sched = acc.prepare(model, opt, sched)
     step = run.resume()
     raw = acc.unwrap_model(model)
-    vlm = LlavaVLM(raw, tower, tok, args.clip)
+    vlm = LlavaVLM(raw, tower, tok, args.clip, tuned_vision_blocks=n_tune)
+    params = list(model.parameters())
+    if n_tune:
+        acc.unwrap_model(tail).requires_grad_(True)  # LlavaVLM froze the whole tower; its tail trains
+        params += list(tail.parameters())
     eval_data = vqa_eval_set(args.eval_n, EVAL_SEED)
 
     def evaluate():
@@ -205,7 +247,8 @@ def main(args) -> dict:
         return m
 
     acc.print(f"LLaVA {args.size}: {num_params(raw) / 1e6:.2f} M parameters, vocab {tok.vocab_size}, "
-              f"pool {args.pool}, device {acc.device}")
+              f"pool {args.pool}, device {acc.device}"
+              + (f", tuning the tower's last {n_tune} blocks (lr {args.vision_lr:g})" if n_tune else ""))
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc="llava", mininterval=10)
     model.train()
     loss_sum, n_sum, t_log = 0.0, 0, time.time()
@@ -213,9 +256,13 @@ def main(args) -> dict:
         ids, labels, mask, f = step_batch(step, args, scenes, feats, tok)
         dev = acc.device
         with acc.autocast():
+            if n_tune:
+                # Stage 1 runs the blocks without gradients (frozen there); stage 2 trains them.
+                with torch.set_grad_enabled(step >= args.stage1_steps):
+                    f = tail(f.to(dev))
             loss = model(ids.to(dev), f.to(dev), mask.to(dev), labels.to(dev))["loss"]
         acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
+        acc.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -249,8 +296,10 @@ def main(args) -> dict:
         write_model_card(
             folder, title=folder.name,
             summary=(f"A LLaVA-1.5-style vision-language model on the shapes world: the shapes CLIP image tower "
-                     f"(`{Path(args.clip).name}`, penultimate-layer patch features, referenced, not copied), a "
-                     f"2-layer GELU projector and a {raw.config.num_hidden_layers}-layer Llama-style decoder "
+                     f"(`{Path(args.clip).name}`, penultimate-layer patch features, "
+                     + (f"its last {n_tune} feature-path blocks tuned in stage 2 at peak LR {args.vision_lr:g}, "
+                        f"stored in `vision_tower/`), a " if n_tune else "referenced, not copied), a ")
+                     + f"2-layer GELU projector and a {raw.config.num_hidden_layers}-layer Llama-style decoder "
                      f"(width {raw.config.hidden_size}, {raw.config.num_attention_heads} heads, "
                      f"{raw.num_kv_heads} KV heads, {num_params(raw) / 1e6:.2f} M parameters), trained in LLaVA-1.5's "
                      f"two stages: {args.stage1_steps} caption steps, then {args.steps - args.stage1_steps} "
@@ -259,7 +308,8 @@ def main(args) -> dict:
                      f"objects.\n\nExamples: " + "; ".join(f"{e['q']} -> {e['pred']!r} ({e['a']})" for e in examples)),
             run=run, metrics=metrics, targets=TARGETS,
             extra={"eval": {"kind": "vqa", "n": args.final_eval_n or args.eval_n, "seed": EVAL_SEED},
-                   "parameters": num_params(raw), "pool": args.pool, "stage1_steps": args.stage1_steps})
+                   "parameters": num_params(raw), "pool": args.pool, "stage1_steps": args.stage1_steps,
+                   **({"tune_vision_blocks": n_tune, "vision_lr": args.vision_lr} if n_tune else {})})
         acc.print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -18,6 +18,7 @@ every `--eval-every` steps the shapes analyser measures prompt accuracy of sampl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--init-from", default=None,
+                   help="a saved VAR pipeline folder whose transformer (same --model) starts this run: a short device "
+                        "call cannot carry optimizer checkpoints to the next, so training goes on from the weights")
+    p.add_argument("--save-to", default=None, help="the pipeline folder to write (default --out/model)")
+    p.add_argument("--reference-tokenizer", action="store_true",
+                   help="reference --tokenizer from the saved folder instead of copying it (shipped class and text "
+                        "models share one tokenizer folder)")
     p.set_defaults(lr=1e-3, batch_size=32)
     return p.parse_args(argv)
 
@@ -110,6 +118,14 @@ def main(args) -> dict:
         model = TextVAR.from_name(args.model, text_dim=clip.config.text_width)
     else:
         model = VAR.from_name(args.model)
+    if args.init_from:
+        init = VARPipeline.from_pretrained(args.init_from, torch_dtype=torch.float32).transformer
+        public = lambda cfg: json.loads(json.dumps({k: v for k, v in dict(cfg).items()  # noqa: E731
+                                                    if not k.startswith("_")}))  # tuples as saved: lists
+        if type(init) is not type(model) or public(init.config) != public(model.config):
+            raise ValueError(f"--init-from {args.init_from} holds a {type(init).__name__} whose config differs from "
+                             f"{args.model}'s: {public(init.config)} vs {public(model.config)}")
+        model.load_state_dict(init.state_dict())
     if model.patch_nums != vq.patch_nums or model.config.vocab_size != vq.config.vocab_size \
             or model.config.z_channels != vq.config.z_channels:
         raise ValueError(f"{args.model} (patch_nums {model.patch_nums}, vocabulary {model.config.vocab_size}, "
@@ -175,9 +191,10 @@ def main(args) -> dict:
         if ema is not None:
             ema.copy_to(m.parameters())
         m.eval()
-        folder = run.out / "model"
+        folder = Path(args.save_to) if args.save_to else run.out / "model"
         pipeline().save_pretrained(folder, text_encoder_folder=args.text_encoder if task == "text" else None,
-                                   dtype=torch.float16)
+                                   dtype=torch.float16,
+                                   tokenizer_folder=args.tokenizer if args.reference_tokenizer else None)
         t = time.time()
         metrics = {k: v for k, v in evaluate_var(pipeline(), n=args.eval_n, seed=0, guidance_scale=args.cfg,
                                                  top_k=args.top_k, top_p=args.top_p).items()

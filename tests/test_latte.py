@@ -353,3 +353,56 @@ def test_loader_from_folder(pair, tmp_path):
     loaded = latte_from_diffusers(tmp_path).eval()
     x, t, text = inputs()
     assert torch.equal(loaded(x, t, text), ours(x, t, text))
+
+
+# ----------------------------------------------------------------------------------------------- image init
+def _image_and_video(depth=2, **video):
+    from dit.pixart import PixArtDiT
+
+    common = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_heads=2, caption_channels=24,
+                  max_text_tokens=8, qk_norm=True)
+    torch.manual_seed(0)
+    image = PixArtDiT(depth=depth, **common).eval()
+    for p in image.parameters():  # O(1) weights: zero-initialised gates would hide a wrong copy
+        torch.nn.init.normal_(p, std=0.3)
+    return image, LatteDiT(depth=video.pop("depth", depth), num_frames=4, **{**common, **video}).eval()
+
+
+def test_init_from_image_model_one_frame_is_the_image_model_and_clips_start_per_frame():
+    from dit.latte import init_from_image_model
+
+    image, video = _image_and_video()
+    init_from_image_model(video, image)
+    x = torch.randn(2, 4, 1, 8, 8)
+    text = torch.randn(2, 5, 24)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        ref = image(x[:, :, 0], t, text)
+        out = video(x, t, text)[:, :, 0]
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+        # 4 frames: the temporal blocks are identities, so frames differ from the image model only through the
+        # temporal position table (added once); with the table removed each frame is the image model's output
+        clip = torch.randn(2, 4, 4, 8, 8)
+        video.temporal_pos_embed.zero_()
+        got = video(clip, t, text)
+        for f in range(4):
+            assert torch.allclose(got[:, :, f], image(clip[:, :, f], t, text), rtol=1e-5, atol=1e-5)
+    # the temporal blocks still learn: their zeroed output projections get gradients
+    video.train()
+    video(clip, t, text).square().mean().backward()
+    assert video.temporal_blocks[0].attn.proj.weight.grad.abs().sum() > 0
+
+
+def test_init_from_image_model_refuses_mismatches():
+    from dit.latte import init_from_image_model
+
+    image, video = _image_and_video(depth=2, hidden_size=48)
+    with pytest.raises(ValueError, match="hidden_size"):
+        init_from_image_model(video, image)
+    image, video = _image_and_video(depth=2, qk_norm=False)
+    with pytest.raises(ValueError, match="qk_norm"):
+        init_from_image_model(video, image)
+    image, video = _image_and_video(depth=2)
+    video3 = LatteDiT(**{**dict(video.config), "depth": 3})
+    with pytest.raises(ValueError, match="spatial blocks"):
+        init_from_image_model(video3, image)

@@ -339,3 +339,15 @@ def test_qk_norm_flag_builds_fresh_sizes_and_refuses_trained_models(tmp_path):
     DiT(**TINY).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="--qk-norm applies to a fresh named size"):
         train_dit.load_model(str(tmp_path / "m"), "ddpm", qk_norm=True)
+
+
+@needs_vae
+def test_init_from_image_checks_the_pair(tmp_path):
+    # PixArt-T/2 has 6 blocks, Latte-T/2 3 pairs: refused before any training; a class model is no image model
+    with pytest.raises(ValueError, match="spatial blocks"):
+        _train(tmp_path / "a", "Latte-T/2", 1, "--init-from-image", "PixArt-T/2")
+    with pytest.raises(ValueError, match="starts a video model from a text-to-image model"):
+        _train(tmp_path / "b", "Latte-T/2", 1, "--init-from-image", "DiT-T/2")
+    # the six-pair size starts from the six-block image size: one step runs from the copied weights
+    _train(tmp_path / "c", "Latte-T6/1", 1, "--init-from-image", "PixArt-T/1", "--batch-size", "2", "--eval-n", "2")
+    assert _losses(tmp_path / "c")

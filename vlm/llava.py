@@ -321,6 +321,47 @@ class ShapesCLIPTower(nn.Module):
         """(B, 3, H, W) uint8 or float in [-1, 1] -> (B, N, C)."""
         return self.clip.image_patch_features(images, layer=self.feature_layer)
 
+    # ----- split at a block: a frozen head (cached once) and a trainable tail (--tune-vision-blocks) -----
+    def feature_blocks(self) -> list[nn.Module]:
+        """The resblocks on the feature path: all up to `feature_layer` (the first 3 of 4 for -2)."""
+        blocks = list(self.clip.model.visual.transformer.resblocks)
+        return blocks[: len(blocks) + self.feature_layer + 1 if self.feature_layer < 0 else self.feature_layer + 1]
+
+    def _check_n(self, n: int) -> None:
+        if not 0 <= n <= len(self.feature_blocks()):
+            raise ValueError(f"the tower's feature path has {len(self.feature_blocks())} blocks; cannot tune {n}")
+
+    @torch.no_grad()
+    def block_inputs(self, images: Tensor, n: int) -> Tensor:
+        """The hidden states (CLS included) entering the last `n` feature-path blocks: (B, 1 + N, C)."""
+        self._check_n(n)
+        blocks = self.feature_blocks()
+        x = self.clip.model.visual._embeds(self.clip._prepare(images))
+        for blk in blocks[: len(blocks) - n]:
+            x = blk(x)
+        return x
+
+    def tail(self, n: int) -> "TowerTail":
+        """The last `n` feature-path blocks as a module (the tower's own blocks, shared, not copied):
+        `tower.tail(n)(tower.block_inputs(images, n))` equals `tower(images)`."""
+        self._check_n(n)
+        blocks = self.feature_blocks()
+        return TowerTail(blocks[len(blocks) - n:])
+
+
+class TowerTail(nn.Module):
+    """Blocks run on cached block inputs (B, 1 + N, C) -> patch features (B, N, C), CLS dropped. The feature path
+    applies no norm after its blocks (LLaVA reads the raw penultimate hidden states), so nothing else follows."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, 1:]
+
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel statistics (LLaVA pads with the mean colour)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -374,14 +415,23 @@ class LlavaVLM(nn.Module):
     Folder layout (shipped `weights/shapes-llava`): config.json + diffusion_pytorch_model.safetensors (the
     LlavaModel, diffusers ModelMixin), tokenizer.json (+ tokenizer_config.json), and the tower *referenced* by
     `config.vision_tower = {"kind": "shapes-clip", "path": "../shapes-clip", "feature_layer": -2}` (relative to
-    the folder), never copied."""
+    the folder), never copied.
 
-    def __init__(self, model: LlavaModel, vision_tower: nn.Module, tokenizer=None, tower_path: str | None = None):
+    A model trained with its tower's last blocks tuned (`tuned_vision_blocks` > 0, scripts/train_llava.py
+    --tune-vision-blocks) no longer matches the shared tower, so its folder holds its own: the whole shapes CLIP in a
+    `vision_tower/` subfolder, and `vision_tower = {"kind": "shapes-clip", "path": "vision_tower",
+    "feature_layer": -2, "tuned_blocks": n}`."""
+
+    TUNED_TOWER_DIR = "vision_tower"
+
+    def __init__(self, model: LlavaModel, vision_tower: nn.Module, tokenizer=None, tower_path: str | None = None,
+                 tuned_vision_blocks: int = 0):
         super().__init__()
         self.model = model
         self.vision_tower = vision_tower.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.tower_path = tower_path
+        self.tuned_vision_blocks = tuned_vision_blocks
 
     @property
     def device(self) -> torch.device:
@@ -399,11 +449,19 @@ class LlavaVLM(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.tower_path is None:
-            raise ValueError("save_pretrained needs the vision tower's folder (tower_path) to reference")
-        rel = os.path.relpath(Path(self.tower_path).resolve(), folder.resolve())
         spec = dict(self.model.config.vision_tower or {})
-        spec.update(kind="shapes-clip", path=rel)
+        spec.pop("tuned_blocks", None)
+        if self.tuned_vision_blocks:
+            # A tuned tower is this model's own: stored in the folder (the whole shapes CLIP, ~2 MB in float16).
+            self.vision_tower.clip.save_pretrained(folder / self.TUNED_TOWER_DIR, dtype=dtype)
+            spec.update(kind="shapes-clip", path=self.TUNED_TOWER_DIR, tuned_blocks=int(self.tuned_vision_blocks))
+        else:
+            if self.tower_path is None:
+                raise ValueError("save_pretrained needs the vision tower's folder (tower_path) to reference")
+            if (folder / self.TUNED_TOWER_DIR).exists():
+                raise ValueError(f"{folder / self.TUNED_TOWER_DIR} exists (a tuned tower from an earlier save); this "
+                                 f"model references its tower instead: save to a new folder")
+            spec.update(kind="shapes-clip", path=os.path.relpath(Path(self.tower_path).resolve(), folder.resolve()))
         self.model.register_to_config(vision_tower=spec)
         self.model.save_config(folder)
         # Written here rather than by ModelMixin.save_pretrained: a tied lm_head shares the embedding's storage,
@@ -432,6 +490,17 @@ class LlavaVLM(nn.Module):
             raise ValueError(f"{cfg_path}: vision tower {spec!r} is not a referenced shapes CLIP; load real LLaVA "
                              f"checkpoints with vlm.llava_loaders.load_llava")
         tower_dir = (folder / spec["path"]).resolve()
+        tuned = int(spec.get("tuned_blocks", 0))
+        own = folder / cls.TUNED_TOWER_DIR
+        if tuned and tower_dir != own.resolve():
+            raise ValueError(f"{cfg_path}: vision_tower.tuned_blocks={tuned} but its path {spec['path']!r} is not the "
+                             f"folder's own tuned tower {cls.TUNED_TOWER_DIR!r}")
+        if tuned and not (own / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is inconsistent: its config says the vision tower was tuned "
+                                    f"(tuned_blocks={tuned}), but the tuned tower {own} is missing")
+        if not tuned and own.exists():
+            raise ValueError(f"{folder} is inconsistent: it holds a tuned tower ({own}) but its config references "
+                             f"{spec['path']!r} without tuned_blocks")
         model = LlavaModel.from_config(LlavaModel.load_config(folder))
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
@@ -449,8 +518,10 @@ class LlavaVLM(nn.Module):
         model = model.to(device=device, dtype=dtype).eval()
         tower = ShapesCLIPTower(ShapesCLIP.from_pretrained(tower_dir, device=device, dtype=dtype),
                                 spec.get("feature_layer", -2))
+        if tuned:
+            tower._check_n(tuned)
         tok = VLMTokenizer.from_folder(folder, image_token_id=model.config.image_token_id)
-        return cls(model, tower, tok, str(tower_dir)).eval()
+        return cls(model, tower, tok, str(tower_dir), tuned_vision_blocks=tuned).eval()
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -500,4 +571,4 @@ def prefill_flops_per_token(cfg) -> float:
 
 
 __all__ = ["AttnSpec", "CLIPTower", "IGNORE_INDEX", "LLAVA_SIZES", "LlavaModel", "LlavaVLM", "MultimodalInputs",
-           "ShapesCLIPTower", "from_name", "num_params", "positions_from_mask"]
+           "ShapesCLIPTower", "TowerTail", "from_name", "num_params", "positions_from_mask"]

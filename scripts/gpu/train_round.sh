@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One device call (≤ 10 min) of the shapes models' training round of 2026-11-23 (fifth session), side by side on one
+# GPU (each model is far too small to fill it; the CPUs render the data). Usage:  PHASE=A|B bash scripts/gpu/train_round.sh
+#
+# PHASE=A (first call):
+#   - shapes-c2i and shapes-t2i from scratch with QK-norm (the continued models' attention logits had grown until
+#     every continuation diverged: docs/dit.md), LR 1e-3                                                 issue 5
+#   - shapes-t2v as Latte-T6/1 started from the shipped shapes-t2i (spatial blocks copied, temporal blocks start as
+#     identities: dit/latte.py init_from_image_model)                                                  issue 5
+#   - the VAR tokenizer (weights/shapes-vqvae), then the class and text VAR transformers on it            issue 9
+# PHASE=B (second call, on the folders call A wrote and that were committed): every model above continues from its
+#   folder (VAR transformers with --init-from), plus DyDiT-c2i (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8)
+#   and the shapes LLaVA with its last CLIP block tuned (issue 10).
+# Everything is written to weights/ and runs/; $OUT gets the logs and two tarballs (at most 8 files come back).
+set -uo pipefail
+PHASE=${PHASE:-A}
+DIT_LIMIT=${DIT_LIMIT:-420}   # seconds of training for the DiT defaults (compile and final evaluation come on top)
+TOK_LIMIT=${TOK_LIMIT:-230}   # phase A: the tokenizer, then the VAR transformers for VAR_LIMIT
+VAR_LIMIT=${VAR_LIMIT:-200}
+source scripts/gpu/env.sh
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
+mkdir -p runs
+python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())" > "$OUT/torch.txt"
+
+var_transformers() {  # LIMIT: the class and the text VAR transformer side by side, into weights/shapes-var-*
+  local limit=$1
+  for kind in c2i t2i; do
+    local model=VAR-shapes-d4 init=()
+    [ $kind = t2i ] && model=TextVAR-shapes-d4
+    [ -n "${VAR_INIT:-}" ] && init=(--init-from "weights/shapes-var-$kind")  # read at the start, written at the end
+    python3 scripts/train_var.py --out "runs/var-$kind" --model $model --tokenizer weights/shapes-vqvae \
+      --reference-tokenizer --save-to "weights/shapes-var-$kind" --steps 40000 --batch-size 256 --lr 1e-3 \
+      --ema 0.999 --mixed-precision bf16 --eval-every 100000 --ckpt-every 100000 --eval-n 192 \
+      --time-limit "$limit" "${init[@]}" > "$OUT/var-$kind.log" 2>&1 &
+  done
+  wait
+}
+
+if [ "$PHASE" = A ]; then
+  cp -r weights/shapes-t2i runs/t2i-start  # the shipped text model the video model starts from (t2i is retrained)
+  OMP_NUM_THREADS=3 FRESH="c2i t2i t2v" QKNORM="c2i t2i" LR=1e-3 T2V_MODEL=Latte-T6/1 \
+    EXTRA_t2v="--init-from-image runs/t2i-start --lr 3e-4" \
+    bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
+  (
+    OMP_NUM_THREADS=2 python3 scripts/train_vqvae.py --out runs/vqvae-gpu --steps 30000 --batch-size 64 --lr 2e-3 \
+      --eval-every 100000 --ckpt-every 100000 --time-limit "$TOK_LIMIT" > "$OUT/vqvae.log" 2>&1
+    [ -f runs/vqvae-gpu/model/config.json ] && cp -r runs/vqvae-gpu/model weights/shapes-vqvae
+    OMP_NUM_THREADS=2 var_transformers "$VAR_LIMIT"
+  ) &
+else
+  OMP_NUM_THREADS=3 LR=${LR:-3e-4} bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
+  OMP_NUM_THREADS=2 VAR_INIT=1 var_transformers "$VAR_LIMIT" &
+  OMP_NUM_THREADS=2 python3 scripts/finetune_dydit.py --out runs/dydit-c2i-gpu --model shapes-c2i --train td-lora \
+    --lora-rank 4 --lora-experts 4 --lam 0.5 --steps 30000 --batch-size 64 --lr 1e-3 --lam-hold 100 --lam-reach 1000 \
+    --pool 20000 --ema-decay 0.999 --eval-every 100000 --ckpt-every 100000 --eval-n 16 --final-eval-n 96 \
+    --mixed-precision bf16 --time-limit "$DIT_LIMIT" --save-to runs/dydit-c2i-gpu/model > "$OUT/dydit.log" 2>&1 &
+  OMP_NUM_THREADS=2 python3 scripts/train_llava.py --out runs/llava-gpu ${LLAVA_ARGS:-} --time-limit "$DIT_LIMIT" \
+    --save-to runs/llava-gpu/model > "$OUT/llava.log" 2>&1 &
+fi
+wait
+for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -4 | cut -c1-400; done
+cd "$OUT" && tar czf logs.tgz --remove-files *.log defaults.out && cd - >/dev/null
+# The shipped folders, logs and plots only (run folders also hold data pools and checkpoints: far over 16 MB).
+tar czf "$OUT/models.tgz" weights/shapes-{c2i,t2i,t2v,vqvae,var-c2i,var-t2i} runs/*/model runs/*/log.jsonl \
+  runs/*/*.png runs/*/card.json 2>/dev/null
+rm -f "$OUT"/dit_defaults.tgz  # train_defaults.sh's own tarball: its contents are in models.tgz
+ls -la "$OUT"
