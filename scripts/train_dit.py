@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,10 @@ def parse_args(argv=None):
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
                         "(dit/latte.py init_from_image_model)")
+    p.add_argument("--trainable", default=None, metavar="REGEX",
+                   help="train only the parameters whose names match (re.search), freeze the rest: e.g. "
+                        "'temporal_blocks\\.' trains a video model's motion blocks on a frozen image model "
+                        "(with --init-from-image, as AnimateDiff's motion modules)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimiser state over the processes (FSDP2, one shard group per "
                         "transformer block) instead of replicating them (DDP): for the XL sizes")
@@ -455,6 +460,13 @@ def main(args) -> dict:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     objective = make_objective(args.objective, **(
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {"vlb_weight": args.vlb_weight}))
+    if args.trainable:
+        if args.lora:
+            raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")
+        chosen = [n for n, p in model.named_parameters() if p.requires_grad_(bool(re.search(args.trainable, n)))
+                  .requires_grad]
+        if not chosen:
+            raise ValueError(f"--trainable {args.trainable!r} matches no parameter of {type(model).__name__}")
     net = add_lora(model, args.lora) if args.lora else model
     params = [p for p in net.parameters() if p.requires_grad]
     impl = args.adam_impl if args.adam_impl != "auto" else ("fused" if acc.device.type == "cuda" else "foreach")

@@ -351,3 +351,27 @@ def test_init_from_image_checks_the_pair(tmp_path):
     # the six-pair size starts from the six-block image size: one step runs from the copied weights
     _train(tmp_path / "c", "Latte-T6/1", 1, "--init-from-image", "PixArt-T/1", "--batch-size", "2", "--eval-n", "2")
     assert _losses(tmp_path / "c")
+
+
+@needs_vae
+def test_trainable_trains_only_the_matching_parameters(tmp_path):
+    from dit.latte import LatteDiT
+    from dit.pixart import PixArtDiT
+
+    torch.manual_seed(0)
+    image = PixArtDiT.from_name("PixArt-T/1")
+    with torch.no_grad():  # a trained model's gates and output layer are not zero (fresh ones are: no gradients)
+        for p in image.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    image.save_pretrained(tmp_path / "image")
+    image = PixArtDiT.from_pretrained(tmp_path / "image").state_dict()
+    _train(tmp_path / "v", "Latte-T6/1", 2, "--init-from-image", str(tmp_path / "image"), "--trainable",
+           r"temporal_blocks\.", "--batch-size", "2", "--eval-n", "2", "--ema-decay", "0", "--lr", "1e-2",
+           "--warmup", "0", "--save-to", str(tmp_path / "video"))
+    video = LatteDiT.from_pretrained(tmp_path / "video" / "transformer").state_dict()
+    for k, v in image.items():  # the image weights: frozen, saved unchanged
+        assert torch.equal(video[k.replace("blocks.", "spatial_blocks.", 1) if k.startswith("blocks.") else k], v), k
+    # the temporal blocks trained: their zero-initialised output projections moved
+    assert video["temporal_blocks.0.attn.proj.weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="matches no parameter"):
+        _train(tmp_path / "w", "Latte-T/2", 1, "--trainable", "no_such_module")

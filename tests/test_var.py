@@ -331,3 +331,20 @@ def test_bad_input_is_refused(tmp_path):
         VARPipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="last patch_num"):
         MultiScaleVQVAE.from_name("vqvae-tiny", sample_size=32)
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_bf16_autocast_training_forward_matches_float32(text):
+    # Mixed-precision training (train_var.py --mixed-precision bf16): the l2-normalised q, k come out of autocast's
+    # float32 normalisation and v out of a bf16 linear; the forward must still run and agree with float32.
+    torch.manual_seed(0)
+    model = (TextVAR.from_name("TextVAR-tiny") if text else VAR.from_name("VAR-tiny")).train()
+    cond = (torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)) if text else (torch.tensor([1, 2]),)
+    x = torch.randn(2, model.L - 1, 8)
+    ref = model(*cond, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*cond, x)
+    assert out.shape == ref.shape
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

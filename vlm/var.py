@@ -96,6 +96,9 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(SCALE_MUL_MAX).exp()
             k = F.normalize(k, dim=-1)
+            # Under autocast the normalisation runs in float32 (autocast's list) while v leaves the linear in bf16;
+            # the attention entry point takes one dtype (SDPA under autocast would have cast them itself).
+            q, k = q.to(v.dtype), k.to(v.dtype)
         return q, k, v
 
     def forward(self, x_BLC: Tensor, *, segments: Sequence[int] | None = None, cache: KVCache | None = None,

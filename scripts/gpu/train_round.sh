@@ -6,12 +6,17 @@
 #   - shapes-c2i and shapes-t2i from scratch with QK-norm (the continued models' attention logits had grown until
 #     every continuation diverged: docs/dit.md), LR 1e-3                                                 issue 5
 #   - shapes-t2v as Latte-T6/1 started from the shipped shapes-t2i (spatial blocks copied, temporal blocks start as
-#     identities: dit/latte.py init_from_image_model)                                                  issue 5
-#   - the VAR tokenizer (weights/shapes-vqvae), then the class and text VAR transformers on it            issue 9
-# PHASE=B (second call, on the folders call A wrote and that were committed): every model above continues from its
-#   folder (VAR transformers with --init-from), plus DyDiT-c2i (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8)
-#   and the shapes LLaVA with its last CLIP block tuned (issue 10).
-# Everything is written to weights/ and runs/; $OUT gets the logs and two tarballs (at most 8 files come back).
+#     identities: dit/latte.py init_from_image_model), all weights trained                               issue 5
+#   - the VAR tokenizer (weights/shapes-vqvae), then the class and text VAR transformers on it (they crashed:
+#     fixed since)                                                                                        issue 9
+# PHASE=B: c2i and t2i go on from call A's folders (carried in runs/start/, copied over weights/ first); shapes-t2v
+#   starts again from the shipped shapes-t2i but trains only its temporal blocks (--trainable: call A's full
+#   fine-tune diverged after 650 steps, like every continuation of the shipped models); the VAR transformers from
+#   scratch.
+# PHASE=C: everything goes on from call B's folders (runs/start/ again), VAR with --init-from; plus DyDiT-c2i
+#   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8) and the shapes LLaVA with its last CLIP block tuned (issue 10,
+#   LLAVA_ARGS).
+# Everything is written to weights/ and runs/; $OUT gets the logs and one tarball of models (≤ 8 files come back).
 set -uo pipefail
 PHASE=${PHASE:-A}
 DIT_LIMIT=${DIT_LIMIT:-420}   # seconds of training for the DiT defaults (compile and final evaluation come on top)
@@ -36,9 +41,11 @@ var_transformers() {  # LIMIT: the class and the text VAR transformer side by si
   wait
 }
 
+rm -rf runs/t2i-start; cp -r weights/shapes-t2i runs/t2i-start  # the shipped text model the video model starts from (before any copy)
+[ -d runs/start ] && [ "$PHASE" != A ] && cp -r runs/start/shapes-* weights/  # the previous call's folders
+T2V_FROZEN=(T2V_MODEL=Latte-T6/1 "EXTRA_t2v=--init-from-image runs/t2i-start --trainable temporal_blocks\. --lr 5e-4")
 if [ "$PHASE" = A ]; then
-  cp -r weights/shapes-t2i runs/t2i-start  # the shipped text model the video model starts from (t2i is retrained)
-  OMP_NUM_THREADS=3 FRESH="c2i t2i t2v" QKNORM="c2i t2i" LR=1e-3 T2V_MODEL=Latte-T6/1 \
+  env OMP_NUM_THREADS=3 FRESH="c2i t2i t2v" QKNORM="c2i t2i" LR=1e-3 T2V_MODEL=Latte-T6/1 \
     EXTRA_t2v="--init-from-image runs/t2i-start --lr 3e-4" \
     bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
   (
@@ -47,13 +54,19 @@ if [ "$PHASE" = A ]; then
     [ -f runs/vqvae-gpu/model/config.json ] && cp -r runs/vqvae-gpu/model weights/shapes-vqvae
     OMP_NUM_THREADS=2 var_transformers "$VAR_LIMIT"
   ) &
+elif [ "$PHASE" = B ]; then
+  env OMP_NUM_THREADS=3 FRESH="t2v" LR=8e-4 "${T2V_FROZEN[@]}" \
+    bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
+  OMP_NUM_THREADS=2 var_transformers "$DIT_LIMIT" &
 else
-  OMP_NUM_THREADS=3 LR=${LR:-3e-4} bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
-  OMP_NUM_THREADS=2 VAR_INIT=1 var_transformers "$VAR_LIMIT" &
-  OMP_NUM_THREADS=2 python3 scripts/finetune_dydit.py --out runs/dydit-c2i-gpu --model shapes-c2i --train td-lora \
-    --lora-rank 4 --lora-experts 4 --lam 0.5 --steps 30000 --batch-size 64 --lr 1e-3 --lam-hold 100 --lam-reach 1000 \
-    --pool 20000 --ema-decay 0.999 --eval-every 100000 --ckpt-every 100000 --eval-n 16 --final-eval-n 96 \
-    --mixed-precision bf16 --time-limit "$DIT_LIMIT" --save-to runs/dydit-c2i-gpu/model > "$OUT/dydit.log" 2>&1 &
+  env OMP_NUM_THREADS=3 LR=${LR:-5e-4} "EXTRA_t2v=--trainable temporal_blocks\. --lr 3e-4" \
+    bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
+  OMP_NUM_THREADS=2 VAR_INIT=1 var_transformers "$DIT_LIMIT" &
+  OMP_NUM_THREADS=2 python3 scripts/finetune_dydit.py --out runs/dydit-c2i-gpu --model weights/shapes-c2i \
+    --train td-lora --lora-rank 4 --lora-experts 4 --lam 0.5 --steps 30000 --batch-size 64 --lr 1e-3 --lam-hold 100 \
+    --lam-reach 1000 --pool 20000 --ema-decay 0.999 --eval-every 100000 --ckpt-every 100000 --eval-n 16 \
+    --final-eval-n 96 --mixed-precision bf16 --time-limit "$DIT_LIMIT" --save-to runs/dydit-c2i-gpu/model \
+    > "$OUT/dydit.log" 2>&1 &
   OMP_NUM_THREADS=2 python3 scripts/train_llava.py --out runs/llava-gpu ${LLAVA_ARGS:-} --time-limit "$DIT_LIMIT" \
     --save-to runs/llava-gpu/model > "$OUT/llava.log" 2>&1 &
 fi
