@@ -201,9 +201,11 @@ def main(args) -> dict:
                    if isinstance(v, (int, float))}
         metrics["eval_seconds"] = round(time.time() - t, 1)
         run.plot(["prompt_accuracy"] if task == "class" else ["one_object_accuracy"])
+        tok_where = "`../" + Path(args.tokenizer).name + "` (referenced)" if args.reference_tokenizer \
+            else "in `tokenizer/`"
         write_model_card(folder, title=f"shapes-var-{'c2i' if task == 'class' else 't2i'}",
                          summary=f"{args.model} ({'class' if task == 'class' else 'text'} → image by next-scale "
-                                 f"prediction) on the tokenizer in `tokenizer/` ({vq.num_tokens} tokens over scales "
+                                 f"prediction) on the tokenizer {tok_where} ({vq.num_tokens} tokens over scales "
                                  f"{'/'.join(str(p) for p in vq.patch_nums)}).",
                          run=run, metrics=metrics, targets=TARGETS[task],
                          extra={"eval": {"kind": f"var-{task}", "n": args.eval_n, "seed": 0, "cfg": args.cfg,

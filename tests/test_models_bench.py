@@ -37,6 +37,10 @@ def diffusers_dit_folder(path: Path, sample_size: int = 32) -> Path:
     return path
 
 
+# The shipped VAR models (issue 9), sharing weights/shapes-vqvae.
+VAR_SHIPPED = ("shapes-var-c2i", "shapes-var-t2i")
+
+
 def models_json(argv, capsys) -> list[dict]:
     assert main(["models", "--json", *argv]) == 0
     return json.loads(capsys.readouterr().out)
@@ -45,9 +49,11 @@ def models_json(argv, capsys) -> list[dict]:
 def test_models_lists_the_shipped_generators(capsys):
     models = {m["name"]: m for m in models_json([], capsys)}
     dynamic = {n for n in ("shapes-dydit-c2i", "shapes-dydit-t2i") if (WEIGHTS / n).is_dir()}  # DyDiT (issue 8)
-    assert set(models) == {"shapes-c2i", "shapes-t2i", "shapes-t2v", *dynamic}  # components left out without --all
+    # components (VAE, CLIP, the VAR tokenizer) are left out without --all
+    assert set(models) == {"shapes-c2i", "shapes-t2i", "shapes-t2v", *VAR_SHIPPED, *dynamic}
     tasks = {"shapes-c2i": "class-to-image", "shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video",
-             "shapes-dydit-c2i": "class-to-image", "shapes-dydit-t2i": "text-to-image"}
+             "shapes-dydit-c2i": "class-to-image", "shapes-dydit-t2i": "text-to-image",
+             "shapes-var-c2i": "class-to-image", "shapes-var-t2i": "text-to-image"}
     for name, m in models.items():
         assert m["task"] == tasks[name] and m["resolution"] == 64 and m["source"] == "shipped"
         assert "error" not in m
@@ -57,6 +63,9 @@ def test_models_lists_the_shipped_generators(capsys):
     assert models["shapes-c2i"]["frames"] is None and models["shapes-t2i"]["frames"] is None
     everything = {m["name"]: m for m in models_json(["--all"], capsys)}
     assert everything["shapes-vae"]["task"] == everything["shapes-clip"]["task"] == "component"
+    assert everything["shapes-vqvae"]["task"] == "component"
+    for name in VAR_SHIPPED:  # the VAR models share the one tokenizer folder (issue 9)
+        assert models[name]["family"] == "var" and any(u.endswith("shapes-vqvae") for u in models[name]["uses"])
 
 
 def test_models_dir_corrupt_folder_and_path_argument(tmp_path, capsys):
@@ -68,8 +77,8 @@ def test_models_dir_corrupt_folder_and_path_argument(tmp_path, capsys):
     given = diffusers_dit_folder(tmp_path / "elsewhere" / "my-dit", sample_size=64)
     models = {m["name"]: m for m in models_json(["--models-dir", str(extra), str(given)], capsys)}
     dynamic = {n for n in ("shapes-dydit-c2i", "shapes-dydit-t2i") if (WEIGHTS / n).is_dir()}  # DyDiT (issue 8)
-    assert {"shapes-c2i", "shapes-t2i", "shapes-t2v", "imagenet-dit", "broken", "empty", "my-dit", *dynamic} == \
-        set(models)
+    assert {"shapes-c2i", "shapes-t2i", "shapes-t2v", *VAR_SHIPPED, "imagenet-dit", "broken", "empty", "my-dit",
+            *dynamic} == set(models)
     assert models["imagenet-dit"]["source"] == "models-dir" and models["imagenet-dit"]["task"] == "class-to-image"
     assert models["imagenet-dit"]["resolution"] == 256  # 32 latent px x 8 (4 VAE blocks)
     assert models["my-dit"]["source"] == "path" and models["my-dit"]["resolution"] == 512

@@ -73,8 +73,9 @@ fi
 wait
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -4 | cut -c1-400; done
 cd "$OUT" && tar czf logs.tgz --remove-files *.log defaults.out && cd - >/dev/null
-# The shipped folders, logs and plots only (run folders also hold data pools and checkpoints: far over 16 MB).
-tar czf "$OUT/models.tgz" weights/shapes-{c2i,t2i,t2v,vqvae,var-c2i,var-t2i} runs/*/model runs/*/log.jsonl \
-  runs/*/*.png runs/*/card.json 2>/dev/null
-rm -f "$OUT"/dit_defaults.tgz  # train_defaults.sh's own tarball: its contents are in models.tgz
+# The shipped folders, logs and plots only (run folders also hold data pools and checkpoints: far over 16 MB), in
+# pieces of at most 15 MB (call B's single 19.6 MB tarball did not come back):  cat models.tgz.* | tar xz
+tar czf - weights/shapes-{c2i,t2i,t2v,vqvae,var-c2i,var-t2i} runs/*/model runs/*/log.jsonl runs/*/*.png \
+  runs/*/card.json 2>/dev/null | split -b 15000000 - "$OUT/models.tgz."
+rm -f "$OUT"/dit_defaults.tgz  # train_defaults.sh's own tarball: its contents are in models.tgz.*
 ls -la "$OUT"
