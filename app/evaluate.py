@@ -79,6 +79,12 @@ def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None,
         pipe.set_progress_bar_config(disable=True)
         metrics = evaluate_pipeline(pipe, n=n, seed=seed, steps=spec.get("steps", 25), cfg=spec.get("cfg", 4.0),
                                     sampler=spec.get("sampler", "dpm++"))
+    elif kind == "var-tokenizer":
+        from vlm.var_pipeline import evaluate_tokenizer
+        from vlm.vqvae import MultiScaleVQVAE
+
+        metrics = evaluate_tokenizer(MultiScaleVQVAE.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+                                     .eval(), n=n, seed=seed)
     elif kind == "vqa":
         from vlm.generate import evaluate_vqa
         from vlm.llava import LlavaVLM
@@ -86,7 +92,7 @@ def evaluate_folder(folder: Path, n: int | None = None, seed: int | None = None,
         metrics = evaluate_vqa(LlavaVLM.from_pretrained(folder, device=device), n=n, seed=seed)
     else:
         raise ValueError(f"{folder}/card.json names evaluation kind {kind!r}; "
-                         "known: clip, vae, class, text, video, vqa")
+                         "known: clip, vae, class, text, video, var-tokenizer, vqa")
     return {"model": folder.name, "n": n, "seed": seed, "metrics": metrics, "card_metrics": card.get("metrics", {}),
             "targets": card.get("targets", {})}
 

@@ -25,11 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from shapes.data import eval_set  # noqa: E402
-from shapes.metrics import analyser_agreement, psnr  # noqa: E402
-from shapes.render import to_float, to_uint8  # noqa: E402
 from shapes.vae import training_images  # noqa: E402
 from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card  # noqa: E402
+from vlm.var_pipeline import evaluate_tokenizer  # noqa: E402
 from vlm.vqvae import VQVAE_CONFIGS, MultiScaleVQVAE  # noqa: E402
 
 TARGETS = {"psnr_db": ">= 30"}
@@ -44,29 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(lr=1e-3, batch_size=16)
     return p.parse_args(argv)
-
-
-@torch.no_grad()
-def evaluate_tokenizer(vq: MultiScaleVQVAE, n: int = 256, seed: int = 2024, batch_size: int = 64) -> dict:
-    """Held-out round trip on captioned scenes (1-3 objects): PSNR (dB, uint8 images) of the full token pyramid
-    and of each partial sum f̂_{≤k}, the analyser's agreement on the reconstructions, and code usage per scale."""
-    ref = eval_set("caption", n, seed, size=vq.config.sample_size)
-    images = ref["image"]
-    K = len(vq.patch_nums)
-    recs = [[] for _ in range(K)]
-    device = vq.device
-    for i in range(0, n, batch_size):
-        x = to_float(images[i:i + batch_size]).to(device, vq.dtype)
-        tokens = vq.encode_indices(x)
-        for k in range(K):
-            recs[k].append(to_uint8(vq.decode_indices(tokens, upto=k + 1).float()).cpu())
-    recs = [torch.cat(r) for r in recs]
-    metrics = {"psnr_db": psnr(recs[-1], images, data_range=255.0),
-               "analyser_agreement": analyser_agreement(recs[-1], ref["scenes"])["accuracy"]}
-    for k, pn in enumerate(vq.patch_nums[:-1]):
-        metrics[f"psnr_db_upto_{pn}x{pn}"] = psnr(recs[k], images, data_range=255.0)
-    metrics["vocab_usage_pct"] = [round(u, 1) for u in vq.quantize.vocab_usage()]
-    return metrics
 
 
 def main(args) -> dict:
