@@ -82,6 +82,10 @@ def add_parser(sub) -> None:
     p.add_argument("--num", default="1", help=f"images (videos) per label or prompt, 1..{MAX_NUM} (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--compile", default=None, metavar="PRESET",
+                   help="diffusion models: compile the transformer with a dit.fast preset (eager, default, "
+                        "cudagraphs, max-autotune, fused; default: eager). The first batch pays the compilation; "
+                        "worth it on a GPU for many batches (ditstudio bench --compile measures it)")
     p.add_argument("--fps", default=None, help=f"video models: GIF frames per second, > 0 (default {DEFAULT_FPS:g})")
     p.add_argument("--save-frames", dest="save_frames", action="store_true",
                    help="video models: also write every frame as a PNG")
@@ -302,17 +306,48 @@ def _check_numbers(steps, cfg, seed, num) -> None:
         raise ValueError(f"num must be an integer in [1, {MAX_NUM}]; got {num!r}")
 
 
-def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype):
-    """The checks every generate_* runs, then (folder, pipeline, fresh scheduler, sampler name, device)."""
+def check_compile(compile: str | None) -> str:
+    """A dit.fast preset name (None: eager)."""
+    from dit.fast import PRESETS
+
+    preset = "eager" if compile is None else compile
+    if preset not in PRESETS:
+        raise ValueError(f"compile preset {compile!r} is unknown; valid: {', '.join(PRESETS)}")
+    return preset
+
+
+def _use_preset(pipe, folder: Path, preset: str) -> None:
+    """Put the (cached, shared) pipeline's transformer in `preset`: compiled in place by dit.fast, or back to eager.
+    A DyDiT transformer is refused: its token and width masks change the shapes with the timestep, so a
+    whole-graph, static-shape compilation does not apply (its speed path is bench/dydit_speed.py)."""
+    from dit.fast import prepare_for_sampling, preset_of, restore_eager
+
+    model = pipe.transformer
+    if preset != "eager" and getattr(model, "counter", None) is not None:
+        raise ValueError(f"model {folder.name} is a DyDiT model: --compile applies to dense transformers only; "
+                         "leave it out (eager)")
+    if preset_of(model) == preset:
+        return
+    restore_eager(model)
+    prepare_for_sampling(model, preset)
+
+
+def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype, compile=None):
+    """The checks every generate_* runs, then (folder, pipeline, fresh scheduler, sampler name, device); the
+    pipeline's transformer is left in the `compile` preset (dit.fast; None: eager)."""
     _check_numbers(steps, cfg, seed, num)
     device = check_device(device)
     check_dtype(dtype)
+    preset = check_compile(compile)
     folder = check_kind(model, kind)
     if is_var(folder):
         raise ValueError(f"model {folder.name} is a VAR (next-scale) model: it has no steps or sampler; sample it "
                          "with generate_var_images")
     scheduler, sampler_name = make_sampler(folder, sampler)
-    return folder, load_pipeline(folder, device, dtype), scheduler, sampler_name, device
+    pipe = load_pipeline(folder, device, dtype)
+    with _GENERATE_LOCK:
+        _use_preset(pipe, folder, preset)
+    return folder, pipe, scheduler, sampler_name, device
 
 
 def _sample(pipe, scheduler, device: str, seed: int, call):
@@ -346,18 +381,25 @@ def _settings(folder: Path, kind: str, steps, cfg, sampler_name, seed, device, d
             "sampler": sampler_name, "seed": seed, "device": device, "dtype": dtype, "seconds": seconds}
 
 
+def _compiled(compile: str | None) -> dict:
+    """The settings entry of a compiled run (nothing for eager, so eager settings stay as they were)."""
+    return {} if check_compile(compile) == "eager" else {"compile": compile}
+
+
 def generate_class_images(model: str | Path, labels: int | str | list[int | str], steps: int = 50, cfg: float = 4.0,
                           sampler: str | None = None, seed: int = 0, num: int = 1, device: str | None = None,
-                          dtype: str = "float32", callback=None) -> list[tuple[PIL.Image.Image, dict]]:
+                          dtype: str = "float32", callback=None,
+                          compile: str | None = None) -> list[tuple[PIL.Image.Image, dict]]:
     """`num` images per label, in one batch (label 0 x num, label 1 x num, ...), as (image, settings) pairs.
 
     The batch is what diffusers' `DiTPipeline` would get as `class_labels`, with
     `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, label, index (position in the
     batch), size, steps, cfg, sampler, seed, device, dtype, seconds (the batch's wall time).
-    `callback(step, t, latents)` runs after every scheduler step.
+    `callback(step, t, latents)` runs after every scheduler step. `compile`: a dit.fast preset for the transformer
+    (None: eager; recorded in the settings).
     """
     folder, pipe, scheduler, sampler_name, device = _prepare(model, CLASS, steps, cfg, seed, num, sampler, device,
-                                                             dtype)
+                                                             dtype, compile)
     labels = list(labels) if isinstance(labels, (list, tuple)) else [labels]
     if not labels:
         raise ValueError("no class label given")
@@ -367,7 +409,7 @@ def generate_class_images(model: str | Path, labels: int | str | list[int | str]
         batch, num_inference_steps=steps, guidance_scale=float(cfg), generator=generator, output_type="pil",
         callback=callback).images)
     return [(image, _settings(folder, CLASS, steps, cfg, sampler_name, seed, device, dtype, seconds, label=y,
-                              index=i, size=list(image.size), **flops))
+                              index=i, size=list(image.size), **flops, **_compiled(compile)))
             for i, (image, y) in enumerate(zip(images, batch))]
 
 
@@ -385,10 +427,10 @@ def _check_prompts(prompts, negative_prompt) -> tuple[list[str], str]:
 
 
 def _generate_text(kind: str, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype,
-                   callback):
+                   callback, compile=None):
     prompts, negative_prompt = _check_prompts(prompts, negative_prompt)
     folder, pipe, scheduler, sampler_name, device = _prepare(model, kind, steps, cfg, seed, num, sampler, device,
-                                                             dtype)
+                                                             dtype, compile)
     output = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
         prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=float(cfg),
         generator=generator, output_type="pil", callback=callback, num_images_per_prompt=num))
@@ -399,29 +441,30 @@ def _generate_text(kind: str, model, prompts, steps, cfg, seed, num, sampler, ne
 def generate_text_images(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5,
                          seed: int = 0, num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
                          device: str | None = None, dtype: str = "float32",
-                         callback=None) -> list[tuple[PIL.Image.Image, dict]]:
+                         callback=None, compile: str | None = None) -> list[tuple[PIL.Image.Image, dict]]:
     """`num` images per prompt, in one batch (prompt-major), as (image, settings) pairs: `TextToImagePipeline` with
     `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, prompt, negative_prompt, index,
     size, steps, cfg, sampler, seed, device, dtype, seconds."""
     folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
-        TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
+        TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile)
     return [(image, _settings(folder, TEXT, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
-                              negative_prompt=negative, index=i, size=list(image.size), **flops))
+                              negative_prompt=negative, index=i, size=list(image.size), **flops,
+                              **_compiled(compile)))
             for i, (image, prompt) in enumerate(zip(output.images, batch))]
 
 
 def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5, seed: int = 0,
                     num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
                     device: str | None = None, dtype: str = "float32",
-                    callback=None) -> list[tuple[list[PIL.Image.Image], dict]]:
+                    callback=None, compile: str | None = None) -> list[tuple[list[PIL.Image.Image], dict]]:
     """`num` videos per prompt, as (frames, settings) pairs, frames a list of F PIL images: `TextToVideoPipeline`
     with `generator=torch.Generator(device).manual_seed(seed)`; settings as `generate_text_images`' plus
     num_frames."""
     folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
-        VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback)
+        VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile)
     return [(frames, _settings(folder, VIDEO, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
                                negative_prompt=negative, index=i, size=list(frames[0].size),
-                               num_frames=len(frames), **flops))
+                               num_frames=len(frames), **flops, **_compiled(compile)))
             for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 
@@ -534,7 +577,8 @@ def _check_flags(args, kind: str, name: str, var: bool = False) -> None:
     what = f"model {name} is a {TASKS[kind]} model"
     if var:
         wrong = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),
-                                          ("--negative-prompt", args.negative_prompt)) if value is not None]
+                                          ("--negative-prompt", args.negative_prompt),
+                                          ("--compile", getattr(args, "compile", None))) if value is not None]
         if wrong:
             raise ValueError(f"model {name} is a VAR (next-scale) model: it samples one step per scale and takes "
                              f"no {' / '.join(wrong)} (its options: --cfg, --top-k, --top-p)")
@@ -600,7 +644,8 @@ def run(args) -> int:
                                       device=args.device, dtype=args.dtype, **filters, **numbers_)
     else:
         steps = _parse(int, "steps", str(DEFAULT_STEPS) if args.steps is None else args.steps)
-        common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, steps=steps, **numbers_)
+        common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, steps=steps,
+                      compile=check_compile(args.compile), **numbers_)
         if kind == CLASS:
             labels = args.class_label if len(args.class_label) > 1 else args.class_label[0]
             results = generate_class_images(args.model, labels, **common)

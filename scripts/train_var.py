@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from diffusers.training_utils import EMAModel  # noqa: E402
 
+from shapes import NUM_CLASSES  # noqa: E402
 from shapes.clip import ShapesCLIP  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import to_float  # noqa: E402
+from shapes.scene import class_name  # noqa: E402
 from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card  # noqa: E402
 from vlm.var import TEXT_VAR_CONFIGS, VAR_CONFIGS, TextVAR, VAR  # noqa: E402
 from vlm.var_pipeline import VARPipeline, evaluate_var  # noqa: E402
@@ -194,7 +196,8 @@ def main(args) -> dict:
         folder = Path(args.save_to) if args.save_to else run.out / "model"
         pipeline().save_pretrained(folder, text_encoder_folder=args.text_encoder if task == "text" else None,
                                    dtype=torch.float16,
-                                   tokenizer_folder=args.tokenizer if args.reference_tokenizer else None)
+                                   tokenizer_folder=args.tokenizer if args.reference_tokenizer else None,
+                                   id2label={i: class_name(i) for i in range(NUM_CLASSES)} if task == "class" else None)
         t = time.time()
         metrics = {k: v for k, v in evaluate_var(pipeline(), n=args.eval_n, seed=0, guidance_scale=args.cfg,
                                                  top_k=args.top_k, top_p=args.top_p).items()

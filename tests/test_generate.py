@@ -131,6 +131,7 @@ def test_num_sampler_and_pipeline_cache(folder, tmp_path, capsys):
     (["--class-label", "3", "--num", "65"], "num must be an integer in [1, 64]"),
     (["--class-label", "3", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["--class-label", "3", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--class-label", "3", "--compile", "fastest"], "compile preset 'fastest' is unknown; valid: eager, default"),
     pytest.param(["--class-label", "3", "--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ])
@@ -150,3 +151,22 @@ def test_not_a_dit_pipeline_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a 'PixArtAlphaPipeline' folder; generate takes DiTPipeline, ClassToImagePipeline, " \
            "TextToImagePipeline, TextToVideoPipeline" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_preset_gives_the_eager_image_and_is_recorded(folder, tmp_path, capsys):
+    # `--compile default` runs the same transformer compiled in place (dit.fast): the image agrees with eager to
+    # float32 rounding (a uint8 step at most where fusion reorders sums), the PNG records the preset, and the cached
+    # pipeline goes back to eager for the next eager call
+    from dit.fast import preset_of
+
+    eager = np.asarray(generate_class_images(folder, 3, steps=STEPS, seed=SEED)[0][0]).astype(int)
+    image, settings = generate_class_images(folder, 3, steps=STEPS, seed=SEED, compile="default")[0]
+    assert settings["compile"] == "default"
+    assert preset_of(load_pipeline(folder.resolve(), "cpu", "float32").transformer) == "default"
+    assert np.abs(np.asarray(image).astype(int) - eager).max() <= 1
+    assert main(generate(folder, tmp_path / "out", "--class-label", "3", "--compile", "default")) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["settings"]["compile"] == "default" and read_settings(record["path"])["compile"] == "default"
+    again, plain = generate_class_images(folder, 3, steps=STEPS, seed=SEED)[0]
+    assert "compile" not in plain and np.array_equal(np.asarray(again).astype(int), eager)
+    assert preset_of(load_pipeline(folder.resolve(), "cpu", "float32").transformer) == "eager"

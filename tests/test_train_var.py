@@ -35,6 +35,9 @@ def test_reference_tokenizer_and_init_from(tmp_path, tokenizer):
     first = tmp_path / "first"
     run(tmp_path, "a", tokenizer, "--save-to", str(first), "--reference-tokenizer")
     assert not (first / "tokenizer").exists()
+    import json
+    names = json.loads((first / "model_index.json").read_text())["id2label"]  # generate --label "red star"
+    assert len(names) == 48 and names["0"] == "red circle"
     pipe = VARPipeline.from_pretrained(first)
     tok = MultiScaleVQVAE.from_pretrained(tokenizer)
     assert all(torch.equal(a, b) for a, b in zip(pipe.vqvae.state_dict().values(), tok.state_dict().values()))

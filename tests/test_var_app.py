@@ -177,6 +177,7 @@ def test_cli_text_var_is_seeded(text_var, tmp_path, capsys):
     (["--label", "3", "--steps", "10"], "VAR \\(next-scale\\) model: it samples one step per scale and takes no "
                                         "--steps"),
     (["--label", "3", "--sampler", "ddim"], "takes no --sampler"),
+    (["--label", "3", "--compile", "default"], "takes no --compile"),
     (["--label", "3", "--cfg", "-1"], r"cfg \(guidance scale\) must be a finite number >= 0"),
     (["--label", "10"], r"class id 10 out of range: model has classes \[0, 10\)"),
     (["--prompt", "a red star"], "it takes --label, not --prompt"),

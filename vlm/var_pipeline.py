@@ -249,11 +249,12 @@ class VARPipeline(DiffusionPipeline):
 
     # --- folders
     def save_pretrained(self, folder: str | Path, text_encoder_folder: str | Path | None = None,
-                        dtype: torch.dtype | None = None, tokenizer_folder: str | Path | None = None, **_) -> None:
+                        dtype: torch.dtype | None = None, tokenizer_folder: str | Path | None = None,
+                        id2label: dict[int, str] | None = None, **_) -> None:
         """Write tokenizer/ and transformer/ (safetensors; `dtype` e.g. torch.float16 to ship) and model_index.json;
         a text model references its text encoder's folder (`text_encoder_folder`, else the one it was loaded
         from). With `tokenizer_folder` (a saved MultiScaleVQVAE folder) the tokenizer is referenced instead of
-        copied, so that shipped class and text models share one tokenizer."""
+        copied, so that shipped class and text models share one tokenizer. `id2label`: a class model's names."""
         folder = Path(folder)
         folders = {"transformer": "transformer", "vqvae": "tokenizer"}
         if tokenizer_folder is not None:
@@ -277,6 +278,8 @@ class VARPipeline(DiffusionPipeline):
             model.to(dtype or orig).save_pretrained(folder / folders[name])
             model.to(orig)
         index["component_folders"] = folders
+        if id2label is not None:  # class names, where diffusers' DiTPipeline keeps them (generate --label NAME)
+            index["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
