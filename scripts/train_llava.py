@@ -22,6 +22,10 @@ captions about them from (seed, step), so a resumed run sees exactly the batches
 in stage 2 at their own peak LR `--vision-lr` (they are pretrained): the cache then holds the hidden states entering
 those blocks (CLS included), and every step runs the N blocks on them (stage 1 too, without gradients: the
 blocks stay frozen while the projector aligns). The saved folder then holds its tuned tower (`vision_tower/`).
+`--feature-layer L` (default -2, LLaVA's penultimate block) picks which of the tower's hidden states the projector
+reads, counted from the end as LLaVA's `hidden_states[L]`: -1 the last block's output, -2 the penultimate, ...,
+-(blocks + 1) the patch embedding (+ positions and ln_pre) before any block. It is saved in the folder's
+`config.vision_tower.feature_layer`, so the model loads with the same layer; the pool cache records it.
 Evaluation every --eval-every steps: exact match per question kind on held-out questions (vlm.generate).
 """
 from __future__ import annotations
@@ -68,6 +72,9 @@ def parse_args(argv=None):
                    help="stage 1 trains projector + decoder (default; no pretrained LLM here) or the projector only")
     p.add_argument("--tune-vision-blocks", type=int, default=0,
                    help="stage 2 also trains the last N blocks of the CLIP tower's feature path (0 = frozen tower)")
+    p.add_argument("--feature-layer", type=int, default=-2,
+                   help="the tower's hidden state the projector reads, LLaVA's hidden_states index: -1 last block, "
+                        "-2 penultimate (default), ..., -(blocks + 1) the patch embedding")
     p.add_argument("--vision-lr", type=float, default=None,
                    help="peak LR of the tuned vision blocks (default 0.1 x --lr: they are pretrained)")
     p.add_argument("--warmup-frac", type=float, default=0.03)
@@ -86,6 +93,8 @@ def parse_args(argv=None):
         p.error("--stage1-steps must be >= 0 and below --steps (stage 2 needs steps)")
     if args.tune_vision_blocks < 0:
         p.error("--tune-vision-blocks must be >= 0")
+    if args.feature_layer >= 0:
+        p.error("--feature-layer counts from the end (LLaVA's hidden_states index): -1 .. -(blocks + 1)")
     if args.vision_lr is None:
         args.vision_lr = 0.1 * args.lr
     return args
@@ -106,7 +115,8 @@ def tokenizer_for(run_dir: Path) -> VLMTokenizer:
 
 def build_pool(run_dir: Path, n: int, seed: int, tower: ShapesCLIPTower, tune_blocks: int = 0):
     """The fixed pool: scenes (re-drawn from the seed), and their frozen tower outputs (cached on disk): the
-    features (n, N, C), or with `tune_blocks` the hidden states entering the last tuned blocks (n, 1 + N, C)."""
+    features (n, N, C), or with `tune_blocks` the hidden states entering the last tuned blocks (n, 1 + N, C).
+    A tower reading another layer than -2 records it in the file's metadata (checked on resume)."""
     rng = np.random.default_rng([POOL_SALT, seed])
     batch = make_batch("caption", rng, n)
     path = run_dir / "pool.safetensors"
@@ -115,7 +125,12 @@ def build_pool(run_dir: Path, n: int, seed: int, tower: ShapesCLIPTower, tune_bl
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            meta_n = int((f.metadata() or {}).get("tune_vision_blocks", 0))
+            meta = f.metadata() or {}
+        meta_n = int(meta.get("tune_vision_blocks", 0))
+        meta_layer = int(meta.get("feature_layer", -2))
+        if meta_layer != tower.feature_layer:
+            raise ValueError(f"{path} caches the tower's layer {meta_layer}, not --feature-layer "
+                             f"{tower.feature_layer}; use a new --out")
         if meta_n != tune_blocks:
             raise ValueError(f"{path} caches the tower for --tune-vision-blocks {meta_n}, not {tune_blocks}; "
                              f"use a new --out")
@@ -129,8 +144,10 @@ def build_pool(run_dir: Path, n: int, seed: int, tower: ShapesCLIPTower, tune_bl
         chunks = [encode(batch["image"][i:i + 512]).to(torch.float16)
                   for i in tqdm(range(0, n, 512), desc="tower features of the pool", mininterval=10)]
         feats = torch.cat(chunks)
-        meta = {"tune_vision_blocks": str(tune_blocks)} if tune_blocks else None
-        save_file({key: feats.contiguous()}, path, metadata=meta)
+        meta = {"tune_vision_blocks": str(tune_blocks)} if tune_blocks else {}
+        if tower.feature_layer != -2:
+            meta["feature_layer"] = str(tower.feature_layer)
+        save_file({key: feats.contiguous()}, path, metadata=meta or None)
     return batch["scenes"], feats
 
 
@@ -212,11 +229,16 @@ def main(args) -> dict:
     acc = run.accelerator
     tok = tokenizer_for(run.out)
     clip = ShapesCLIP.from_pretrained(args.clip, device=acc.device)
-    tower = ShapesCLIPTower(clip)
+    n_blocks = len(clip.model.visual.transformer.resblocks)
+    if not -(n_blocks + 1) <= args.feature_layer <= -1:
+        raise ValueError(f"--feature-layer {args.feature_layer}: the tower has {n_blocks} blocks, so -1 .. "
+                         f"-{n_blocks + 1}")
+    tower = ShapesCLIPTower(clip, args.feature_layer)
     n_tune = args.tune_vision_blocks
     scenes, feats = build_pool(run.out, args.pool, args.seed, tower, n_tune)
     model = from_name(args.size, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                      pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, mm_hidden_size=tower.hidden_size)
+                      pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, mm_hidden_size=tower.hidden_size,
+                      vision_tower={**LLAVA_SIZES[args.size]["vision_tower"], "feature_layer": args.feature_layer})
     proj = list(model.mm_projector.parameters())
     proj_ids = {id(p) for p in proj}
     rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in proj_ids]
@@ -296,7 +318,9 @@ def main(args) -> dict:
         write_model_card(
             folder, title=folder.name,
             summary=(f"A LLaVA-1.5-style vision-language model on the shapes world: the shapes CLIP image tower "
-                     f"(`{Path(args.clip).name}`, penultimate-layer patch features, "
+                     f"(`{Path(args.clip).name}`, "
+                     + ("penultimate-layer" if args.feature_layer == -2 else f"layer {args.feature_layer}")
+                     + " patch features, "
                      + (f"its last {n_tune} feature-path blocks tuned in stage 2 at peak LR {args.vision_lr:g}, "
                         f"stored in `vision_tower/`), a " if n_tune else "referenced, not copied), a ")
                      + f"2-layer GELU projector and a {raw.config.num_hidden_layers}-layer Llama-style decoder "
@@ -309,6 +333,7 @@ def main(args) -> dict:
             run=run, metrics=metrics, targets=TARGETS,
             extra={"eval": {"kind": "vqa", "n": args.final_eval_n or args.eval_n, "seed": EVAL_SEED},
                    "parameters": num_params(raw), "pool": args.pool, "stage1_steps": args.stage1_steps,
+                   **({"feature_layer": args.feature_layer} if args.feature_layer != -2 else {}),
                    **({"tune_vision_blocks": n_tune, "vision_lr": args.vision_lr} if n_tune else {})})
         acc.print(json.dumps(metrics, indent=2))
     return metrics
