@@ -13,7 +13,8 @@
 #   starts again from the shipped shapes-t2i but trains only its temporal blocks (--trainable: call A's full
 #   fine-tune diverged after 650 steps, like every continuation of the shipped models); the VAR transformers from
 #   scratch.
-# PHASE=C: everything goes on from call B's folders (runs/start/ again), VAR with --init-from; plus DyDiT-c2i
+# PHASE=C: everything goes on from call B's folders (runs/start/ again; or, next session, FROM_RESUME=1 with an
+#   empty runs/start: c2i / t2i from resume/, the rest from weights/), VAR with --init-from; plus DyDiT-c2i
 #   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8) and the shapes LLaVA with its last CLIP block tuned (issue 10,
 #   LLAVA_ARGS).
 # Everything is written to weights/ and runs/; $OUT gets the logs and one tarball of models (≤ 8 files come back).
@@ -43,6 +44,11 @@ var_transformers() {  # LIMIT: the class and the text VAR transformer side by si
 
 rm -rf runs/t2i-start; cp -r weights/shapes-t2i runs/t2i-start  # the shipped text model the video model starts from (before any copy)
 [ -d runs/start ] && [ "$PHASE" != A ] && cp -r runs/start/shapes-* weights/  # the previous call's folders
+# FROM_RESUME=1 (with PHASE=C): c2i and t2i go on from the QK-norm transformers in resume/ (docs/dit.md) instead of
+# the shipped ones, which cannot be continued; t2v and the VAR models go on from weights/.
+if [ "${FROM_RESUME:-}" = 1 ]; then
+  for n in c2i t2i; do rm -rf "weights/shapes-$n/transformer"; cp -r "resume/shapes-$n-qknorm/transformer" "weights/shapes-$n/"; done
+fi
 T2V_FROZEN=(T2V_MODEL=Latte-T6/1 "EXTRA_t2v=--init-from-image runs/t2i-start --trainable temporal_blocks\. --lr 5e-4")
 if [ "$PHASE" = A ]; then
   env OMP_NUM_THREADS=3 FRESH="c2i t2i t2v" QKNORM="c2i t2i" LR=1e-3 T2V_MODEL=Latte-T6/1 \
