@@ -80,6 +80,12 @@ def test_generate_runs_dydit_and_records_executed_flops(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["settings"]["flops_executed"] < 0.95 and Path(record["path"]).is_file()
+    # a DyDiT's masks change its shapes with t: --compile (a static whole-graph compile) is refused in one line
+    assert main(["generate", "--model", str(folder), "--class-label", "3", "--steps", "2", "--device", "cpu",
+                 "--compile", "default", "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a DyDiT model: --compile applies to dense transformers only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
 
 
 @needs_shipped
