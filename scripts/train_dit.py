@@ -463,9 +463,9 @@ def main(args) -> dict:
     if args.trainable:
         if args.lora:
             raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")
-        chosen = [n for n, p in model.named_parameters() if p.requires_grad_(bool(re.search(args.trainable, n)))
-                  .requires_grad]
-        if not chosen:
+        for n, p in model.named_parameters():
+            p.requires_grad_(bool(re.search(args.trainable, n)))
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"--trainable {args.trainable!r} matches no parameter of {type(model).__name__}")
     net = add_lora(model, args.lora) if args.lora else model
     params = [p for p in net.parameters() if p.requires_grad]

@@ -131,12 +131,16 @@ class ShapesCLIP(torch.nn.Module):
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.model.encode_image(self._prepare(images), normalize=normalize)
 
+    def feature_blocks(self, layer: int = -2) -> list:
+        """The image resblocks whose output is hidden state `layer` (LLaVA's hidden_states index when negative: -2
+        is the first 3 of 4 blocks; the block index when >= 0)."""
+        blocks = list(self.model.visual.transformer.resblocks)
+        return blocks[: len(blocks) + layer + 1 if layer < 0 else layer + 1]
+
     def image_patch_features(self, images: torch.Tensor, layer: int = -2) -> torch.Tensor:
         """Patch features of resblock `layer` (default the penultimate), CLS dropped: (B, patches, width)."""
-        v = self.model.visual
-        x = v._embeds(self._prepare(images))
-        blocks = v.transformer.resblocks
-        for blk in blocks[: len(blocks) + layer + 1 if layer < 0 else layer + 1]:
+        x = self.model.visual._embeds(self._prepare(images))
+        for blk in self.feature_blocks(layer):
             x = blk(x)
         return x[:, 1:]
 

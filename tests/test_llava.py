@@ -14,22 +14,31 @@ from vlm.vlm_tokenizer import VLMTokenizer, prompt_v1, train_shapes_tokenizer, u
 CLIP = "weights/shapes-clip"
 
 
-@pytest.fixture(scope="module")
-def tok():
+def tiny_tokenizer() -> VLMTokenizer:
     t = train_shapes_tokenizer(vocabulary_corpus(n=200))
     return VLMTokenizer(t, t.convert_tokens_to_ids("<image>"))
 
 
-@pytest.fixture(scope="module")
-def vlm(tok):
+def tiny_decoder(tok: VLMTokenizer):
+    """shapes-llava-tiny, seeded, with larger random weights than the init, so greedy tokens differ from step to
+    step and across rows (shared by the LLaVA test files)."""
     torch.manual_seed(0)
     model = from_name("shapes-llava-tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                       pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-    # Larger random weights than the init, so greedy tokens differ from step to step and across rows.
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(6.0) if p.ndim > 1 else None
-    return LlavaVLM(model.eval(), ShapesCLIPTower(ShapesCLIP.from_pretrained(CLIP)), tok, CLIP)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def vlm(tok):
+    return LlavaVLM(tiny_decoder(tok).eval(), ShapesCLIPTower(ShapesCLIP.from_pretrained(CLIP)), tok, CLIP)
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,18 @@ import torch
 
 from app import chat as chat_mod
 from shapes import eval_set
-from shapes.clip import ShapesCLIP, vocabulary_corpus
+from shapes.clip import ShapesCLIP
 from vlm.generate import answer
-from vlm.llava import LlavaVLM, ShapesCLIPTower, from_name
-from vlm.vlm_tokenizer import VLMTokenizer, train_shapes_tokenizer
+from test_llava import tiny_decoder, tiny_tokenizer
+from vlm.llava import LlavaVLM, ShapesCLIPTower
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    t = train_shapes_tokenizer(vocabulary_corpus(n=200))
-    tok = VLMTokenizer(t, t.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    model = from_name("shapes-llava-tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                      pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0) if p.ndim > 1 else None
+    tok = tiny_tokenizer()
+    model = tiny_decoder(tok)
     clip = REPO / "weights" / "shapes-clip"
     vlm = LlavaVLM(model.eval(), ShapesCLIPTower(ShapesCLIP.from_pretrained(clip)), tok, str(clip))
     out = tmp_path_factory.mktemp("models") / "tiny-llava"

@@ -18,11 +18,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import train_llava  # noqa: E402
 from shapes import eval_set  # noqa: E402
-from shapes.clip import ShapesCLIP, vocabulary_corpus  # noqa: E402
+from shapes.clip import ShapesCLIP  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from vlm.generate import GenerationConfig, build_prompt_batch, generate  # noqa: E402
-from vlm.llava import LlavaVLM, ShapesCLIPTower, from_name  # noqa: E402
-from vlm.vlm_tokenizer import VLMTokenizer, train_shapes_tokenizer  # noqa: E402
+from test_llava import tiny_decoder, tiny_tokenizer  # noqa: E402
+from vlm.llava import LlavaVLM, ShapesCLIPTower  # noqa: E402
 
 CLIP = REPO / "weights" / "shapes-clip"
 TUNED = "model.visual.transformer.resblocks.2."  # the last block of the feature path (layer -2 of 4 blocks)
@@ -93,14 +93,8 @@ def test_cached_block_inputs_give_the_tower_features(tmp_path, images):
 
 
 def test_save_load_uses_the_tuned_tower(tmp_path, images):
-    t = train_shapes_tokenizer(vocabulary_corpus(n=200))
-    tok = VLMTokenizer(t, t.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    model = from_name("shapes-llava-tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                      pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0) if p.ndim > 1 else None
+    tok = tiny_tokenizer()
+    model = tiny_decoder(tok)
     tower = ShapesCLIPTower(ShapesCLIP.from_pretrained(CLIP))
     with torch.no_grad():
         for p in tower.tail(1).parameters():

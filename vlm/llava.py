@@ -324,8 +324,7 @@ class ShapesCLIPTower(nn.Module):
     # ----- split at a block: a frozen head (cached once) and a trainable tail (--tune-vision-blocks) -----
     def feature_blocks(self) -> list[nn.Module]:
         """The resblocks on the feature path: all up to `feature_layer` (the first 3 of 4 for -2)."""
-        blocks = list(self.clip.model.visual.transformer.resblocks)
-        return blocks[: len(blocks) + self.feature_layer + 1 if self.feature_layer < 0 else self.feature_layer + 1]
+        return self.clip.feature_blocks(self.feature_layer)
 
     def _check_n(self, n: int) -> None:
         if not 0 <= n <= len(self.feature_blocks()):
