@@ -543,6 +543,11 @@ LLAVA_SIZES: dict[str, dict] = {
                          intermediate_size=352, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
                          tie_word_embeddings=True, mm_hidden_size=96,
                          vision_tower={"kind": "shapes-clip", "path": "../shapes-clip", "feature_layer": -2}),
+    # A wider, deeper decoder for the same tower (~2 M parameters, ~4 MB in float16: still under the 5 MB budget).
+    "shapes-llava-m": dict(hidden_size=192, num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=2,
+                           intermediate_size=512, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+                           tie_word_embeddings=True, mm_hidden_size=96,
+                           vision_tower={"kind": "shapes-clip", "path": "../shapes-clip", "feature_layer": -2}),
     # Tests: the smallest decoder that still has GQA and more than one layer.
     "shapes-llava-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=64, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -15,8 +15,8 @@
 #   scratch.
 # PHASE=C: everything goes on from call B's folders (runs/start/ again; or, next session, FROM_RESUME=1 with an
 #   empty runs/start: c2i / t2i from resume/, the rest from weights/), VAR with --init-from; plus DyDiT-c2i
-#   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8) and the shapes LLaVA with its last CLIP block tuned (issue 10,
-#   LLAVA_ARGS).
+#   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8; DYDIT=0 leaves it out) and the shapes LLaVA (issue 10,
+#   LLAVA_ARGS; LLAVA_ARGS_B a second LLaVA run beside it).
 # Everything is written to weights/ and runs/; $OUT gets the logs and one tarball of models (≤ 8 files come back).
 set -uo pipefail
 PHASE=${PHASE:-A}
@@ -68,13 +68,16 @@ else
   env OMP_NUM_THREADS=3 LR=${LR:-5e-4} "EXTRA_t2v=--trainable temporal_blocks\. --lr 3e-4" \
     bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
   OMP_NUM_THREADS=2 VAR_INIT=1 var_transformers "$DIT_LIMIT" &
-  OMP_NUM_THREADS=2 python3 scripts/finetune_dydit.py --out runs/dydit-c2i-gpu --model weights/shapes-c2i \
+  [ "${DYDIT:-1}" = 1 ] && OMP_NUM_THREADS=2 python3 scripts/finetune_dydit.py --out runs/dydit-c2i-gpu --model weights/shapes-c2i \
     --train td-lora --lora-rank 4 --lora-experts 4 --lam 0.5 --steps 30000 --batch-size 64 --lr 1e-3 --lam-hold 100 \
     --lam-reach 1000 --pool 20000 --ema-decay 0.999 --eval-every 100000 --ckpt-every 100000 --eval-n 16 \
     --final-eval-n 96 --mixed-precision bf16 --time-limit "$DIT_LIMIT" --save-to runs/dydit-c2i-gpu/model \
     > "$OUT/dydit.log" 2>&1 &
   OMP_NUM_THREADS=2 python3 scripts/train_llava.py --out runs/llava-gpu ${LLAVA_ARGS:-} --time-limit "$DIT_LIMIT" \
     --save-to runs/llava-gpu/model > "$OUT/llava.log" 2>&1 &
+  # LLAVA_ARGS_B: a second LLaVA run side by side (an A/B of sizes or recipes), into runs/llava-gpu-b.
+  [ -n "${LLAVA_ARGS_B:-}" ] && OMP_NUM_THREADS=2 python3 scripts/train_llava.py --out runs/llava-gpu-b $LLAVA_ARGS_B \
+    --time-limit "$DIT_LIMIT" --save-to runs/llava-gpu-b/model > "$OUT/llava-b.log" 2>&1 &
 fi
 wait
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -4 | cut -c1-400; done
