@@ -71,7 +71,10 @@ class Problem:
             self.v.shape[-1],
             self.form,
             self.group > 1,
-            "square" if Nq == Nk else ("q<k" if Nq < Nk else "q>k"),
+            # One key (unmasked or causal) is its own class: cuDNN SDPA refuses a key/value length of 1 (VAR's
+            # first scale under a KV cache is 1 query x 1 key), which a probe on 13 keys would not show.
+            "k=1" if Nk == 1 and self.form in ("none", "causal", "causal_bottom_right")
+            else ("square" if Nq == Nk else ("q<k" if Nq < Nk else "q>k")),
             self.mask_per_head,
             self.needs_grad,
         )
@@ -415,7 +418,7 @@ def tiny_like(p: Problem, seed: int = 0) -> Problem:
     device = p.q.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     # Odd lengths on purpose: kernels that need aligned sequence lengths (or pad masks) must show it here.
-    Nq, Nk = {"square": (13, 13), "q<k": (7, 21), "q>k": (21, 7)}[shape]
+    Nq, Nk = {"square": (13, 13), "q<k": (7, 21), "q>k": (21, 7), "k=1": (1, 1)}[shape]
     Hkv = 1 if gqa else 2
     H = 2
     B = 2

@@ -424,6 +424,26 @@ def main(argv=None) -> int:
     synth = SyntheticRouters(dydit, timesteps, sched.config.num_train_timesteps)
 
     rows, plans, dense_cache = [], {}, {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(complete: bool) -> dict:
+        """Written after every row, so a run cut off by a time limit keeps what it measured."""
+        result = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch": torch.__version__,
+            "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv) if argv is None
+            else " ".join(shlex.quote(a) for a in ["python", "bench/dydit_speed.py", *argv]),
+            "config": f"{name} {S * 8} px (latent {S}x{S}), random weights std 1/sqrt(fan_in), {args.steps} DDIM "
+                      f"steps, CFG {GUIDANCE} batched (model batch 2B), {str(dtype).replace('torch.', '')}",
+            "synthetic_routers": "reserved-channel threshold routers (bench/dydit_speed.py docstring)",
+            "complete": complete,
+            "plans": plans,
+            "rows": rows,
+        }
+        out.write_text(json.dumps(result, indent=2))
+        return result
     for lam in args.lams:
         widths, cols = synth.tune(lam)
         synth.install(widths, cols)
@@ -470,6 +490,11 @@ def main(argv=None) -> int:
                 if variant == "dense":
                     dense_cache[B] = row
                 rows.append(row)
+                if B in dense_cache and variant != "dense":
+                    d = dense_cache[B]["median_s"]
+                    row.update(speedup=d / med, flops_speedup=1.0 / executed,
+                               speedup_over_flops=d / med * executed)
+                save(False)
                 print(f"  B={B} {variant}: {med * 1e3:.1f} ms / run, {B / med:.2f} img/s", flush=True)
         for row in rows:
             if row["lam"] == lam and row["batch"] in dense_cache:
@@ -478,21 +503,7 @@ def main(argv=None) -> int:
                 row["flops_speedup"] = 1.0 / row["executed_flops_ratio"]
                 row["speedup_over_flops"] = row["speedup"] / row["flops_speedup"]
 
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch": torch.__version__,
-        "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv) if argv is None
-        else " ".join(shlex.quote(a) for a in ["python", "bench/dydit_speed.py", *argv]),
-        "config": f"{name} {S * 8} px (latent {S}x{S}), random weights std 1/sqrt(fan_in), {args.steps} DDIM steps, "
-                  f"CFG {GUIDANCE} batched (model batch 2B), {str(dtype).replace('torch.', '')}",
-        "synthetic_routers": "reserved-channel threshold routers (bench/dydit_speed.py docstring)",
-        "plans": plans,
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result = save(True)
     print(markdown(result))
     return 0
 

@@ -36,7 +36,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
-from vlm.generate import decode_step_static, generate_static, prefill, last_real_index
+from vlm.generate import StaticKV, decode_step_static, generate_static, prefill, last_real_index
 from vlm.llava import CLIP_VIT_L_336, LlavaVLM, CLIPTower, LlavaModel
 from vlm.llava_loaders import convert_state_dict, model_config
 from caching import KVCache
@@ -147,7 +147,13 @@ def run(args) -> dict:
         raise SystemExit("the 7B benchmark needs a GPU; use --smoke on a CPU")
     vlm, hf, cfg, n_img = build_models(args, device, dtype)
     model = vlm.model
-    step_fn = decode_step_static if args.no_compile else torch.compile(decode_step_static, mode="reduce-overhead")
+    step_fn = decode_step_static
+    if not args.no_compile:
+        # One graph for the whole step (fullgraph: a graph break raises and says where, instead of silently
+        # compiling frames per layer); if that fails, the same without fullgraph, and the reason is recorded.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        step_fn = torch.compile(decode_step_static, mode="reduce-overhead", dynamic=False, fullgraph=True)
+    compile_note = "fullgraph" if not args.no_compile else "eager"
     img_id = cfg.image_token_index
     rows = []
     for B in args.batches:
@@ -167,8 +173,20 @@ def run(args) -> dict:
 
         t_pre, _ = timed(ours_prefill, device, args.repeats)
         x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
-        t_total, (tokens, cache) = timed(lambda: generate_static(model, x, args.new_tokens, step_fn), device,
-                                         args.repeats)
+        # One cache per batch size, reused (reset) by every call: the compiled step keeps one CUDA graph.
+        static = StaticKV(KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,
+                                  dtype=dtype, device=device))
+        try:
+            generate_static(model, x, args.new_tokens, step_fn, static=static)
+        except Exception as e:  # noqa: BLE001 - a graph break under fullgraph: record it, compile without
+            if args.no_compile or compile_note != "fullgraph":
+                raise
+            compile_note = f"fullgraph failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); compiled with breaks"
+            print(compile_note, flush=True)
+            torch._dynamo.reset()
+            step_fn = torch.compile(decode_step_static, mode="reduce-overhead", dynamic=False)
+        t_total, (tokens, cache) = timed(lambda: generate_static(model, x, args.new_tokens, step_fn, static=static),
+                                         device, args.repeats)
         t_dec = max(t_total - t_pre, 1e-9)
         steps = args.new_tokens - 1
         kv_read = cache.nbytes() / 2  # average live KV over the steps, roughly half-way from L to L + new
@@ -192,7 +210,11 @@ def run(args) -> dict:
                        hf_bandwidth_util=(wbytes + kv_read) * steps / h_dec / (args.peak_gbps * 1e9),
                        prefill_speedup=h_pre / t_pre, decode_speedup=h_dec / t_dec,
                        tokens_agree=(h_tokens.cpu() == tokens.cpu()).float().mean().item())
+        row["decode_compile"] = compile_note
         rows.append(row)
+        if args.out:  # after every row, so a run cut off by a time limit keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"bench": "llava_speed", "partial": True, "rows": rows}, indent=2))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     bound = args.peak_gbps * 1e9 / weight_bytes(model)
     return {

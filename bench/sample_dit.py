@@ -57,8 +57,9 @@ WORKLOADS = {
                                                norm_type="ada_norm_single", norm_elementwise_affine=False,
                                                norm_eps=1e-6),
                       steps=20, cfg=4.5, sampler="dpm++", batches=(1, 8), pixels=512, text_tokens=120),
+    # cross_attention_dim as in Latte-1's config (diffusers' LatteTransformer3DModel defaults to None).
     "latte512": dict(kind="video", config=dict(XL, sample_size=64, patch_size=2, caption_channels=4096,
-                                               video_length=16, norm_type="ada_norm_single",
+                                               cross_attention_dim=1152, video_length=16, norm_type="ada_norm_single",
                                                activation_fn="gelu-approximate", attention_bias=True,
                                                norm_elementwise_affine=False, norm_eps=1e-6),
                      steps=50, cfg=4.5, sampler="ddim", batches=(1,), pixels=512, text_tokens=120, frames=16),

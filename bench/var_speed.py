@@ -243,16 +243,21 @@ def main(args) -> dict:
                 row["speedup"] = row["official"]["seconds_per_batch"] / row["ours"]["seconds_per_batch"]
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
+            write(results, args.out, complete=False)  # a run cut off by a time limit keeps what it measured
         del var, vq
         if official:
             del ovar, ovq
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write(results, args.out, complete=True)
+    print(f"wrote {args.out}")
     return results
+
+
+def write(results: dict, path: str, complete: bool) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**results, "complete": complete}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

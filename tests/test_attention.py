@@ -697,3 +697,25 @@ def test_block_causal_split_into_dense_pieces_matches_reference(nq, backend):
     g = _t(*out.shape)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, leaves, g.double())):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_one_key_is_probed_on_one_key():
+    """cuDNN SDPA refuses a key/value length of 1 (VAR's first scale under a KV cache: 1 query, 1 key); a probe on
+    13 keys passed it, so auto picked cuDNN and the call failed with "No available kernel" on the H100. A single key
+    is its own probe class, probed on a 1 x 1 problem."""
+    from attention.problem import prepare, tiny_like
+
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16)
+    p = prepare(q, k, k)
+    assert p.features[7] == "k=1" and prepare(torch.randn(2, 4, 3, 16), k, k).features[7] == "k=1"
+    tiny = tiny_like(p)
+    assert tiny.q.shape[2] == 1 and tiny.k.shape[2] == 1 and tiny.form == "none"
+    torch.testing.assert_close(attention(q, k, k), k.expand(2, 4, 1, 16))  # one key: the output is its value
+    assert prepare(torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)).features[7] == "square"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_one_key_runs_under_auto_on_cuda():
+    q = torch.randn(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(attention(q, k, k), k)

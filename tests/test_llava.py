@@ -242,6 +242,35 @@ def test_static_cache_decoding_equals_dynamic(vlm, data):
     assert sorted(cache.bytes_per_segment()) == list(range(7))
 
 
+def test_static_decoding_reuses_one_cache_and_one_graph(vlm, data):
+    """A reused StaticKV (reset per call) gives the same tokens as a fresh cache, and a compiled step is traced
+    once for all calls: with a fresh cache per call it was traced every call (guards on the buffers' addresses),
+    which on the H100 hit dynamo's recompile limit and fell back to compiling each layer on its own."""
+    from caching import KVCache
+    from vlm.generate import StaticKV, decode_step_static, generate_static
+
+    f = vlm.encode_images(data["image"])
+    ids, mask = build_prompt_batch(vlm, data["question"])
+    x = vlm.model.build_inputs(ids, f, mask)
+    want, _ = generate_static(vlm.model, x, 5)
+    m = vlm.model
+    static = StaticKV(KVCache(len(m.layers), x.embeds.shape[0], m.num_kv_heads, m.head_dim, x.embeds.shape[1] + 9))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(decode_step_static, backend=count, dynamic=False)
+    for _ in range(3):
+        tokens, cache = generate_static(m, x, 5, step, static=static)
+        assert tokens.tolist() == want.tolist() and cache is static.cache
+    assert len(graphs) == 1
+    with pytest.raises(ValueError, match="needs batch"):
+        generate_static(m, x, 20, step, static=static)  # capacity L + 9 < L + 20
+
+
 def test_tied_embeddings_save_once_and_retie(tok, tmp_path):
     """The shipped size ties lm_head to the embedding: saved once (safetensors refuses shared storage), re-tied
     on load, and a checkpoint whose weights do not match the config is refused."""

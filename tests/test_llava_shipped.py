@@ -29,8 +29,6 @@ def test_folder_and_card(card):
     assert card["targets"]["vqa_exact_match"] == ">= 0.90"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 target missed: the CPU-trained shapes-llava reaches 0.814 exact "
-                                       "match (card); strict, so this turns red once a retrained model meets it")
 def test_meets_vqa_target(card):
     assert card["metrics"]["vqa_exact_match"] >= 0.90
 

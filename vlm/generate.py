@@ -197,18 +197,31 @@ def decode_step_static(model: LlavaModel, tokens: Tensor, position_ids: Tensor, 
 
 
 @torch.no_grad()
-def generate_static(model: LlavaModel, inputs: MultimodalInputs, max_new_tokens: int, step_fn=None
-                    ) -> tuple[Tensor, KVCache]:
+def generate_static(model: LlavaModel, inputs: MultimodalInputs, max_new_tokens: int, step_fn=None,
+                    static: StaticKV | None = None) -> tuple[Tensor, KVCache]:
     """Greedy decoding of exactly max_new_tokens tokens (no stop), prefill on the shared cache, then the static
-    step (`step_fn`, default `decode_step_static`; pass a compiled one). Returns tokens (B, T) and the cache."""
+    step (`step_fn`, default `decode_step_static`; pass a compiled one). Returns tokens (B, T) and the cache.
+
+    `static`: a StaticKV to reuse (its cache is reset; batch must match, capacity at least prompt + new tokens).
+    A compiled step guards on the cache buffers' addresses, so a fresh cache per call recompiles the step every
+    call (past dynamo's recompile limit it then compiles each layer's frame on its own); reusing one keeps one
+    graph, as transformers' StaticCache.reset() does."""
     B, L, _ = inputs.embeds.shape
     device = inputs.embeds.device
-    cap = L + max_new_tokens
-    cache = KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, cap, dtype=inputs.embeds.dtype,
-                    device=device)
+    if static is None:
+        cache = KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + max_new_tokens,
+                        dtype=inputs.embeds.dtype, device=device)
+        static = StaticKV(cache)
+    else:
+        cache = static.cache
+        if cache.batch != B or cache.layers[0].capacity < L + max_new_tokens:
+            raise ValueError(f"the reused cache holds batch {cache.batch} x {cache.layers[0].capacity} tokens; this "
+                             f"call needs batch {B} x {L + max_new_tokens}")
+        cache.reset()
+    cap = cache.layers[0].capacity
     logits = prefill(model, inputs.embeds, inputs.position_ids, inputs.attention_mask, cache,
                      last_real_index(inputs.attention_mask))
-    static, step_fn = StaticKV(cache), step_fn or decode_step_static
+    step_fn = step_fn or decode_step_static
     mask = torch.zeros(B, cap, dtype=torch.bool, device=device)
     mask[:, :L] = inputs.attention_mask
     pos = inputs.attention_mask.long().sum(-1, keepdim=True)
