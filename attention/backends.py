@@ -243,12 +243,18 @@ def _sdpa_traced(p: Problem, kernel: SDPBackend) -> Tensor:
         return F.scaled_dot_product_attention(p.q, k, v, attn_mask=mask, is_causal=causal, scale=p.scale)
 
 
+# Read once at import: under torch.compile (torch 2.11, CUDA) the call `torch.backends.cudnn.is_available()` is a
+# torch function returning a bool, which dynamo cannot put in a graph: it broke LLaVA's compiled decode step into a
+# frame per layer (measured on the H100). A build-time flag, so reading it early loses nothing.
+_CUDNN_BUILT = torch.backends.cudnn.is_available()
+
+
 def _sdpa_static(name: str, p: Problem) -> tuple[bool, str]:
     dev, dtype = p.q.device.type, p.q.dtype
     if name == "sdpa_cudnn":
         if dev != "cuda":
             return False, f"cuDNN attention runs on CUDA only (tensors on {dev})"
-        if not torch.backends.cudnn.is_available():
+        if not _CUDNN_BUILT:
             return False, "cuDNN is not available in this torch build"
         if dtype not in HALF:
             return False, f"cuDNN attention needs float16/bfloat16, got {dtype}"

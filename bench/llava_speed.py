@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth peak (H100 SXM: 3350 GB/s)")
     p.add_argument("--skip-hf", action="store_true", help="only our model")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="print the top device-time ops of one prefill (ours and transformers') at the first batch")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.smoke:
@@ -87,6 +89,19 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def profile_top(label: str, fn, device, rows: int = 12) -> None:
+    """Where one call's time goes: the ops with the most self device time (CPU time on a CPU)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"== {label}: top ops by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
+                                                                        max_name_column_width=60), flush=True)
 
 
 def build_models(args, device, dtype):
@@ -172,6 +187,11 @@ def run(args) -> dict:
             return prefill(model, x.embeds, x.position_ids, x.attention_mask, cache, last_real_index(x.attention_mask))
 
         t_pre, _ = timed(ours_prefill, device, args.repeats)
+        if args.profile_prefill and B == args.batches[0]:
+            profile_top("ours prefill", ours_prefill, device)
+            if hf is not None:
+                profile_top("transformers prefill", lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
+                                                               logits_to_keep=1).logits, device)
         x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
         # One cache per batch size, reused (reset) by every call: the compiled step keeps one CUDA graph.
         static = StaticKV(KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,

@@ -294,9 +294,12 @@ def token_skip_mlp(
     x_flat = x_BND.reshape(B * N, D)
     idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
     sample = idx // N
-    h = norm(x_flat.index_select(0, idx)) * (1 + scale_BD[sample]) + shift_BD[sample]  # (K, D)
+    x_KD = x_flat.index_select(0, idx)
+    h = norm(x_KD) * (1 + scale_BD[sample]) + shift_BD[sample]  # (K, D)
     update = gate_BD[sample] * mlp(h, sample)
-    return x_flat.index_add(0, idx, update).view(B, N, D), idx.numel()
+    # Each kept token appears once, so the rows are written back by index_copy (the residual added here), not
+    # index_add: on CUDA index_add is an atomic add per element (slow in bf16), index_copy a plain scatter.
+    return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), idx.numel()
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -391,6 +394,7 @@ class DyDiT(nn.Module):
         self._orders: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
         self._permuted: dict[int, BlockWeights] = {}
         self._sliced: dict[tuple, BlockWeights] = {}  # gathered copies for masks that are not prefixes
+        self._mask_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # sliced blocks' head / group masks
         self._grid = None
 
     def train(self, mode: bool = True) -> "DyDiT":
@@ -602,9 +606,7 @@ class DyDiT(nn.Module):
             return o
 
         x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m)
-        head_m, group_m = x.new_zeros(ps.batch, H), x.new_zeros(ps.batch, H)
-        head_m[:, list(w.heads)] = 1
-        group_m[:, list(w.groups)] = 1
+        head_m, group_m = self._unit_masks(layer, w.heads, w.groups, H, ps.batch, x)
         ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1).to(x.dtype)})
         if ps.counter is not None:  # from the shapes run above
             ps.counter.dense += ps.batch * sum(ps.costs[-1])
@@ -613,6 +615,18 @@ class DyDiT(nn.Module):
             if lora is not None:
                 ps.counter.adapter += _lora_macs(lora, S * n, kept, D, ha * dh, ga * w.group_size)
         return x
+
+    def _unit_masks(self, layer: int, heads: tuple[int, ...], groups: tuple[int, ...], H: int, batch: int,
+                    like: Tensor) -> tuple[Tensor, Tensor]:
+        """The (batch, H) 0/1 head and group masks of a sliced block, built once per plan: building them per call
+        (indexing with a host list) was a host-to-device copy in every block of every step."""
+        key = (layer, heads, groups, batch, like.device, like.dtype)
+        if key not in self._mask_cache:
+            head_m, group_m = like.new_zeros(batch, H), like.new_zeros(batch, H)
+            head_m[:, list(heads)] = 1
+            group_m[:, list(groups)] = 1
+            self._mask_cache[key] = (head_m, group_m)
+        return self._mask_cache[key]
 
     # ------------------------------------------------------------------------------------------- inference plans
     @torch.no_grad()
