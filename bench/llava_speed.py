@@ -36,7 +36,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
-from vlm.generate import StaticKV, decode_step_static, generate_static, prefill, last_real_index
+from vlm.generate import StaticKV, decode_step_static, generate_static, prefill, prefill_core, last_real_index
 from vlm.llava import CLIP_VIT_L_336, LlavaVLM, CLIPTower, LlavaModel
 from vlm.llava_loaders import convert_state_dict, model_config
 from caching import KVCache
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth peak (H100 SXM: 3350 GB/s)")
     p.add_argument("--skip-hf", action="store_true", help="only our model")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also time our prefill's decoder pass compiled whole (vlm.generate.prefill_core, fullgraph)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="print the top device-time ops of one prefill (ours and transformers') at the first batch")
     p.add_argument("--out", default=None)
@@ -187,6 +189,22 @@ def run(args) -> dict:
             return prefill(model, x.embeds, x.position_ids, x.attention_mask, cache, last_real_index(x.attention_mask))
 
         t_pre, _ = timed(ours_prefill, device, args.repeats)
+        t_pre_compiled = None
+        if args.compile_prefill:
+            # The same prefill (tower, projector, merge, decoder into a fresh cache) with the decoder pass compiled
+            # whole; the prompt has no padding here, so the mask decision is made outside the graph.
+            core = torch.compile(prefill_core, fullgraph=True, dynamic=False)
+
+            def ours_prefill_compiled():
+                x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
+                cache = KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,
+                                dtype=dtype, device=device)
+                return core(model, x.embeds, x.position_ids, None, cache, last_real_index(x.attention_mask))
+
+            ref = ours_prefill()
+            got = ours_prefill_compiled()
+            t_pre_compiled, got = timed(ours_prefill_compiled, device, args.repeats)
+            compiled_vs_eager = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         if args.profile_prefill and B == args.batches[0]:
             profile_top("ours prefill", ours_prefill, device)
             if hf is not None:
@@ -231,6 +249,11 @@ def run(args) -> dict:
                        prefill_speedup=h_pre / t_pre, decode_speedup=h_dec / t_dec,
                        tokens_agree=(h_tokens.cpu() == tokens.cpu()).float().mean().item())
         row["decode_compile"] = compile_note
+        if t_pre_compiled is not None:
+            row.update(ours_prefill_compiled_ms=1e3 * t_pre_compiled, prefill_compiled_vs_eager_rel=compiled_vs_eager,
+                       ours_prefill_compiled_mfu=prefill_flops(model, L, B) / t_pre_compiled / (args.peak_tflops * 1e12))
+            if "hf_prefill_ms" in row:
+                row["prefill_compiled_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_compiled_ms"]
         rows.append(row)
         if args.out:  # after every row, so a run cut off by a time limit keeps what it measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -271,6 +271,34 @@ def test_static_decoding_reuses_one_cache_and_one_graph(vlm, data):
         generate_static(m, x, 20, step, static=static)  # capacity L + 9 < L + 20
 
 
+def test_prefill_core_compiles_whole_and_equals_prefill(vlm, data):
+    """The benchmark's compiled prefill: `prefill_core` traces as one graph (fullgraph) and gives prefill's logits
+    and cache."""
+    from caching import KVCache
+    from vlm.generate import last_real_index, prefill, prefill_core
+
+    m = vlm.model
+    f = vlm.encode_images(data["image"][:2])
+    ids, mask = build_prompt_batch(vlm, [data["question"][0]] * 2)  # same question: no padding
+    x = m.build_inputs(ids, f, mask)
+    B, L = x.embeds.shape[:2]
+
+    def fresh():
+        return KVCache(len(m.layers), B, m.num_kv_heads, m.head_dim, L + 2)
+
+    want_cache, got_cache = fresh(), fresh()
+    want = prefill(m, x.embeds, x.position_ids, x.attention_mask, want_cache, last_real_index(x.attention_mask))
+    graphs = []
+    core = torch.compile(prefill_core, backend=lambda gm, ex: (graphs.append(gm), gm.forward)[1], fullgraph=True,
+                         dynamic=False)
+    torch._dynamo.reset()
+    got = core(m, x.embeds, x.position_ids, None, got_cache, last_real_index(x.attention_mask))
+    assert len(graphs) == 1
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_cache.layers[0].k, want_cache.layers[0].k)
+    assert got_cache.length(0) == want_cache.length(0) == L
+
+
 def test_tied_embeddings_save_once_and_retie(tok, tmp_path):
     """The shipped size ties lm_head to the embedding: saved once (safetensors refuses shared storage), re-tied
     on load, and a checkpoint whose weights do not match the config is refused."""

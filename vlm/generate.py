@@ -26,7 +26,14 @@ def prefill(model: LlavaModel, embeds: Tensor, position_ids: Tensor, key_padding
     """Run the prompt (B, L, D) once, filling the cache (segment 0); returns the logits (B, V) read at
     `last_index` (B,), each row's last real token."""
     mask = None if bool(key_padding_mask.all()) else key_padding_mask
-    h = model.decode(embeds, position_ids, attn=AttnSpec("causal", mask), cache=cache, segment=0,
+    return prefill_core(model, embeds, position_ids, mask, cache, last_index, visual_residuals, image_index)
+
+
+def prefill_core(model: LlavaModel, embeds: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+                 cache: KVCache, last_index: Tensor, visual_residuals=None, image_index=None) -> Tensor:
+    """`prefill` after its one data-dependent decision (is there padding?), so torch.compile can take it whole
+    (fullgraph): the benchmark's compiled prefill."""
+    h = model.decode(embeds, position_ids, attn=AttnSpec("causal", key_padding_mask), cache=cache, segment=0,
                      visual_residuals=visual_residuals, image_index=image_index)
     h_last = h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))[:, 0]
     return model.lm_head(h_last)
@@ -320,7 +327,7 @@ def answer(vlm, images: Tensor, questions, **kw) -> list[str]:
     return out
 
 
-__all__ = ["GenerationConfig", "StaticKV", "answer", "decode_step_static", "generate_static", "evaluate_vqa", "vqa_eval_set", "build_prompt_batch", "decode_step", "generate", "generate_steps",
+__all__ = ["GenerationConfig", "StaticKV", "answer", "decode_step_static", "generate_static", "prefill_core", "evaluate_vqa", "vqa_eval_set", "build_prompt_batch", "decode_step", "generate", "generate_steps",
            "generate_uncached", "last_real_index", "prefill", "sample_next", "stream_answers"]
 
 
