@@ -299,6 +299,36 @@ def test_prefill_core_compiles_whole_and_equals_prefill(vlm, data):
     assert got_cache.length(0) == want_cache.length(0) == L
 
 
+def test_fused_projections_give_the_same_logits_and_tokens(vlm, data, tmp_path):
+    """fuse_projections stacks q/k/v and gate/up into one matrix product each (inference): the logits, the cached
+    and the static-shape greedy tokens stay those of the separate projections; saving is refused until
+    unfuse_projections restores exactly the checkpoint's tensors."""
+    import copy
+
+    from vlm.generate import generate_static
+    from vlm.llava import fuse_projections, unfuse_projections
+
+    f = vlm.encode_images(data["image"])
+    ids, mask = build_prompt_batch(vlm, data["question"])
+    x = vlm.model.build_inputs(ids, f, mask)
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    want_logits = vlm.model.decode(x.embeds, x.position_ids, attn=AttnSpec("causal", x.attention_mask))
+    want_tokens, _ = generate_static(vlm.model, x, 6)
+    fused = copy.deepcopy(vlm)
+    fuse_projections(fused.model)
+    layer = fused.model.layers[0]
+    assert layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
+    assert layer.mlp.gate_up_proj.weight.shape[0] == 2 * vlm.model.layers[0].mlp.up_proj.weight.shape[0]
+    got_logits = fused.model.decode(x.embeds, x.position_ids, attn=AttnSpec("causal", x.attention_mask))
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert generate_static(fused.model, x, 6)[0].tolist() == want_tokens.tolist()
+    with pytest.raises(ValueError, match="fused"):
+        fused.save_pretrained(tmp_path / "fused")
+    unfuse_projections(fused.model)
+    after = fused.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_tied_embeddings_save_once_and_retie(tok, tmp_path):
     """The shipped size ties lm_head to the embedding: saved once (safetensors refuses shared storage), re-tied
     on load, and a checkpoint whose weights do not match the config is refused."""

@@ -86,13 +86,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.qkv_proj = None  # q, k, v stacked in one Linear after fuse_projections (inference)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x_BND: Tensor, cos: Tensor, sin: Tensor, attn: AttnSpec, cache=None, layer: int = 0,
                 segment: int = 0) -> Tensor:
         B, N, _ = x_BND.shape
-        q = self.q_proj(x_BND).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # B H N d
-        k = self.k_proj(x_BND).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B Hkv N d
-        v = self.v_proj(x_BND).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x_BND)
+        q = q.reshape(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # B H N d
+        k = k.reshape(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B Hkv N d
+        v = v.reshape(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # The shared cache returns every live key of this layer (prompt + earlier steps + these tokens);
@@ -112,9 +120,56 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_proj = None  # gate and up stacked in one Linear after fuse_projections (inference)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _linear(weight: Tensor) -> nn.Linear:
+    """A bias-free Linear holding `weight` (out, in) as is (no random init first: 7B-sized matrices)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+    return lin
+
+
+@torch.no_grad()
+def fuse_projections(model: "LlavaModel") -> "LlavaModel":
+    """Stack each layer's q / k / v and gate / up weights into one Linear each (in place), for inference.
+
+    At decode time (one token per row) every projection is a matrix-vector product bound by reading its weights;
+    one product over the stacked matrix reads the same bytes in fewer, larger kernels (gpt-fast does the same).
+    The outputs are those of the separate projections (the rows are stacked, nothing is re-computed). Checkpoints
+    keep the separate layout: `unfuse_projections` restores it (LlavaVLM.save_pretrained refuses a fused model)."""
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if a.qkv_proj is None:
+            a.qkv_proj = _linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            del a.q_proj, a.k_proj, a.v_proj
+        if m.gate_up_proj is None:
+            m.gate_up_proj = _linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+            del m.gate_proj, m.up_proj
+    return model
+
+
+@torch.no_grad()
+def unfuse_projections(model: "LlavaModel") -> "LlavaModel":
+    """Undo `fuse_projections`: the checkpoint layout (q_proj, k_proj, v_proj, gate_proj, up_proj) again."""
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if a.qkv_proj is not None:
+            q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+            q, k, v = a.qkv_proj.weight.split([q_dim, kv_dim, kv_dim])
+            a.q_proj, a.k_proj, a.v_proj = _linear(q.clone()), _linear(k.clone()), _linear(v.clone())
+            a.qkv_proj = None
+        if m.gate_up_proj is not None:
+            gate, up = m.gate_up_proj.weight.chunk(2)
+            m.gate_proj, m.up_proj = _linear(gate.clone()), _linear(up.clone())
+            m.gate_up_proj = None
+    return model
 
 
 class DecoderLayer(nn.Module):
@@ -446,6 +501,10 @@ class LlavaVLM(nn.Module):
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
         from safetensors.torch import save_file
 
+        if any(layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None
+               for layer in self.model.layers):
+            raise ValueError("this model's projections are fused (fuse_projections); unfuse_projections(model) "
+                             "restores the checkpoint layout before saving")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         spec = dict(self.model.config.vision_tower or {})
@@ -575,4 +634,5 @@ def prefill_flops_per_token(cfg) -> float:
 
 
 __all__ = ["AttnSpec", "CLIPTower", "IGNORE_INDEX", "LLAVA_SIZES", "LlavaModel", "LlavaVLM", "MultimodalInputs",
-           "ShapesCLIPTower", "TowerTail", "from_name", "num_params", "positions_from_mask"]
+           "ShapesCLIPTower", "TowerTail", "from_name", "fuse_projections", "num_params", "positions_from_mask",
+           "unfuse_projections"]

@@ -24,7 +24,7 @@ run() {  # NAME LIMIT_S COMMAND...
 [ "${SKIP_DYDIT:-0}" = 1 ] || run dydit ${T2:-190} python3 bench/dydit_speed.py --size XL --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 \
   --lams 0.5 --repeats 2 --variants dense sliced --out bench/results/dydit_speed.json
 [ "${SKIP_LLAVA:-0}" = 1 ] || TORCH_LOGS="graph_breaks,recompiles" run llava ${T3:-240} python3 bench/llava_speed.py \
-  --batches 1 8 --repeats 3 --profile-prefill --compile-prefill --out bench/results/llava_speed.json
+  --batches 1 8 --repeats 3 --profile-prefill --compile-prefill --fuse-projections --out bench/results/llava_speed.json
 [ "${SKIP_LATTE:-0}" = 1 ] || run latte ${T4:-200} python3 bench/sample_dit.py --workloads latte512 \
   --presets eager,default --diffusers-presets eager,default --split-preset default --budget-s $((${T4:-200} - 30)) \
   --out bench/results/sample_dit_latte.json
