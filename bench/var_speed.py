@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU in float32")
+    p.add_argument("--profile", type=int, nargs="*", default=None, metavar="BATCH",
+                   help="print the top ops by device time of one sampling run, ours and official, at these batches "
+                        "(default with no value: batch 1)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "var_speed.json"))
     return p.parse_args(argv)
 
@@ -139,6 +142,22 @@ def flops_per_image(var: VAR) -> float:
         seen += n
         total += n * (depth * (24 * C * C + 4 * C * seen) + 2 * C * V)
     return 2 * total
+
+
+def profile_top(label: str, fn, device, rows: int = 15) -> None:
+    """Where one sampling run's time goes (after a warm-up run): ops by self device time (CPU time on a CPU)."""
+    fn()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"== {label}: top ops by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
+                                                                        max_name_column_width=60), flush=True)
 
 
 def timed(fn, burn_in: int, repeats: int, device) -> tuple[float, int]:
@@ -227,6 +246,8 @@ def main(args) -> dict:
             if official:
                 impls.append(("official", official_sampler(ovar, B, args, dtype, device, orec := {}), orec))
             for impl, fn, record in impls:
+                if args.profile is not None and B in (args.profile or [1]):
+                    profile_top(f"{name} batch {B} {impl}", fn, device)
                 try:
                     sec, peak = timed(fn, args.burn_in, args.repeats, device)
                 except torch.OutOfMemoryError:

@@ -6,6 +6,10 @@
 #   3. LLaVA-1.5-7B layout prefill / decode vs transformers (issue 10)   bench/llava_speed.py
 #   4. Latte-1 512 px guided forward, ours vs diffusers (issue 6)        bench/sample_dit.py --workloads latte512
 # Here, first: scripts/gpu/var_fetch_official.sh (third_party/VAR). Carry: [".whl", "third_party/VAR"].
+# The sixth session (2026-11-23) measured all four (docs/benchmarks.md); the steps' default limits sum past one
+# 600 s call, so choose with SKIP_VAR / SKIP_DYDIT / SKIP_LLAVA / SKIP_LATTE and T1..T4. Not yet measured: VAR's
+# per-op profile (--profile 1), DyDiT at batch 32 and 1 (DYDIT_BATCHES="32 1"), LLaVA's compiled prefill and fused
+# projections (--compile-prefill --fuse-projections).
 # Results go to bench/results/*.json as each benchmark writes them, and are copied into $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
@@ -18,7 +22,7 @@ run() {  # NAME LIMIT_S COMMAND...
   timeout "$limit" "$@" >> "$OUT/speed_others.log" 2>&1; echo "exit $?" | tee -a "$OUT/speed_others.log"
 }
 [ "${SKIP_VAR:-0}" != 1 ] && [ -f third_party/VAR/models/var.py ] && run var ${T1:-170} python3 bench/var_speed.py --official third_party/VAR \
-  --depths 16 30 --batches 1 16 64 --cfg 1.5 --top-k 900 --top-p 0.96 --burn-in 2 --repeats 3 \
+  --depths 16 30 --batches 1 16 64 --cfg 1.5 --top-k 900 --top-p 0.96 --burn-in 2 --repeats 3 --profile 1 \
   --out bench/results/var_speed.json
 # (2026-11-23, sixth session: at 140 s DyDiT got through one row; both benches now write their JSON after every row.)
 [ "${SKIP_DYDIT:-0}" = 1 ] || run dydit ${T2:-190} python3 bench/dydit_speed.py --size XL --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 \
