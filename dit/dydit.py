@@ -297,8 +297,9 @@ def token_skip_mlp(
     x_KD = x_flat.index_select(0, idx)
     h = norm(x_KD) * (1 + scale_BD[sample]) + shift_BD[sample]  # (K, D)
     update = gate_BD[sample] * mlp(h, sample)
-    # Each kept token appears once, so the rows are written back by index_copy (the residual added here), not
-    # index_add: on CUDA index_add is an atomic add per element (slow in bf16), index_copy a plain scatter.
+    # Each kept token appears once, so its row is written back whole (residual + update) by index_copy: a plain
+    # scatter, where index_add is an atomic add per element on CUDA. (No faster on the H100 at batch 8, where the
+    # sliced run is host-bound: docs/benchmarks.md.)
     return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), idx.numel()
 
 

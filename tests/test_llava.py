@@ -243,9 +243,8 @@ def test_static_cache_decoding_equals_dynamic(vlm, data):
 
 
 def test_static_decoding_reuses_one_cache_and_one_graph(vlm, data):
-    """A reused StaticKV (reset per call) gives the same tokens as a fresh cache, and a compiled step is traced
-    once for all calls: with a fresh cache per call it was traced every call (guards on the buffers' addresses),
-    which on the H100 hit dynamo's recompile limit and fell back to compiling each layer on its own."""
+    """A reused StaticKV (reset per call) gives the same tokens as a fresh cache, and the compiled step is traced
+    once, as one graph, for all calls (what lets a CUDA graph be recorded once on the GPU)."""
     from caching import KVCache
     from vlm.generate import StaticKV, decode_step_static, generate_static
 

@@ -210,9 +210,9 @@ def generate_static(model: LlavaModel, inputs: MultimodalInputs, max_new_tokens:
     step (`step_fn`, default `decode_step_static`; pass a compiled one). Returns tokens (B, T) and the cache.
 
     `static`: a StaticKV to reuse (its cache is reset; batch must match, capacity at least prompt + new tokens).
-    A compiled step guards on the cache buffers' addresses, so a fresh cache per call recompiles the step every
-    call (past dynamo's recompile limit it then compiles each layer's frame on its own); reusing one keeps one
-    graph, as transformers' StaticCache.reset() does."""
+    Under torch.compile(mode="reduce-overhead") the cache buffers are static-address inputs of the CUDA graph: a
+    fresh cache per call moves them and the graph is re-recorded every call; reusing one keeps one graph, as
+    transformers' StaticCache.reset() does."""
     B, L, _ = inputs.embeds.shape
     device = inputs.embeds.device
     if static is None:
