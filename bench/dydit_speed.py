@@ -428,7 +428,13 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(complete: bool) -> dict:
-        """Written after every row, so a run cut off by a time limit keeps what it measured."""
+        """Written after every row, so a run cut off by a time limit keeps what it measured; fills in each row's
+        speed-up against the dense row of its batch once that is measured."""
+        for row in rows:
+            if row["batch"] in dense_cache:
+                d = dense_cache[row["batch"]]["median_s"]
+                row.update(speedup=d / row["median_s"], flops_speedup=1.0 / row["executed_flops_ratio"],
+                           speedup_over_flops=d / row["median_s"] * row["executed_flops_ratio"])
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -490,19 +496,8 @@ def main(argv=None) -> int:
                 if variant == "dense":
                     dense_cache[B] = row
                 rows.append(row)
-                if B in dense_cache and variant != "dense":
-                    d = dense_cache[B]["median_s"]
-                    row.update(speedup=d / med, flops_speedup=1.0 / executed,
-                               speedup_over_flops=d / med * executed)
                 save(False)
                 print(f"  B={B} {variant}: {med * 1e3:.1f} ms / run, {B / med:.2f} img/s", flush=True)
-        for row in rows:
-            if row["lam"] == lam and row["batch"] in dense_cache:
-                d = dense_cache[row["batch"]]["median_s"]
-                row["speedup"] = d / row["median_s"]
-                row["flops_speedup"] = 1.0 / row["executed_flops_ratio"]
-                row["speedup_over_flops"] = row["speedup"] / row["flops_speedup"]
-
     result = save(True)
     print(markdown(result))
     return 0

@@ -40,6 +40,7 @@ from vlm.generate import StaticKV, decode_step_static, generate_static, prefill,
 from vlm.llava import CLIP_VIT_L_336, LlavaVLM, CLIPTower, LlavaModel, fuse_projections, unfuse_projections
 from vlm.llava_loaders import convert_state_dict, model_config
 from caching import KVCache
+from bench.profiling import profile_top
 
 # LLaVA-1.5-7B in the llava-hf layout (vocab padded to 32064, <image> = 32000).
 TEXT_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -94,19 +95,6 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def profile_top(label: str, fn, device, rows: int = 12) -> None:
-    """Where one call's time goes: the ops with the most self device time (CPU time on a CPU)."""
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        fn()
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"== {label}: top ops by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
-                                                                        max_name_column_width=60), flush=True)
 
 
 def build_models(args, device, dtype):
@@ -176,6 +164,20 @@ def run(args) -> dict:
     compile_note = "fullgraph" if not args.no_compile else "eager"
     img_id = cfg.image_token_index
     rows = []
+
+    def result(rows: list, complete: bool) -> dict:
+        return {
+            "bench": "llava_speed", "smoke": args.smoke, "complete": complete,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
+            "dtype": str(dtype).replace("torch.", ""), "compiled_decode": not args.no_compile,
+            "visual_tokens": n_img, "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
+            "batch1_decode_bound_tokens_per_s": args.peak_gbps * 1e9 / weight_bytes(model),
+            "targets": {"decode_batch1": ">= 0.75 x bound", "prefill_speedup": ">= 1.2"},
+            "rows": rows,
+        }
     for B in args.batches:
         g = torch.Generator().manual_seed(B)
         size = cfg.vision_config.image_size
@@ -268,33 +270,22 @@ def run(args) -> dict:
             if "hf_prefill_ms" in row:
                 row["prefill_compiled_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_compiled_ms"]
         rows.append(row)
-        if args.out:  # after every row, so a run cut off by a time limit keeps what it measured
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"bench": "llava_speed", "partial": True, "rows": rows}, indent=2))
+        write(result(rows, complete=False), args)  # after every row: a run cut off by a time limit keeps it
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    bound = args.peak_gbps * 1e9 / weight_bytes(model)
-    return {
-        "bench": "llava_speed", "smoke": args.smoke,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
-        "dtype": str(dtype).replace("torch.", ""), "compiled_decode": not args.no_compile,
-        "visual_tokens": n_img, "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
-        "batch1_decode_bound_tokens_per_s": bound,
-        "targets": {"decode_batch1": ">= 0.75 x bound", "prefill_speedup": ">= 1.2"},
-        "rows": rows,
-    }
+    return result(rows, complete=True)
+
+def write(result: dict, args) -> Path:
+    default = "bench/results/llava_speed_smoke.json" if args.smoke else "bench/results/llava_speed.json"
+    out = Path(args.out or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
-    default = "bench/results/llava_speed_smoke.json" if args.smoke else "bench/results/llava_speed.json"
-    out = Path(args.out or default)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write(result, args)}")
     return result
 
 

@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.profiling import profile_top  # noqa: E402
 from caching import kv_bytes  # noqa: E402
 from vlm.var import VAR  # noqa: E402
 from vlm.var_pipeline import sample_tokens  # noqa: E402
@@ -144,22 +145,6 @@ def flops_per_image(var: VAR) -> float:
     return 2 * total
 
 
-def profile_top(label: str, fn, device, rows: int = 15) -> None:
-    """Where one sampling run's time goes (after a warm-up run): ops by self device time (CPU time on a CPU)."""
-    fn()
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"== {label}: top ops by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
-                                                                        max_name_column_width=60), flush=True)
-
-
 def timed(fn, burn_in: int, repeats: int, device) -> tuple[float, int]:
     for _ in range(burn_in):
         fn()
@@ -247,7 +232,7 @@ def main(args) -> dict:
                 impls.append(("official", official_sampler(ovar, B, args, dtype, device, orec := {}), orec))
             for impl, fn, record in impls:
                 if args.profile is not None and B in (args.profile or [1]):
-                    profile_top(f"{name} batch {B} {impl}", fn, device)
+                    profile_top(f"{name} batch {B} {impl}", fn, device, rows=15, warmup=True)
                 try:
                     sec, peak = timed(fn, args.burn_in, args.repeats, device)
                 except torch.OutOfMemoryError:
