@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+import torch._inductor.config as inductor_config
 
 from vlm.generate import StaticKV, decode_step_static, generate_static, prefill, prefill_core, last_real_index
 from vlm.llava import CLIP_VIT_L_336, LlavaVLM, CLIPTower, LlavaModel, fuse_projections, unfuse_projections
@@ -70,7 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--compile-prefill", action="store_true",
                    help="also time our prefill's decoder pass compiled whole (vlm.generate.prefill_core, fullgraph)")
     p.add_argument("--profile-prefill", action="store_true",
-                   help="print the top device-time ops of one prefill (ours and transformers') at the first batch")
+                   help="print the top device-time ops of one prefill (ours and transformers') at every batch")
+    p.add_argument("--profile-decode", action="store_true",
+                   help="print the top device-time ops of our compiled decode (16 steps, after the timed runs)")
+    p.add_argument("--cd-tuning", action="store_true",
+                   help="inductor's coordinate-descent tuning of its generated kernels (gpt-fast turns it on for "
+                        "decoding: the matrix-vector products' block sizes are tuned per shape); slower compile")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.smoke:
@@ -160,6 +166,8 @@ def run(args) -> dict:
         # One graph for the whole step (fullgraph: a graph break raises and says where, instead of silently
         # compiling frames per layer); if that fails, the same without fullgraph, and the reason is recorded.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if args.cd_tuning:
+            inductor_config.coordinate_descent_tuning = True
         step_fn = torch.compile(decode_step_static, mode="reduce-overhead", dynamic=False, fullgraph=True)
     compile_note = "fullgraph" if not args.no_compile else "eager"
     img_id = cfg.image_token_index
@@ -173,6 +181,7 @@ def run(args) -> dict:
             "transformers": __import__("transformers").__version__,
             "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
             "dtype": str(dtype).replace("torch.", ""), "compiled_decode": not args.no_compile,
+            "coordinate_descent_tuning": args.cd_tuning,
             "visual_tokens": n_img, "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
             "batch1_decode_bound_tokens_per_s": args.peak_gbps * 1e9 / weight_bytes(model),
             "targets": {"decode_batch1": ">= 0.75 x bound", "prefill_speedup": ">= 1.2"},
@@ -210,7 +219,7 @@ def run(args) -> dict:
             got = ours_prefill_compiled()
             t_pre_compiled, got = timed(ours_prefill_compiled, device, args.repeats)
             compiled_vs_eager = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        if args.profile_prefill and B == args.batches[0]:
+        if args.profile_prefill:
             profile_top("ours prefill", ours_prefill, device)
             if hf is not None:
                 profile_top("transformers prefill", lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
@@ -254,12 +263,18 @@ def run(args) -> dict:
                        prefill_speedup=h_pre / t_pre, decode_speedup=h_dec / t_dec,
                        tokens_agree=(h_tokens.cpu() == tokens.cpu()).float().mean().item())
         row["decode_compile"] = compile_note
+        if args.profile_decode and not args.fuse_projections:
+            profile_top(f"ours decode batch {B} ({args.new_tokens} tokens)",
+                        lambda: generate_static(model, x, args.new_tokens, step_fn, static=static), device, rows=20)
         if args.fuse_projections:
             fuse_projections(model)
             f_pre, _ = timed(ours_prefill, device, args.repeats)
             f_total, (f_tokens, _) = timed(
                 lambda: generate_static(model, x, args.new_tokens, step_fn, static=static), device, args.repeats)
             f_dec = max(f_total - f_pre, 1e-9)
+            if args.profile_decode:
+                profile_top(f"ours fused decode batch {B} ({args.new_tokens} tokens)",
+                            lambda: generate_static(model, x, args.new_tokens, step_fn, static=static), device, rows=20)
             row.update(ours_fused_prefill_ms=1e3 * f_pre, ours_fused_decode_tokens_per_s=steps / f_dec,
                        ours_fused_bandwidth_util=(wbytes + kv_read) * steps / f_dec / (args.peak_gbps * 1e9),
                        fused_tokens_agree=(f_tokens.cpu() == tokens.cpu()).float().mean().item())

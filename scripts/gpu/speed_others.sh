@@ -21,17 +21,20 @@ run() {  # NAME LIMIT_S COMMAND...
   echo "== $name ($limit s): $*" | tee -a "$OUT/speed_others.log"
   timeout "$limit" "$@" >> "$OUT/speed_others.log" 2>&1; echo "exit $?" | tee -a "$OUT/speed_others.log"
 }
-[ "${SKIP_VAR:-0}" != 1 ] && [ -f third_party/VAR/models/var.py ] && run var ${T1:-170} python3 bench/var_speed.py --official third_party/VAR \
-  --depths 16 30 --batches 1 16 64 --cfg 1.5 --top-k 900 --top-p 0.96 --burn-in 2 --repeats 3 --profile 1 \
-  --out bench/results/var_speed.json
+# VAR_RUNS: ";"-separated argument sets, one bench run each (default: the full table with a batch-1 profile).
+IFS=';' read -ra var_runs <<< "${VAR_RUNS:---depths 16 30 --batches 1 16 64 --profile 1 --out bench/results/var_speed.json}"
+for va in "${var_runs[@]}"; do
+  [ "${SKIP_VAR:-0}" != 1 ] && [ -f third_party/VAR/models/var.py ] && run var ${T1:-170} python3 bench/var_speed.py \
+    --official third_party/VAR --cfg 1.5 --top-k 900 --top-p 0.96 --burn-in 2 --repeats 3 $va
+done
 # (2026-11-23, sixth session: at 140 s DyDiT got through one row; both benches now write their JSON after every row.)
 [ "${SKIP_DYDIT:-0}" = 1 ] || run dydit ${T2:-190} python3 bench/dydit_speed.py --size XL --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 \
   --lams 0.5 --repeats 2 --variants dense sliced --out bench/results/dydit_speed.json
 [ "${SKIP_LLAVA:-0}" = 1 ] || TORCH_LOGS="graph_breaks,recompiles" run llava ${T3:-240} python3 bench/llava_speed.py \
-  --batches 1 8 --repeats 3 --profile-prefill --compile-prefill --fuse-projections --out bench/results/llava_speed.json
+  ${LLAVA_ARGS:---batches 1 8 --repeats 3 --profile-prefill --compile-prefill --fuse-projections} --out bench/results/llava_speed.json
 [ "${SKIP_LATTE:-0}" = 1 ] || run latte ${T4:-200} python3 bench/sample_dit.py --workloads latte512 \
   --presets eager,default --diffusers-presets eager,default --split-preset default --budget-s $((${T4:-200} - 30)) \
   --out bench/results/sample_dit_latte.json
-cp bench/results/{var_speed,dydit_speed,llava_speed,sample_dit_latte}.json "$OUT"/ 2>/dev/null
+cp bench/results/{var_speed*,dydit_speed,llava_speed,sample_dit_latte}.json "$OUT"/ 2>/dev/null
 grep -E "^== |^exit|Error" "$OUT/speed_others.log" | cut -c1-300
 ls -la "$OUT"
