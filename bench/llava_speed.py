@@ -72,6 +72,7 @@ def parse_args(argv=None):
                    help="also time our prefill's decoder pass compiled whole (vlm.generate.prefill_core, fullgraph)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="print the top device-time ops of one prefill (ours and transformers') at every batch")
+    p.add_argument("--prefill-only", action="store_true", help="time the prefills only (no decoding)")
     p.add_argument("--profile-decode", action="store_true",
                    help="print the top device-time ops of our compiled decode (16 steps, after the timed runs)")
     p.add_argument("--cd-tuning", action="store_true",
@@ -219,11 +220,34 @@ def run(args) -> dict:
             got = ours_prefill_compiled()
             t_pre_compiled, got = timed(ours_prefill_compiled, device, args.repeats)
             compiled_vs_eager = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        def add_compiled_prefill(row):
+            if t_pre_compiled is not None:
+                row.update(ours_prefill_compiled_ms=1e3 * t_pre_compiled,
+                           prefill_compiled_vs_eager_rel=compiled_vs_eager,
+                           ours_prefill_compiled_mfu=prefill_flops(model, L, B) / t_pre_compiled
+                           / (args.peak_tflops * 1e12))
+                if "hf_prefill_ms" in row:
+                    row["prefill_compiled_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_compiled_ms"]
+
         if args.profile_prefill:
-            profile_top("ours prefill", ours_prefill, device)
+            profile_top(f"ours prefill batch {B}", ours_prefill, device)
+            if t_pre_compiled is not None:
+                profile_top(f"ours compiled prefill batch {B}", ours_prefill_compiled, device)
             if hf is not None:
-                profile_top("transformers prefill", lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
+                profile_top(f"transformers prefill batch {B}", lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
                                                                logits_to_keep=1).logits, device)
+        if args.prefill_only:
+            row = {"batch": B, "tokens": L, "ours_prefill_ms": 1e3 * t_pre,
+                   "ours_prefill_mfu": prefill_flops(model, L, B) / t_pre / (args.peak_tflops * 1e12)}
+            if hf is not None:
+                h_pre, _ = timed(lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
+                                            logits_to_keep=1).logits, device, args.repeats)
+                row.update(hf_prefill_ms=1e3 * h_pre, prefill_speedup=h_pre / t_pre)
+            add_compiled_prefill(row)
+            rows.append(row)
+            write(result(rows, complete=False), args)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            continue
         x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
         # One cache per batch size, reused (reset) by every call: the compiled step keeps one CUDA graph.
         static = StaticKV(KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,
@@ -279,11 +303,7 @@ def run(args) -> dict:
                        ours_fused_bandwidth_util=(wbytes + kv_read) * steps / f_dec / (args.peak_gbps * 1e9),
                        fused_tokens_agree=(f_tokens.cpu() == tokens.cpu()).float().mean().item())
             unfuse_projections(model)
-        if t_pre_compiled is not None:
-            row.update(ours_prefill_compiled_ms=1e3 * t_pre_compiled, prefill_compiled_vs_eager_rel=compiled_vs_eager,
-                       ours_prefill_compiled_mfu=prefill_flops(model, L, B) / t_pre_compiled / (args.peak_tflops * 1e12))
-            if "hf_prefill_ms" in row:
-                row["prefill_compiled_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_compiled_ms"]
+        add_compiled_prefill(row)
         rows.append(row)
         write(result(rows, complete=False), args)  # after every row: a run cut off by a time limit keeps it
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -21,6 +21,7 @@ What one run measures (random weights; one process; JSON to --out with device, d
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shlex
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench.profiling import profile_top  # noqa: E402
 from caching import kv_bytes  # noqa: E402
 from vlm.var import VAR  # noqa: E402
+from vlm.var_graphs import ScaleGraphs  # noqa: E402
 from vlm.var_pipeline import sample_tokens  # noqa: E402
 from vlm.vqvae import MultiScaleVQVAE  # noqa: E402
 
@@ -63,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, nargs="*", default=None, metavar="BATCH",
                    help="print the top ops by device time of one sampling run, ours and official, at these batches "
                         "(default with no value: batch 1)")
+    p.add_argument("--variants", nargs="+", default=["eager", "fast"], choices=["eager", "fast"],
+                   help="ours: eager = the plain sampler and a float32 decoder over the whole batch; fast = one CUDA "
+                        "graph per scale (vlm.var_graphs) and the decoder in bf16 channels-last, --decode-batch "
+                        "images at a time (vlm.vqvae.fast_decoder). Without a GPU, fast runs its static buffers eagerly")
+    p.add_argument("--decode-batch", type=int, default=16)
+    p.add_argument("--decoder-bench", action="store_true",
+                   help="also time the decoder alone at the largest batch: float32 / bf16 / bf16 channels-last")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "var_speed.json"))
     return p.parse_args(argv)
 
@@ -159,19 +168,64 @@ def timed(fn, burn_in: int, repeats: int, device) -> tuple[float, int]:
     return (time.perf_counter() - t0) / repeats, peak
 
 
-def ours_sampler(var, vq, B, args, dtype, device, record):
+def ours_sampler(var, vq, B, args, dtype, device, record, fast: bool = False):
+    """`fast`: vq is already a fast_decoder copy; the transformer replays per-scale CUDA graphs (static buffers on a
+    CPU), built on the first call and kept in `record["graphs"]` (the caller frees them)."""
     labels = torch.arange(B, device=device) % var.config.num_classes
     null = torch.full_like(labels, var.null_class_id)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device)
 
     @torch.no_grad()
     def run():
+        gen.manual_seed(0)  # every call draws the same tokens (same_tokens compares calls)
+        graphs = None
+        if fast:
+            if "graphs" not in record:
+                t0 = time.perf_counter()
+                record["graphs"] = ScaleGraphs(var, 2 * B, cache_dtype=dtype)
+                record["graphs_build_s"] = time.perf_counter() - t0
+            graphs = record["graphs"]
         tokens, f_hat, cache = sample_tokens(var, vq, var.condition(labels), var.condition(null),
                                              guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                             generator=gen, cache_dtype=dtype)
+                                             generator=gen, cache_dtype=dtype, graphs=graphs)
         record["kv_bytes"] = cache.nbytes()
-        return vq.fhat_to_img(f_hat.to(vq.dtype))
+        record["tokens"] = tokens
+        return vq.fhat_to_img(f_hat, batch_chunk=args.decode_batch if fast else None)
     return run
+
+
+def same_tokens(var, vq, vq_fast, B, args, dtype, device) -> float:
+    """Share of equal tokens between the eager sampler and the graphed one, same seed (1.0: same kernels)."""
+    a, b = {}, {}
+    ours_sampler(var, vq, B, args, dtype, device, a)()
+    fast = ours_sampler(var, vq_fast, B, args, dtype, device, b, fast=True)
+    fast()  # records (GPU) on this call, replays on the next
+    fast()
+    b["graphs"] = None
+    n = sum(t.numel() for t in a["tokens"])
+    return sum(int((x == y).sum()) for x, y in zip(a["tokens"], b["tokens"])) / n
+
+
+@torch.no_grad()
+def decoder_bench(vq, B: int, device, chunk: int, repeats: int) -> dict:
+    """The decoder alone on B random f̂ maps: float32 (whole batch, and in chunks), bf16, bf16 channels-last."""
+    z, H = vq.config.z_channels, vq.patch_nums[-1]
+    f_hat = torch.randn(B, z, H, H, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    ref = vq.fhat_to_img(f_hat)
+    out = {}
+    variants = [("float32", None, None, None), ("float32", chunk, None, None), ("bf16", chunk, torch.bfloat16, False),
+                ("bf16-channels-last", chunk, torch.bfloat16, True)]
+    for name, ch, dt, cl in variants:
+        m = copy.deepcopy(vq) if dt is not None else vq
+        if dt is not None:
+            m.fast_decoder(dt, channels_last=cl)
+        sec, peak = timed(lambda: m.fhat_to_img(f_hat, batch_chunk=ch), 1, repeats, device)
+        img = m.fhat_to_img(f_hat, batch_chunk=ch)
+        out[f"{name}, chunk {ch or B}"] = {"seconds": sec, "ms_per_image": 1e3 * sec / B, "peak_memory_bytes": peak,
+                                           "max_abs_diff_vs_float32": float((img - ref).abs().max()),
+                                           "mean_abs_diff_vs_float32": float((img - ref).abs().mean())}
+        del m
+    return out
 
 
 def official_sampler(ovar, B, args, dtype, device, record):
@@ -224,12 +278,26 @@ def main(args) -> dict:
             results["parity"][name] = parity(var, vq, ovar, ovq, plan["image"], device)
             print(name, "parity", results["parity"][name], flush=True)
         var_fast = var.to(dtype)  # ours samples with low-precision weights (the official keeps fp32 + autocast)
+        vq_fast = copy.deepcopy(vq).fast_decoder(dtype) if "fast" in args.variants else None
         fl = flops_per_image(var_fast)
+        if args.decoder_bench:
+            results.setdefault("decoder", {})[name] = decoder_bench(vq, max(batches), device, args.decode_batch,
+                                                                    args.repeats)
+            print(name, "decoder", json.dumps(results["decoder"][name]), flush=True)
+        if "fast" in args.variants and "eager" in args.variants:
+            results.setdefault("graphs_same_tokens_as_eager", {})[name] = same_tokens(
+                var_fast, vq, vq_fast, min(batches), args, dtype, device)
+            print(name, "graphed vs eager tokens equal:", results["graphs_same_tokens_as_eager"][name], flush=True)
         for B in batches:
             row = {"model": name, "batch": B, "flops_per_image": fl}
-            impls = [("ours", ours_sampler(var_fast, vq, B, args, dtype, device, rec := {}), rec)]
+            impls = []
+            if "eager" in args.variants:
+                impls.append(("ours", ours_sampler(var_fast, vq, B, args, dtype, device, rec := {}), rec))
             if official:
                 impls.append(("official", official_sampler(ovar, B, args, dtype, device, orec := {}), orec))
+            if "fast" in args.variants:
+                impls.append(("ours_fast", ours_sampler(var_fast, vq_fast, B, args, dtype, device, frec := {},
+                                                        fast=True), frec))
             for impl, fn, record in impls:
                 if args.profile is not None and B in (args.profile or [1]):
                     profile_top(f"{name} batch {B} {impl}", fn, device, rows=15, warmup=True)
@@ -237,16 +305,27 @@ def main(args) -> dict:
                     sec, peak = timed(fn, args.burn_in, args.repeats, device)
                 except torch.OutOfMemoryError:
                     row[impl] = {"oom": True}
+                    record.pop("graphs", None)
                     torch.cuda.empty_cache()
                     continue
                 row[impl] = {"seconds_per_batch": sec, "images_per_second": B / sec, "peak_memory_bytes": peak,
                              "kv_bytes": record.get("kv_bytes"),
                              "mfu": fl * B / sec / (args.peak_tflops * 1e12) if device.type == "cuda" else None}
+                if "graphs_build_s" in record:
+                    row[impl]["graphs_build_s"] = record["graphs_build_s"]
+                record.pop("graphs", None)  # free the graphed cache before the next implementation
+                record.pop("tokens", None)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             expected = kv_bytes(depth, var.L, var.num_heads, var.head_dim, batch=2 * B, dtype=dtype)
             row["kv_bytes_formula"] = expected
-            row["ours_kv_matches_formula"] = row["ours"].get("kv_bytes") == expected
-            if official and "seconds_per_batch" in row.get("official", {}) and "seconds_per_batch" in row["ours"]:
-                row["speedup"] = row["official"]["seconds_per_batch"] / row["ours"]["seconds_per_batch"]
+            for impl in ("ours", "ours_fast"):
+                if impl in row and "kv_bytes" in row[impl]:
+                    row[f"{impl}_kv_matches_formula"] = row[impl]["kv_bytes"] == expected
+            off = row.get("official", {}).get("seconds_per_batch")
+            for impl, key in (("ours", "speedup"), ("ours_fast", "speedup_fast")):
+                if off and "seconds_per_batch" in row.get(impl, {}):
+                    row[key] = off / row[impl]["seconds_per_batch"]
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
             write(results, args.out, complete=False)  # a run cut off by a time limit keeps what it measured

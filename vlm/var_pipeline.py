@@ -47,6 +47,7 @@ from caching import CachePolicy, KVCache
 from shapes.clip import ShapesCLIP
 
 from .var import VAR, TextVAR
+from .var_graphs import ScaleGraphs
 from .vqvae import MultiScaleVQVAE
 
 MODEL_INDEX = "model_index.json"
@@ -88,12 +89,16 @@ def sample_tokens(transformer: VAR | TextVAR, vqvae: MultiScaleVQVAE, cond: tupl
                   guidance_scale: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                   generator: torch.Generator | None = None, use_cache: bool = True,
                   cache_dtype: torch.dtype | None = None, cache_policy: CachePolicy | None = None,
-                  callback: ScaleCallback | None = None) -> tuple[list[Tensor], Tensor, KVCache | None]:
+                  callback: ScaleCallback | None = None, graphs: ScaleGraphs | None = None
+                  ) -> tuple[list[Tensor], Tensor, KVCache | None]:
     """Sample one token pyramid per condition row.
 
     cond / null: the transformer's `condition(...)` outputs (cond_BC, context) for the prompts and for the null
     prompt (same batch B); null None means no guidance. Returns (tokens: K LongTensors (B, l_k), f̂, the cache
-    (for memory reports; None without cache))."""
+    (for memory reports; None without cache)).
+
+    `graphs`: a `vlm.var_graphs.ScaleGraphs` for this many rows (2B with guidance): the transformer runs as one
+    replayed CUDA graph per scale on its own cache (same kernels, same tokens); sampling stays here."""
     K = len(transformer.patch_nums)
     if tuple(vqvae.patch_nums) != tuple(transformer.patch_nums):
         raise ValueError(f"tokenizer patch_nums {vqvae.patch_nums} differ from the transformer's "
@@ -110,9 +115,19 @@ def sample_tokens(transformer: VAR | TextVAR, vqvae: MultiScaleVQVAE, cond: tupl
         if ctx is not None:
             ctx = (torch.cat((ctx[0], null[1][0])), torch.cat((ctx[1], null[1][1])))
     rows = cond_BC.shape[0]
-    cache = transformer.make_cache(rows, dtype=cache_dtype, policy=cache_policy) if use_cache else None
+    if graphs is not None:
+        if not use_cache or cache_policy is not None:
+            raise ValueError("CUDA graphs replay the full KV cache: use_cache=True and no cache_policy")
+        if graphs.transformer is not transformer or not graphs.matches(rows, ctx):
+            raise ValueError(f"these graphs were built for another transformer or {graphs.rows} rows; this run has "
+                             f"{rows}")
+        graphs.start(cond_BC, ctx)
+        cache = graphs.cache
+    else:
+        cache = transformer.make_cache(rows, dtype=cache_dtype, policy=cache_policy) if use_cache else None
     H = vqvae.patch_nums[-1]
-    f_hat = torch.zeros(B, vqvae.config.z_channels, H, H, device=cond_BC.device, dtype=vqvae.dtype)
+    f_hat = torch.zeros(B, vqvae.config.z_channels, H, H, device=cond_BC.device,
+                        dtype=vqvae.quantize.embedding.weight.dtype)
     tokens: list[Tensor] = []
     inputs: list[Tensor] = []  # each scale's input tokens (rows, l_k, C), for the uncached recomputation
     for k in range(K):
@@ -123,13 +138,16 @@ def sample_tokens(transformer: VAR | TextVAR, vqvae: MultiScaleVQVAE, cond: tupl
             x = transformer.embed_scale(k, map_BlCv=m.to(cond_BC.dtype))
             if guided:
                 x = x.repeat(2, 1, 1)
-        if use_cache:
-            h = transformer.run_blocks(x, cond_BC, ctx, cache=cache, scale_index=k)
+        if graphs is not None:
+            logits = graphs.step(k, x)  # (rows, l_k, V) float32
         else:
-            inputs.append(x)
-            h = transformer.run_blocks(torch.cat(inputs, 1), cond_BC, ctx, segments=transformer.segments[:k + 1])
-            h = h[:, -transformer.segments[k]:]
-        logits = transformer.logits(h, cond_BC)  # (rows, l_k, V) float32
+            if use_cache:
+                h = transformer.run_blocks(x, cond_BC, ctx, cache=cache, scale_index=k)
+            else:
+                inputs.append(x)
+                h = transformer.run_blocks(torch.cat(inputs, 1), cond_BC, ctx, segments=transformer.segments[:k + 1])
+                h = h[:, -transformer.segments[k]:]
+            logits = transformer.logits(h, cond_BC)  # (rows, l_k, V) float32
         if guided:
             t = guidance_ratio(guidance_scale, k, K)
             logits = (1 + t) * logits[:B] - t * logits[B:]
@@ -203,7 +221,7 @@ class VARPipeline(DiffusionPipeline):
     @torch.no_grad()
     def preview(self, f_hat: Tensor) -> list[PIL.Image.Image]:
         """Images of the current f̂ (what the callback shows after each scale)."""
-        return self._to_output(self.vqvae.fhat_to_img(f_hat.to(self.vqvae.dtype)), "pil")
+        return self._to_output(self.vqvae.fhat_to_img(f_hat), "pil")
 
     @staticmethod
     def _to_output(x_B3HW: Tensor, output_type: str):
@@ -221,10 +239,14 @@ class VARPipeline(DiffusionPipeline):
                  generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback: ScaleCallback | None = None, use_cache: bool = True,
                  cache_dtype: torch.dtype | None = None, cache_policy: CachePolicy | None = None,
-                 **unused) -> VAROutput:
+                 cuda_graphs: bool = False, decode_batch: int | None = 16, **unused) -> VAROutput:
         """Sample `num_images_per_prompt` images per prompt (class ids, or strings for text models).
         `num_inference_steps` (a diffusion setting, passed by shared evaluation code) is ignored: VAR has one step
-        per scale. Unknown keyword arguments raise."""
+        per scale. Unknown keyword arguments raise.
+
+        `cuda_graphs`: replay the transformer as one CUDA graph per scale (vlm.var_graphs; recorded on the first
+        call for this many rows, then reused: it keeps a full KV cache for that batch between calls).
+        `decode_batch`: images decoded to pixels at a time (bounds the decoder's activation memory; None: all)."""
         unused.pop("num_inference_steps", None)
         if unused:
             raise TypeError(f"unknown arguments: {sorted(unused)}")
@@ -238,14 +260,29 @@ class VARPipeline(DiffusionPipeline):
         if top_k < 0 or not 0 <= top_p <= 1 or guidance_scale < 0 or num_images_per_prompt < 1:
             raise ValueError(f"need top_k >= 0, 0 <= top_p <= 1, guidance_scale >= 0, num_images_per_prompt >= 1; "
                              f"got {top_k}, {top_p}, {guidance_scale}, {num_images_per_prompt}")
+        if decode_batch is not None and decode_batch < 1:
+            raise ValueError(f"decode_batch must be >= 1 or None, got {decode_batch}")
         cond, null = self.conditions(prompts, num_images_per_prompt)
-        tokens, f_hat, cache = sample_tokens(self.transformer, self.vqvae, cond, null if guidance_scale else None,
+        null = null if guidance_scale else None
+        graphs = self._scale_graphs(cond, null, cache_dtype) if cuda_graphs else None
+        tokens, f_hat, cache = sample_tokens(self.transformer, self.vqvae, cond, null,
                                              guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                                              generator=generator, use_cache=use_cache, cache_dtype=cache_dtype,
-                                             cache_policy=cache_policy, callback=callback)
+                                             cache_policy=cache_policy, callback=callback, graphs=graphs)
         images = None if output_type == "tokens" else self._to_output(
-            self.vqvae.fhat_to_img(f_hat.to(self.vqvae.dtype)), output_type)
+            self.vqvae.fhat_to_img(f_hat, batch_chunk=decode_batch), output_type)
         return VAROutput(images=images, tokens=tokens, kv_cache_bytes=cache.nbytes() if cache is not None else 0)
+
+    def _scale_graphs(self, cond: tuple, null: tuple | None, cache_dtype) -> ScaleGraphs:
+        """The pipeline's ScaleGraphs for this batch (one kept: a new batch size or text length replaces it)."""
+        rows = cond[0].shape[0] * (2 if null is not None else 1)
+        ctx = None if cond[1] is None else tuple(torch.cat((a, b)) if null is not None else a
+                                                 for a, b in zip(cond[1], null[1] if null is not None else cond[1]))
+        g = getattr(self, "_graphs", None)
+        if g is None or not g.matches(rows, ctx) or (cache_dtype is not None and g.cache.layers[0].k_buf.dtype != cache_dtype):
+            self._graphs = None  # free the old cache and graphs before building new ones
+            g = self._graphs = ScaleGraphs(self.transformer, rows, cache_dtype=cache_dtype, capture=True)
+        return g
 
     # --- folders
     def save_pretrained(self, folder: str | Path, text_encoder_folder: str | Path | None = None,
