@@ -422,6 +422,9 @@ def flex(p: Problem) -> Tensor:
     return out
 
 
+FLEX_MAX_HEAD_DIM = 256
+
+
 def flex_supports(p: Problem) -> tuple[bool, str]:
     # Static rules only: a probe would compile a kernel (seconds) on CUDA.
     dev, dtype = p.q.device.type, p.q.dtype
@@ -442,6 +445,11 @@ def flex_supports(p: Problem) -> tuple[bool, str]:
             return False, "flex attention on CUDA needs Triton, which is not available"
         if p.q.shape[-1] < 16:
             return False, f"flex attention kernels need head_dim >= 16, got {p.q.shape[-1]}"
+        if max(p.q.shape[-1], p.v.shape[-1]) > FLEX_MAX_HEAD_DIM:
+            # Measured on the H100 (torch 2.11): the VAR tokenizer's mid-block attention (one head of 640) in bf16
+            # fails to compile ("out of resource: Required 524288, Hardware limit 232448" bytes of shared memory).
+            return False, (f"flex attention's Triton kernels need head_dim <= {FLEX_MAX_HEAD_DIM} (shared memory), "
+                           f"got {max(p.q.shape[-1], p.v.shape[-1])}")
     if not _flex_compiled_here(p.q.device):
         return True, "flex attention, eager (unfused) on CPU"
     seen = _FLEX_SHAPES.get(_flex_kind(p), set())
