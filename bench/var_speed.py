@@ -65,10 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, nargs="*", default=None, metavar="BATCH",
                    help="print the top ops by device time of one sampling run, ours and official, at these batches "
                         "(default with no value: batch 1)")
-    p.add_argument("--variants", nargs="+", default=["eager", "fast"], choices=["eager", "fast"],
+    p.add_argument("--variants", nargs="+", default=["eager", "fast"], choices=["eager", "fast", "fast-compiled"],
                    help="ours: eager = the plain sampler and a float32 decoder over the whole batch; fast = one CUDA "
                         "graph per scale (vlm.var_graphs) and the decoder in bf16 channels-last, --decode-batch "
-                        "images at a time (vlm.vqvae.fast_decoder). Without a GPU, fast runs its static buffers eagerly")
+                        "images at a time (vlm.vqvae.fast_decoder); fast-compiled = fast with the decoder compiled. "
+                        "Without a GPU, fast runs its static buffers eagerly")
     p.add_argument("--decode-batch", type=int, default=16)
     p.add_argument("--decoder-bench", action="store_true",
                    help="also time the decoder alone at the largest batch: float32 / bf16 / bf16 channels-last")
@@ -213,12 +214,13 @@ def decoder_bench(vq, B: int, device, chunk: int, repeats: int) -> dict:
     f_hat = torch.randn(B, z, H, H, device=device, generator=torch.Generator(device=device).manual_seed(0))
     ref = vq.fhat_to_img(f_hat)
     out = {}
-    variants = [("float32", None, None, None), ("float32", chunk, None, None), ("bf16", chunk, torch.bfloat16, False),
-                ("bf16-channels-last", chunk, torch.bfloat16, True)]
-    for name, ch, dt, cl in variants:
+    variants = [("float32", None, None, None, False), ("float32", chunk, None, None, False),
+                ("bf16", chunk, torch.bfloat16, False, False), ("bf16-channels-last", chunk, torch.bfloat16, True, False),
+                ("bf16-compiled", chunk, torch.bfloat16, False, True)]
+    for name, ch, dt, cl, comp in variants:
         m = copy.deepcopy(vq) if dt is not None else vq
         if dt is not None:
-            m.fast_decoder(dt, channels_last=cl)
+            m.fast_decoder(dt, channels_last=cl, compile=comp and device.type == "cuda")
         sec, peak = timed(lambda: m.fhat_to_img(f_hat, batch_chunk=ch), 1, repeats, device)
         img = m.fhat_to_img(f_hat, batch_chunk=ch)
         out[f"{name}, chunk {ch or B}"] = {"seconds": sec, "ms_per_image": 1e3 * sec / B, "peak_memory_bytes": peak,
@@ -279,6 +281,8 @@ def main(args) -> dict:
             print(name, "parity", results["parity"][name], flush=True)
         var_fast = var.to(dtype)  # ours samples with low-precision weights (the official keeps fp32 + autocast)
         vq_fast = copy.deepcopy(vq).fast_decoder(dtype) if "fast" in args.variants else None
+        vq_comp = (copy.deepcopy(vq).fast_decoder(dtype, compile=device.type == "cuda")
+                   if "fast-compiled" in args.variants else None)
         fl = flops_per_image(var_fast)
         if args.decoder_bench:
             results.setdefault("decoder", {})[name] = decoder_bench(vq, max(batches), device, args.decode_batch,
@@ -298,6 +302,9 @@ def main(args) -> dict:
             if "fast" in args.variants:
                 impls.append(("ours_fast", ours_sampler(var_fast, vq_fast, B, args, dtype, device, frec := {},
                                                         fast=True), frec))
+            if "fast-compiled" in args.variants:
+                impls.append(("ours_fast_compiled", ours_sampler(var_fast, vq_comp, B, args, dtype, device,
+                                                                 crec := {}, fast=True), crec))
             for impl, fn, record in impls:
                 if args.profile is not None and B in (args.profile or [1]):
                     profile_top(f"{name} batch {B} {impl}", fn, device, rows=15, warmup=True)
@@ -319,11 +326,12 @@ def main(args) -> dict:
                     torch.cuda.empty_cache()
             expected = kv_bytes(depth, var.L, var.num_heads, var.head_dim, batch=2 * B, dtype=dtype)
             row["kv_bytes_formula"] = expected
-            for impl in ("ours", "ours_fast"):
+            for impl in ("ours", "ours_fast", "ours_fast_compiled"):
                 if impl in row and "kv_bytes" in row[impl]:
                     row[f"{impl}_kv_matches_formula"] = row[impl]["kv_bytes"] == expected
             off = row.get("official", {}).get("seconds_per_batch")
-            for impl, key in (("ours", "speedup"), ("ours_fast", "speedup_fast")):
+            for impl, key in (("ours", "speedup"), ("ours_fast", "speedup_fast"),
+                              ("ours_fast_compiled", "speedup_fast_compiled")):
                 if off and "seconds_per_batch" in row.get(impl, {}):
                     row[key] = off / row[impl]["seconds_per_batch"]
             results["runs"].append(row)

@@ -78,7 +78,7 @@ def test_decoder_in_bf16_channels_last_and_in_chunks():
     ref = vq.fhat_to_img(f_hat)
     chunked = vq.fhat_to_img(f_hat, batch_chunk=2)
     torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
-    vq.fast_decoder(torch.bfloat16)
+    vq.fast_decoder(torch.bfloat16, channels_last=True)
     assert vq.decoder.conv_in.weight.dtype == torch.bfloat16
     assert vq.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert vq.quantize.embedding.weight.dtype == torch.float32  # tokens and f̂ keep their precision
@@ -98,3 +98,29 @@ def test_pipeline_cuda_graphs_flag_on_cpu_is_refused_clearly_and_decode_batch_ch
     a = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt", decode_batch=1).images
     b = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt", decode_batch=None).images
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(7, 0.0), (7, 0.8), (50, 0.5), (3, 0.999)])
+def test_top_k_candidates_are_filter_logits_distribution(top_k, top_p):
+    from vlm.var_pipeline import draw_tokens, filter_logits, top_k_candidates
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 50, generator=g, dtype=torch.float64) * 3
+    probs, cand = top_k_candidates(logits, top_k, top_p)
+    full = torch.zeros(10, 50, dtype=torch.float64).scatter(-1, cand, probs)
+    torch.testing.assert_close(full, filter_logits(logits, top_k, top_p).softmax(-1).view(10, 50), rtol=0, atol=1e-12)
+    tok = draw_tokens(logits, top_k, top_p, torch.Generator().manual_seed(1))
+    assert tok.shape == (2, 5) and bool((full.gather(-1, tok.view(10, 1)) > 0).all())
+    # The draw follows the distribution: 20k draws from one row, against its probabilities.
+    row = logits[:1, :1].expand(1, 20000, 50)
+    counts = torch.bincount(draw_tokens(row, top_k, top_p, torch.Generator().manual_seed(2)).flatten(), minlength=50)
+    assert (counts.double() / 20000 - full[0]).abs().max() < 0.015
+
+
+def test_compiled_fast_decoder_keeps_the_checkpoint_keys():
+    _, vq = tiny()
+    keys = set(vq.float().state_dict())
+    vq.fast_decoder(torch.bfloat16, compile=True)  # nn.Module.compile: in place, compiled lazily on first call
+    assert set(vq.state_dict()) == keys
+    assert vq.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert vq.decoder.conv_in.weight.is_contiguous()

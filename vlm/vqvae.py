@@ -392,13 +392,19 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         out = [self.decoder(self.post_quant_conv(c.to(w.dtype))).clamp(-1, 1) for c in chunks]
         return (out[0] if len(out) == 1 else torch.cat(out)).float()
 
-    def fast_decoder(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True) -> "MultiScaleVQVAE":
-        """Run the image decoder (post_quant_conv + decoder) in `dtype` and channels-last (cuDNN's native layout
-        for bf16 convolutions on tensor cores), in place; the quantizer (codebook, φ) keeps its precision, so the
-        tokens and f̂ do not change, only the pixels (by bf16 rounding; bench/var_speed.py reports by how much)."""
+    def fast_decoder(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False,
+                     compile: bool = False) -> "MultiScaleVQVAE":
+        """Run the image decoder (post_quant_conv + decoder) in `dtype`, in place; the quantizer (codebook, φ) keeps
+        its precision, so the tokens and f̂ do not change, only the pixels (by bf16 rounding; bench/var_speed.py
+        reports by how much). Measured on the H100 (64 images at 256 px): float32 233 ms, bf16 159 ms, bf16
+        channels-last 246 ms (GroupNorm and upsampling leave cuDNN's layout), hence channels_last off by default.
+        `compile`: torch.compile the decoder (GroupNorm + SiLU + residual fused around cuDNN's convolutions;
+        state-dict keys unchanged)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for m in (self.post_quant_conv, self.decoder):
             m.to(dtype=dtype, memory_format=fmt)
+        if compile:
+            self.decoder.compile(dynamic=False)
         return self
 
     def indices_to_fhat(self, indices: Sequence[Tensor], upto: int | None = None) -> Tensor:
