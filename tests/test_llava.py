@@ -237,6 +237,10 @@ def test_static_cache_decoding_equals_dynamic(vlm, data):
     x = vlm.model.build_inputs(ids, f, mask)
     tokens, cache = generate_static(vlm.model, x, 7)
     assert tokens.tolist() == generate_uncached(vlm.model, x, 7)
+    from vlm.generate import prefill_core
+    seen = []
+    again, _ = generate_static(vlm.model, x, 7, prefill_fn=lambda *a: seen.append(a[3]) or prefill_core(*a))
+    assert again.tolist() == tokens.tolist() and len(seen) == 1 and seen[0] is not None  # padded batch: mask kept
     L = x.embeds.shape[1]
     assert cache.memory_report()["tokens_per_layer"] == [L + 6] * len(vlm.model.layers)
     assert sorted(cache.bytes_per_segment()) == list(range(7))

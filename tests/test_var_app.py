@@ -205,6 +205,14 @@ def test_diffusion_models_refuse_top_k_and_top_p(dit_folder, class_var, tmp_path
         gen.generate_class_images(class_var, 3, steps=4, device="cpu")
 
 
+def test_cuda_graphs_flag_only_for_var_on_cuda(dit_folder, class_var, tmp_path, capsys):
+    assert main(_argv(dit_folder, tmp_path / "out", "--label", "3", "--cuda-graphs")) == 2
+    assert "--cuda-graphs only applies to VAR" in capsys.readouterr().err
+    assert main(_argv(class_var, tmp_path / "out", "--label", "3", "--cuda-graphs", "--device", "cpu")) == 2
+    assert "--cuda-graphs needs --device cuda (got cpu)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @needs_clip
 def test_text_var_refuses_a_negative_prompt(text_var, tmp_path, capsys):
     assert main(_argv(text_var, tmp_path / "out", "--prompt", "a red star", "--negative-prompt", "blue")) == 2
