@@ -17,6 +17,7 @@
 #   empty runs/start: c2i / t2i from resume/, the rest from weights/), VAR with --init-from; plus DyDiT-c2i
 #   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8; DYDIT=0 leaves it out) and the shapes LLaVA (issue 10,
 #   LLAVA_ARGS; LLAVA_ARGS_B a second LLaVA run beside it).
+# PHASE=V: only the class and text VAR transformers, continued from weights/shapes-var-* (issue 9).
 # Everything is written to weights/ and runs/; $OUT gets the logs and one tarball of models (≤ 8 files come back).
 set -uo pipefail
 PHASE=${PHASE:-A}
@@ -64,6 +65,9 @@ elif [ "$PHASE" = B ]; then
   env OMP_NUM_THREADS=3 FRESH="t2v" LR=8e-4 "${T2V_FROZEN[@]}" \
     bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
   OMP_NUM_THREADS=2 var_transformers "$DIT_LIMIT" &
+elif [ "$PHASE" = V ]; then
+  # PHASE=V (seventh session): only the two VAR transformers, continued from weights/ (--init-from), the whole call.
+  OMP_NUM_THREADS=4 VAR_INIT=1 var_transformers "$DIT_LIMIT" &
 else
   env OMP_NUM_THREADS=3 LR=${LR:-5e-4} "EXTRA_t2v=--trainable temporal_blocks\. --lr 3e-4" \
     bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
@@ -81,7 +85,9 @@ else
 fi
 wait
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -4 | cut -c1-400; done
-cd "$OUT" && tar czf logs.tgz --remove-files *.log defaults.out && cd - >/dev/null
+# (In a subshell: the seventh session's PHASE=V call had no defaults.out, this tar failed, `cd -` never ran and the
+# models' tarball below was taken from $OUT: empty; the weights were fetched from the checkpoints afterwards.)
+(cd "$OUT" && tar czf logs.tgz --remove-files *.log $(ls defaults.out 2>/dev/null))
 # The shipped folders, logs and plots only (run folders also hold data pools and checkpoints: far over 16 MB), in
 # pieces of at most 15 MB (call B's single 19.6 MB tarball did not come back):  cat models.tgz.* | tar xz
 tar czf - weights/shapes-{c2i,t2i,t2v,vqvae,var-c2i,var-t2i} runs/*/model runs/*/log.jsonl runs/*/*.png \
