@@ -12,6 +12,7 @@ import vlm.var as var_module
 from caching import kv_bytes
 from shapes.vae import training_images
 from vlm.var import VAR, TextVAR, block_causal_bias
+from vlm.var_graphs import ScaleGraphs
 from vlm.var_pipeline import VARPipeline, filter_logits, guidance_ratio, sample_tokens
 from vlm.vqvae import MultiScaleVQVAE, phi_indices
 
@@ -149,6 +150,16 @@ def test_cached_text_sampling_equals_uncached():
     runs = [sample_tokens(model, vq, cond, null, guidance_scale=2.0, top_k=20, use_cache=c,
                           generator=torch.Generator().manual_seed(0))[0] for c in (True, False)]
     assert all(torch.equal(x, y) for x, y in zip(*runs))
+    # The per-scale graph runner's static buffers (text context copied in) give the same tokens; a context of
+    # another length is refused (its buffers have the first run's shape).
+    graphs = ScaleGraphs(model, rows=6, capture=False)
+    got = sample_tokens(model, vq, cond, null, guidance_scale=2.0, top_k=20, generator=torch.Generator().manual_seed(0),
+                        graphs=graphs)[0]
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], got))
+    longer = (torch.cat([text, text], 1), torch.cat([mask, mask], 1))
+    c2, n2 = model.condition(*longer), model.condition(torch.zeros_like(longer[0]), torch.ones_like(longer[1]))
+    with pytest.raises(ValueError, match="another transformer or 6 rows"):
+        sample_tokens(model, vq, c2, n2, guidance_scale=2.0, graphs=graphs)
 
 
 def test_sampling_inputs_are_the_teacher_forcing_input_of_the_sampled_tokens(monkeypatch):

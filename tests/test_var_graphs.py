@@ -7,7 +7,7 @@ the GPU by bench/var_speed.py (replayed tokens against eager ones, recorded in i
 import pytest
 import torch
 
-from vlm.var import VAR, TextVAR
+from vlm.var import VAR
 from vlm.var_graphs import ScaleGraphs
 from vlm.var_pipeline import VARPipeline, sample_tokens
 from vlm.vqvae import MultiScaleVQVAE
@@ -35,25 +35,6 @@ def test_static_buffers_give_the_plain_samplers_tokens_run_after_run():
         assert c_got is graphs.cache and c_got.nbytes() == c_ref.nbytes()
         for a, b in zip(c_ref.layers, c_got.layers):
             torch.testing.assert_close(b.k, a.k, rtol=0, atol=0)
-
-
-def test_text_model_with_static_context():
-    torch.manual_seed(3)
-    model = TextVAR.from_name("TextVAR-tiny").double().eval()
-    _, vq = tiny()
-    text = torch.randn(2, 6, 12, dtype=torch.float64)
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[1, 3:] = False
-    cond, null = model.condition(text, mask), model.condition(torch.zeros_like(text), torch.ones_like(mask))
-    graphs = ScaleGraphs(model, rows=4, capture=False)
-    ref = sample_tokens(model, vq, cond, null, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))[0]
-    got = sample_tokens(model, vq, cond, null, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
-                        graphs=graphs)[0]
-    assert all(torch.equal(a, b) for a, b in zip(ref, got))
-    longer = (torch.cat([text, text], 1), torch.cat([mask, mask], 1))
-    c2, n2 = model.condition(*longer), model.condition(torch.zeros_like(longer[0]), torch.ones_like(longer[1]))
-    with pytest.raises(ValueError, match="another transformer or 4 rows"):
-        sample_tokens(model, vq, c2, n2, guidance_scale=2.0, graphs=graphs)
 
 
 def test_graphs_refuse_what_they_cannot_replay():
