@@ -304,10 +304,12 @@ class VARPipeline(DiffusionPipeline):
     def _scale_graphs(self, cond: tuple, null: tuple | None, cache_dtype) -> ScaleGraphs:
         """The pipeline's ScaleGraphs for this batch (one kept: a new batch size or text length replaces it)."""
         rows = cond[0].shape[0] * (2 if null is not None else 1)
-        ctx = None if cond[1] is None else tuple(torch.cat((a, b)) if null is not None else a
-                                                 for a, b in zip(cond[1], null[1] if null is not None else cond[1]))
+        ctx = cond[1]  # what sample_tokens will hand the graphs: [cond; null] rows with guidance
+        if ctx is not None and null is not None:
+            ctx = tuple(torch.cat(pair) for pair in zip(ctx, null[1]))
         g = getattr(self, "_graphs", None)
-        if g is None or not g.matches(rows, ctx) or (cache_dtype is not None and g.cache.layers[0].k_buf.dtype != cache_dtype):
+        stale_dtype = cache_dtype is not None and g is not None and g.cache.layers[0].k_buf.dtype != cache_dtype
+        if g is None or stale_dtype or not g.matches(rows, ctx):
             self._graphs = None  # free the old cache and graphs before building new ones
             g = self._graphs = ScaleGraphs(self.transformer, rows, cache_dtype=cache_dtype, capture=True)
         return g
