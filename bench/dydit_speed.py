@@ -55,7 +55,7 @@ from dit.dit import DiT
 from dit.dydit import DyDiT, MacCounter
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
-VARIANTS = ("dense", "sliced", "masked")
+VARIANTS = ("dense", "sliced", "sliced-cap", "masked")
 GUIDANCE = 4.0
 
 
@@ -228,7 +228,7 @@ def make_scheduler(steps: int, device) -> DDIMScheduler:
 def model_fn(variant: str, dit: DiT, dydit: DyDiT, counter: MacCounter | None = None):
     if variant == "dense":
         return lambda x, t, y: dit(x, t, y)
-    mode = "sliced" if variant == "sliced" else "masked"
+    mode = "masked" if variant == "masked" else "sliced"  # sliced-cap: sliced with DyDiT.use_token_capacity
     return lambda x, t, y: dydit(x, t, y, mode=mode, counter=counter).sample
 
 
@@ -319,12 +319,12 @@ class Instrument:
             self._patch(mod, "attention", wrapped_att)
         tsm = dydit_mod.token_skip_mlp
 
-        def wrapped_tsm(x, keep, mlp, *rest):
+        def wrapped_tsm(x, keep, mlp, *rest, **kw):
             def mlp_r(h, seq):
                 with rf("mlp"):
                     return mlp(h, seq)
             with rf("gather_scatter"):  # minus the nested mlp range, see split()
-                return tsm(x, keep, mlp_r, *rest)
+                return tsm(x, keep, mlp_r, *rest, **kw)
 
         self._patch(dydit_mod, "token_skip_mlp", wrapped_tsm)
         cls = type(self.dydit)
@@ -405,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=0.03, help="allowed |executed ratio - lambda|")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-split", action="store_true", help="skip the profiled time split")
+    p.add_argument("--cap-margin", type=float, default=0.1,
+                   help="sliced-cap: capacity = calibrated kept share x (1 + margin), rounded up to 64 rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/dydit_speed.json")
     args = p.parse_args(argv)
@@ -458,10 +460,15 @@ def main(argv=None) -> int:
         x1 = torch.randn(1, channels, S, S, generator=g).to(device, dtype)
         y1 = torch.tensor([1, dit.null_class_id], device=device)
         ratios = {}
-        for variant in ("sliced", "masked"):
+        dydit.exact_token_gather()
+        dydit._kept_frac.clear()  # calibrate the token capacities on this lambda's routers (the sliced pass below)
+        for variant in ("sliced", "sliced-cap", "masked"):
             c = MacCounter()
+            if variant == "sliced-cap":
+                dydit.use_token_capacity(margin=args.cap_margin)
             sample(model_fn(variant, dit, dydit, c), make_scheduler(args.steps, device), x1, y1, channels,
-                   dydit if variant == "sliced" else None)
+                   None if variant == "masked" else dydit)
+            dydit.exact_token_gather()
             ratios[variant] = c.ratio
         # the spec's mask-estimated r (masked path: what the masks would save)
         est = synth.ratio(widths, cols)
@@ -482,17 +489,31 @@ def main(argv=None) -> int:
                     rows.append({**dense_cache[B], "lam": lam})
                     continue
                 fn = model_fn(variant, dit, dydit)
-                planned = dydit if variant == "sliced" else None
+                planned = None if variant in ("dense", "masked") else dydit
                 run = lambda fn=fn, planned=planned: sample(fn, sched, x0, y_in, channels, planned)  # noqa: E731
+                extra = {}
+                if variant == "sliced-cap":
+                    # Sync-free token gather (capacities from the calibration above): its output against the exact
+                    # gather's, and whether any block step overflowed its capacity, recorded beside the time.
+                    exact = run()
+                    dydit.use_token_capacity(margin=args.cap_margin)
+                    got = run()
+                    extra = {"cap_margin": args.cap_margin, "vs_exact_rel": float((got.float() - exact.float()).norm()
+                                                                                 / exact.float().norm())}
                 times = time_run(run, device, args.repeats, args.warmup)
+                if variant == "sliced-cap":
+                    extra["overflowed_block_steps"] = dydit.token_overflow()
                 med = statistics.median(times)
                 executed = 1.0 if variant == "dense" else ratios[variant]
                 row = {"lam": lam, "batch": B, "variant": variant, "steps": args.steps,
                        "median_s": med, "times_s": times, "img_per_s": B / med,
                        "executed_flops_ratio": executed,
                        "mask_flops_ratio": 1.0 if variant == "dense" else est}
+                row.update(extra)
                 if not args.no_split:
                     row["split_ms"] = split(run, device, dit, dydit, variant)
+                if variant == "sliced-cap":
+                    dydit.exact_token_gather()
                 if variant == "dense":
                     dense_cache[B] = row
                 rows.append(row)

@@ -38,12 +38,14 @@ Modes of `DyDiT.forward`:
                 its block's order gets one gathered copy per unique (layer, mask). The MLP runs only on the kept
                 tokens, gathered over the flattened (B*n, D) batch and put back by index_add.
 `set_sampling_grid(timesteps)` evaluates the routers for a whole sampling run at once (one host sync) so that the
-steps then need none for the width plan (only the token gather's nonzero remains).
+steps then need none for the width plan (only the token gather's nonzero remains; `use_token_capacity` removes
+that one too: fixed calibrated row counts per block, overflow counted on the device, `token_overflow()`).
 Pass a `MacCounter` to count dense and executed MACs from the shapes actually run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -280,24 +282,50 @@ class BlockWeights:
                        fc1_w=self.fc1_w[:u], fc1_b=self.fc1_b[:u], fc2_w=self.fc2_w[:, :u], lora=lora)
 
 
+def kept_index(keep_flat: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions of the kept tokens, in order, in a fixed number of rows, without asking the GPU how many there
+    are (nonzero's host sync). Returns idx (capacity,) — the first `capacity` kept positions, then 0 for the spare
+    rows —, valid (capacity,) which rows are real, and count (a 0-d tensor: how many were kept; more than
+    `capacity` means some were left out, which the caller must detect: `DyDiT.token_overflow`)."""
+    n = keep_flat.numel()
+    rank = keep_flat.cumsum(0) - 1  # each kept token's row among the kept
+    count = rank[-1] + 1
+    slot = torch.where(keep_flat & (rank < capacity), rank, capacity)  # the rest go to one spare slot, dropped
+    idx = torch.zeros(capacity + 1, dtype=torch.long, device=keep_flat.device)
+    idx.scatter_(0, slot, torch.arange(n, device=keep_flat.device))
+    return idx[:capacity], torch.arange(capacity, device=keep_flat.device) < count, count
+
+
 def token_skip_mlp(
-    x_BND: Tensor, keep_BN: Tensor, mlp, norm: nn.Module, shift_BD: Tensor, scale_BD: Tensor, gate_BD: Tensor
-) -> tuple[Tensor, int]:
+    x_BND: Tensor, keep_BN: Tensor, mlp, norm: nn.Module, shift_BD: Tensor, scale_BD: Tensor, gate_BD: Tensor,
+    capacity: int | None = None,
+) -> tuple[Tensor, int | Tensor]:
     """x + keep * gate * mlp(modulate(norm(x))) computed on the kept tokens only.
 
     Flattens to (B*N, D), gathers the K kept tokens (per-sample counts may differ, no padding), indexes the
     per-sample shift/scale/gate by token // N, runs `mlp(h_KD, sample_K)` on the (K, D) kept tokens (sample_K: each
-    token's sequence, for per-sequence parameters such as TD-LoRA's mixture) and index_adds the update back.
+    token's sequence, for per-sequence parameters such as TD-LoRA's mixture) and writes the update back.
     Returns the new x and K.
+
+    `capacity`: gather into exactly that many rows instead (`kept_index`: no host sync, so the GPU queue never
+    drains here); spare rows repeat token 0 and their updates are discarded, so the kept tokens' results are those
+    of the exact gather. Returns the new x and K as a 0-d tensor (K > capacity: tokens were left out).
     """
     B, N, D = x_BND.shape
     x_flat = x_BND.reshape(B * N, D)
-    idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
+    if capacity is None:
+        idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
+    else:
+        idx, valid, count = kept_index(keep_BN.reshape(-1), capacity)
     sample = idx // N
     x_KD = x_flat.index_select(0, idx)
     # index_select rather than advanced indexing: the same gather with less host work per call.
     h = norm(x_KD) * (1 + scale_BD.index_select(0, sample)) + shift_BD.index_select(0, sample)  # (K, D)
     update = gate_BD.index_select(0, sample) * mlp(h, sample)
+    if capacity is not None:
+        # Spare rows all point at token 0: add their updates as zeros (index_add), never write them.
+        update = torch.where(valid[:, None], update, 0)
+        return x_flat.index_add(0, idx, update).view(B, N, D), count
     # Each kept token appears once, so its row is written back whole (residual + update) by index_copy: a plain
     # scatter, where index_add is an atomic add per element on CUDA. (No faster on the H100 at batch 8, where the
     # sliced run is host-bound: docs/benchmarks.md.)
@@ -398,6 +426,45 @@ class DyDiT(nn.Module):
         self._sliced: dict[tuple, BlockWeights] = {}  # gathered copies for masks that are not prefixes
         self._mask_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # sliced blocks' head / group masks
         self._grid = None
+        self._kept_frac: dict[int, float] = {}  # most tokens each block kept in exact sliced runs, as a fraction
+        self._capacity: tuple[float, int] | None = None  # (margin, multiple) of use_token_capacity
+        self._overflow: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------- token capacity
+    def use_token_capacity(self, margin: float = 0.1, multiple: int = 64) -> "DyDiT":
+        """Sliced inference without host syncs: each block gathers its kept tokens into a fixed number of rows
+        (`kept_index`) instead of asking how many there are (`nonzero`, which drains the GPU queue in every block of
+        every step: docs/benchmarks.md). The rows: the largest share of tokens the block kept in the exact sliced
+        runs so far (so sample once without a capacity first: calibration), times 1 + `margin`, rounded up to
+        `multiple`, at most all tokens. Results equal the exact gather's while no block keeps more than its rows;
+        `token_overflow()` says whether one did (then its extra tokens skipped the MLP: re-run without capacity)."""
+        if not self._kept_frac:
+            raise ValueError("no exact sliced run recorded: sample once before use_token_capacity (calibration)")
+        if margin < 0 or multiple < 1:
+            raise ValueError(f"need margin >= 0 and multiple >= 1, got {margin}, {multiple}")
+        self._capacity, self._overflow = (float(margin), int(multiple)), None
+        return self
+
+    def exact_token_gather(self) -> "DyDiT":
+        """Back to the exact gather (nonzero per block), which also goes on calibrating the capacities."""
+        self._capacity, self._overflow = None, None
+        return self
+
+    def token_overflow(self) -> int:
+        """How many block steps kept more tokens than their capacity since the last call (reads the device: one
+        sync); 0 means every result so far equals the exact gather's."""
+        n = 0 if self._overflow is None else int(self._overflow)
+        self._overflow = None
+        return n
+
+    def _capacity_for(self, layer: int, rows: int) -> int | None:
+        if self._capacity is None:
+            return None
+        if layer not in self._kept_frac:
+            raise ValueError(f"block {layer} has no calibration (its sliced path never ran without a capacity)")
+        margin, multiple = self._capacity
+        cap = math.ceil(self._kept_frac[layer] * (1 + margin) * rows / multiple) * multiple
+        return min(max(cap, multiple), rows)
 
     def train(self, mode: bool = True) -> "DyDiT":
         self.clear_cache()
@@ -609,7 +676,15 @@ class DyDiT(nn.Module):
                 o = o + lora.delta(a, *w.lora["fc2"], pi[seq_K])
             return o
 
-        x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m)
+        rows = S * n
+        cap = self._capacity_for(layer, rows)
+        x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m, capacity=cap)
+        if cap is None:  # kept is known on the host (nonzero): remember the most this block kept (calibration)
+            self._kept_frac[layer] = max(self._kept_frac.get(layer, 0.0), kept / rows)
+        else:  # no sync: overflows are counted on the device, read by token_overflow()
+            over = (kept > cap).to(torch.int32)
+            self._overflow = over if self._overflow is None else self._overflow + over
+            kept = cap  # the rows the MLP ran on (spare rows included): the executed work
         head_m, group_m = self._unit_masks(layer, w.heads, w.groups, H, ps.batch, x)
         ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1).to(x.dtype)})
         if ps.counter is not None:  # from the shapes run above

@@ -21,6 +21,7 @@ from dit.dydit import (
     flops_ratio,
     flops_target,
     gumbel_sigmoid_gate,
+    kept_index,
     token_skip_mlp,
 )
 
@@ -193,6 +194,55 @@ def test_token_skip_mlp_equals_masked_dense():
     ref = x + keep[..., None] * gate[:, None] * mlp(modulate(norm(x), shift, scale))
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert kept == int(keep.sum())
+
+
+def test_capacity_gather_equals_exact_and_flags_overflow():
+    g = torch.Generator().manual_seed(1)
+    B, N, D = 3, 10, 8
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    shift, scale, gate = (torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(3))
+    mlp = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.GELU(), torch.nn.Linear(16, D)).double()
+    norm = torch.nn.LayerNorm(D, elementwise_affine=False)
+    keep = torch.rand(B, N, generator=g) > 0.5
+    keep[0, 0] = False  # token 0 (the spare rows' stand-in) not kept: its row must come back untouched
+    exact, k = token_skip_mlp(x, keep, lambda h, sample: mlp(h), norm, shift, scale, gate)
+    seen = []
+    for cap in (k, k + 7, B * N):
+        out, count = token_skip_mlp(x, keep, lambda h, sample: seen.append(sample) or mlp(h), norm, shift, scale, gate,
+                                    capacity=cap)
+        torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+        assert int(count) == k and seen[-1].shape == (cap,) and int(seen[-1].max()) < B
+    idx, valid, count = kept_index(keep.reshape(-1), k)
+    assert torch.equal(idx, keep.reshape(-1).nonzero().squeeze(1)) and bool(valid.all())
+    short, count = token_skip_mlp(x, keep, lambda h, sample: mlp(h), norm, shift, scale, gate, capacity=k - 2)
+    assert int(count) == k > k - 2  # the caller sees the overflow
+    first = keep.reshape(-1).nonzero().squeeze(1)[: k - 2]
+    flat, ex = short.reshape(B * N, D), exact.reshape(B * N, D)
+    torch.testing.assert_close(flat[first], ex[first], rtol=1e-12, atol=1e-12)  # the first k - 2 are still exact
+
+
+def test_dydit_token_capacity_after_calibration():
+    model = DyDiT.from_dit(tiny_dit()).eval()
+    partial_routers_(model)
+    x, y = inputs(6, seed=6)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="calibration"):
+            model.use_token_capacity()
+        exact = [model(x, torch.full((6,), t), y, mode="sliced").sample for t in (50, 500, 950)]
+        model.use_token_capacity(margin=0.1, multiple=4)
+        rows = 6 * model.num_tokens
+        assert min(model._capacity_for(layer, rows) for layer in model._kept_frac) < rows  # not vacuous
+        counter = MacCounter()
+        fast = [model(x, torch.full((6,), t), y, mode="sliced", counter=counter).sample for t in (50, 500, 950)]
+        assert model.token_overflow() == 0
+        for a, b in zip(fast, exact):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert counter.ratio < 1  # spare rows are counted as executed work, still under dense
+        model._kept_frac = {k: v / 4 for k, v in model._kept_frac.items()}  # capacities too small
+        model(x, torch.full((6,), 500), y, mode="sliced")
+        assert model.token_overflow() > 0 and model.token_overflow() == 0  # read, then reset
+        model.exact_token_gather()
+        torch.testing.assert_close(model(x, torch.full((6,), 500), y, mode="sliced").sample, exact[1])
 
 
 # ----------------------------------------------------------------------------------------------- e: FLOPs loss

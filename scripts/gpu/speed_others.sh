@@ -29,7 +29,7 @@ for va in "${var_runs[@]}"; do
 done
 # (2026-11-23, sixth session: at 140 s DyDiT got through one row; both benches now write their JSON after every row.)
 [ "${SKIP_DYDIT:-0}" = 1 ] || run dydit ${T2:-190} python3 bench/dydit_speed.py --size XL --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 \
-  --lams 0.5 --repeats 2 --variants dense sliced --out bench/results/dydit_speed.json
+  --lams 0.5 --repeats 2 --variants dense sliced sliced-cap --out bench/results/dydit_speed.json
 [ "${SKIP_LLAVA:-0}" = 1 ] || TORCH_LOGS="graph_breaks,recompiles" run llava ${T3:-240} python3 bench/llava_speed.py \
   ${LLAVA_ARGS:---batches 1 8 --repeats 3 --profile-prefill --compile-prefill --fuse-projections} --out bench/results/llava_speed.json
 [ "${SKIP_LATTE:-0}" = 1 ] || run latte ${T4:-200} python3 bench/sample_dit.py --workloads latte512 \
