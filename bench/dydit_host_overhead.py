@@ -46,10 +46,13 @@ def main(argv=None) -> dict:
     synth.install(*synth.tune(args.lam))
     x0, y = torch.randn(1, 4, 4, 4), torch.tensor([1, dit.null_class_id])
     rows = {}
-    for variant in ("dense", "sliced"):
+    for variant in ("dense", "sliced", "sliced-cap"):
         fn = D.model_fn(variant, dit, dydit)
-        run = lambda: D.sample(fn, sched, x0, y, 4, dydit if variant == "sliced" else None)  # noqa: E731
-        run()
+        run = lambda: D.sample(fn, sched, x0, y, 4, None if variant == "dense" else dydit)  # noqa: E731
+        run()  # (the sliced run also calibrates the capacities sliced-cap uses)
+        if variant == "sliced-cap":
+            dydit.use_token_capacity(margin=0.1, multiple=1)  # 4 tokens here: no rounding
+            run()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -57,6 +60,8 @@ def main(argv=None) -> dict:
             times.append(time.perf_counter() - t0)
         rows[variant] = {"ms_per_block_step": min(times) / (args.steps * depth) * 1e3, "run_s": times}
     rows["sliced_over_dense"] = rows["sliced"]["ms_per_block_step"] / rows["dense"]["ms_per_block_step"]
+    rows["sliced_cap_over_dense"] = rows["sliced-cap"]["ms_per_block_step"] / rows["dense"]["ms_per_block_step"]
+    rows["sliced_cap_overflowed_block_steps"] = dydit.token_overflow()
     result = {"device": f"CPU ({platform.machine()}, 1 thread)", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "torch": torch.__version__,
               "command": " ".join(shlex.quote(a) for a in ["python", "bench/dydit_host_overhead.py", *(argv or

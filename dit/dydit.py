@@ -286,14 +286,12 @@ def kept_index(keep_flat: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor
     """The positions of the kept tokens, in order, in a fixed number of rows, without asking the GPU how many there
     are (nonzero's host sync). Returns idx (capacity,) — the first `capacity` kept positions, then 0 for the spare
     rows —, valid (capacity,) which rows are real, and count (a 0-d tensor: how many were kept; more than
-    `capacity` means some were left out, which the caller must detect: `DyDiT.token_overflow`)."""
-    n = keep_flat.numel()
-    rank = keep_flat.cumsum(0) - 1  # each kept token's row among the kept
-    count = rank[-1] + 1
-    slot = torch.where(keep_flat & (rank < capacity), rank, capacity)  # the rest go to one spare slot, dropped
-    idx = torch.zeros(capacity + 1, dtype=torch.long, device=keep_flat.device)
-    idx.scatter_(0, slot, torch.arange(n, device=keep_flat.device))
-    return idx[:capacity], torch.arange(capacity, device=keep_flat.device) < count, count
+    `capacity` means some were left out, which the caller must detect: `DyDiT.token_overflow`).
+    torch.nonzero_static pads to a fixed size on the device (its CUDA kernel reads the count on the GPU,
+    pytorch/pytorch#136415), one op where a cumsum rank + scatter took a dozen host dispatches per block."""
+    idx = torch.nonzero_static(keep_flat, size=capacity, fill_value=0).squeeze(1)
+    count = keep_flat.sum()
+    return idx, torch.arange(capacity, device=keep_flat.device) < count, count
 
 
 def token_skip_mlp(
