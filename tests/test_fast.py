@@ -61,3 +61,33 @@ def test_pipeline_with_the_compiled_transformer_gives_the_eager_image(tmp_path):
     prepare_for_sampling(pipe.transformer, "default")
     out = pipe(generator=torch.Generator().manual_seed(0), **kw).latents
     assert _rel(out, ref) < 1e-4  # float32 rounding, compounded over 4 guided steps
+
+
+def test_regional_compilation_compiles_one_block_for_all(monkeypatch):
+    """The regional presets compile the blocks, not the model: one traced graph serves every block (the compile
+    time lever at XL), and the output is eager's."""
+    from dit.fast import repeated_blocks
+
+    model = _random_dit()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        ref = model(x, t, y)
+    graphs, real = [], torch.compile
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    # The "regional" preset as it is, with a counting backend in place of inductor.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "mode": None, "backend": count}))
+    prepare_for_sampling(model, "regional")
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert len(repeated_blocks(model)) == 2 and len(graphs) == 1  # block 1 reused block 0's graph
+    assert model._compiled_call_impl is None and all(b._compiled_call_impl is not None for b in model.blocks)
+    assert _rel(out, ref) < 1e-6
+    restore_eager(model)
+    assert all(b._compiled_call_impl is None for b in model.blocks)
+    with pytest.raises(ValueError, match="compile it whole"):
+        prepare_for_sampling(torch.nn.Linear(2, 2), "regional")
