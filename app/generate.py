@@ -70,7 +70,9 @@ def add_parser(sub) -> None:
     # Numbers are parsed here rather than by argparse, so that a bad value is one clear line like every other error.
     p.add_argument("--steps", default=None,
                    help=f"diffusion models: sampling steps (default {DEFAULT_STEPS}); VAR samples one step per scale")
-    p.add_argument("--cfg", default="4.0", help="classifier-free guidance scale, >= 0; 1 = no guidance (default 4)")
+    p.add_argument("--cfg", default=None,
+                   help="classifier-free guidance scale, >= 0; 1 = no guidance (default 4; a VAR model with a card: "
+                        "the card's evaluation setting, as for --top-k / --top-p)")
     p.add_argument("--sampler", default=None,
                    help="diffusion models: ddpm, ddim, dpm++ or euler (default: the scheduler saved with the model)")
     p.add_argument("--top-k", dest="top_k", default=None,
@@ -472,6 +474,15 @@ def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20
             for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 
+def card_sampling(folder: Path) -> dict:
+    """The sampling settings (cfg, top_k, top_p) a model card's evaluation used; {} without a card."""
+    path = Path(folder) / "card.json"
+    if not path.is_file():
+        return {}
+    ev = json.loads(path.read_text()).get("eval") or {}
+    return {k: ev[k] for k in ("cfg", "top_k", "top_p") if k in ev}
+
+
 def check_top_k_top_p(top_k, top_p) -> None:
     """VAR's token filters: top_k an integer >= 0 (0 or >= the vocabulary: off), top_p in [0, 1] (0 or 1: off)."""
     if not _is_int(top_k) or top_k < 0:
@@ -645,11 +656,16 @@ def run(args) -> int:
         fps = _parse(float, "fps", args.fps)
         if not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"--fps must be a finite number > 0; got {args.fps!r}")
-    numbers_ = dict(cfg=_parse(float, "cfg", args.cfg), seed=_parse(int, "seed", args.seed),
+    # VAR models sample best at the settings their card was evaluated with (docs/var.md): those are the defaults
+    # for what the command line leaves out; diffusion models and card-less folders keep 4 / off / off.
+    card = card_sampling(pipeline_folder(args.model)) if var else {}
+    cfg = args.cfg if args.cfg is not None else str(card.get("cfg", 4.0))
+    numbers_ = dict(cfg=_parse(float, "cfg", cfg), seed=_parse(int, "seed", args.seed),
                     num=_parse(int, "num", args.num))
     if var:
-        filters = dict(top_k=_parse(int, "top-k", "0" if args.top_k is None else args.top_k),
-                       top_p=_parse(float, "top-p", "0" if args.top_p is None else args.top_p))
+        top_k = args.top_k if args.top_k is not None else str(card.get("top_k", 0))
+        top_p = args.top_p if args.top_p is not None else str(card.get("top_p", 0.0))
+        filters = dict(top_k=_parse(int, "top-k", top_k), top_p=_parse(float, "top-p", top_p))
         results = generate_var_images(args.model, args.class_label if kind == CLASS else args.prompt,
                                       device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
                                       **filters, **numbers_)

@@ -205,6 +205,19 @@ def test_diffusion_models_refuse_top_k_and_top_p(dit_folder, class_var, tmp_path
         gen.generate_class_images(class_var, 3, steps=4, device="cpu")
 
 
+def test_cli_defaults_to_the_cards_sampling_settings(tmp_path):
+    """A shipped VAR model is sampled at its card's evaluation settings unless the command line says otherwise."""
+    out = tmp_path / "out"
+    argv = ["generate", "--model", "shapes-var-c2i", "--label", "3", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    (png,) = sorted(out.glob("*.png"))
+    settings = gen.read_settings(png)
+    assert (settings["cfg"], settings["top_k"], settings["top_p"]) == (2.0, 0, 0.8)  # weights/shapes-var-c2i/card.json
+    assert main([*argv, "--cfg", "3", "--top-p", "0"]) == 0
+    settings = gen.read_settings(sorted(out.glob("*.png"), key=lambda p: p.stat().st_mtime)[-1])
+    assert (settings["cfg"], settings["top_p"]) == (3.0, 0.0)
+
+
 def test_cuda_graphs_flag_only_for_var_on_cuda(dit_folder, class_var, tmp_path, capsys):
     assert main(_argv(dit_folder, tmp_path / "out", "--label", "3", "--cuda-graphs")) == 2
     assert "--cuda-graphs only applies to VAR" in capsys.readouterr().err
