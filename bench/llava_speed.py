@@ -197,56 +197,49 @@ def run(args) -> dict:
         ids_hf = torch.cat([torch.ones(B, 1, dtype=torch.long), torch.full((B, n_img), img_id), text[:, 1:]], 1).to(device)
         L = ids_hf.shape[1]
 
-        def ours_prefill():
+        def ours_prefill(core=None):
+            """Tower, projector, merge, decoder into a fresh cache; `core`: a compiled prefill_core (the prompt has no
+            padding, so prefill's mask decision leaves the graph mask-free)."""
             x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
             cache = KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,
                             dtype=dtype, device=device)
-            return prefill(model, x.embeds, x.position_ids, x.attention_mask, cache, last_real_index(x.attention_mask))
+            return prefill(model, x.embeds, x.position_ids, x.attention_mask, cache, last_real_index(x.attention_mask),
+                           core=core)
+
+        def hf_prefill():
+            return hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True, logits_to_keep=1).logits
 
         t_pre, _ = timed(ours_prefill, device, args.repeats)
-        t_pre_compiled = None
+        row = {"batch": B, "tokens": L, "ours_prefill_ms": 1e3 * t_pre,
+               "ours_prefill_mfu": prefill_flops(model, L, B) / t_pre / (args.peak_tflops * 1e12)}
+        if hf is not None:
+            h_pre, _ = timed(hf_prefill, device, args.repeats)
+            row.update(hf_prefill_ms=1e3 * h_pre, prefill_speedup=h_pre / t_pre)
         if args.compile_prefill:
-            # The same prefill (tower, projector, merge, decoder into a fresh cache) with the decoder pass compiled
-            # whole; the prompt has no padding here, so the mask decision is made outside the graph.
+            # The same prefill with the decoder pass compiled whole.
             core = torch.compile(prefill_core, fullgraph=True, dynamic=False)
-
-            def ours_prefill_compiled():
-                x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
-                cache = KVCache(len(model.layers), B, model.num_kv_heads, model.head_dim, L + args.new_tokens,
-                                dtype=dtype, device=device)
-                return core(model, x.embeds, x.position_ids, None, cache, last_real_index(x.attention_mask))
-
-            ref = ours_prefill()
-            got = ours_prefill_compiled()
-            t_pre_compiled, got = timed(ours_prefill_compiled, device, args.repeats)
-            compiled_vs_eager = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        def add_compiled_prefill(row):
-            if t_pre_compiled is not None:
-                row.update(ours_prefill_compiled_ms=1e3 * t_pre_compiled,
-                           prefill_compiled_vs_eager_rel=compiled_vs_eager,
-                           ours_prefill_compiled_mfu=prefill_flops(model, L, B) / t_pre_compiled
-                           / (args.peak_tflops * 1e12))
-                if "hf_prefill_ms" in row:
-                    row["prefill_compiled_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_compiled_ms"]
-
+            ref, got = ours_prefill(), ours_prefill(core)
+            t_pre_compiled, got = timed(lambda: ours_prefill(core), device, args.repeats)
+            row.update(ours_prefill_compiled_ms=1e3 * t_pre_compiled,
+                       prefill_compiled_vs_eager_rel=((got.float() - ref.float()).norm() / ref.float().norm()).item(),
+                       ours_prefill_compiled_mfu=prefill_flops(model, L, B) / t_pre_compiled
+                       / (args.peak_tflops * 1e12))
+            if hf is not None:
+                row["prefill_compiled_speedup"] = h_pre / t_pre_compiled
         if args.profile_prefill:
             profile_top(f"ours prefill batch {B}", ours_prefill, device)
-            if t_pre_compiled is not None:
-                profile_top(f"ours compiled prefill batch {B}", ours_prefill_compiled, device)
+            if args.compile_prefill:
+                profile_top(f"ours compiled prefill batch {B}", lambda: ours_prefill(core), device)
             if hf is not None:
-                profile_top(f"transformers prefill batch {B}", lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
-                                                               logits_to_keep=1).logits, device)
-        if args.prefill_only:
-            row = {"batch": B, "tokens": L, "ours_prefill_ms": 1e3 * t_pre,
-                   "ours_prefill_mfu": prefill_flops(model, L, B) / t_pre / (args.peak_tflops * 1e12)}
-            if hf is not None:
-                h_pre, _ = timed(lambda: hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True,
-                                            logits_to_keep=1).logits, device, args.repeats)
-                row.update(hf_prefill_ms=1e3 * h_pre, prefill_speedup=h_pre / t_pre)
-            add_compiled_prefill(row)
+                profile_top(f"transformers prefill batch {B}", hf_prefill, device)
+
+        def emit(row):
             rows.append(row)
-            write(result(rows, complete=False), args)
+            write(result(rows, complete=False), args)  # after every row: a run cut off by a time limit keeps it
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+        if args.prefill_only:
+            emit(row)
             continue
         x = model.build_inputs(ids_ours, vlm.vision_tower(pixels))
         # One cache per batch size, reused (reset) by every call: the compiled step keeps one CUDA graph.
@@ -267,24 +260,18 @@ def run(args) -> dict:
         steps = args.new_tokens - 1
         kv_read = cache.nbytes() / 2  # average live KV over the steps, roughly half-way from L to L + new
         wbytes = weight_bytes(model)
-        row = {"batch": B, "tokens": L, "ours_prefill_ms": 1e3 * t_pre,
-               "ours_prefill_mfu": prefill_flops(model, L, B) / t_pre / (args.peak_tflops * 1e12),
-               "ours_decode_tokens_per_s": steps / t_dec, "ours_decode_tokens_per_s_total": B * steps / t_dec,
-               "ours_bandwidth_util": (wbytes + kv_read) * steps / t_dec / (args.peak_gbps * 1e9),
-               "weight_bytes": wbytes, "kv_bytes_final": cache.nbytes()}
+        row.update(ours_decode_tokens_per_s=steps / t_dec, ours_decode_tokens_per_s_total=B * steps / t_dec,
+                   ours_bandwidth_util=(wbytes + kv_read) * steps / t_dec / (args.peak_gbps * 1e9),
+                   weight_bytes=wbytes, kv_bytes_final=cache.nbytes())
         if hf is not None:
-            def hf_prefill():
-                return hf(input_ids=ids_hf, pixel_values=pixels, use_cache=True, logits_to_keep=1).logits
-
-            h_pre, _ = timed(hf_prefill, device, args.repeats)
             h_total, h_out = timed(lambda: hf.generate(input_ids=ids_hf, pixel_values=pixels, do_sample=False,
                                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                        pad_token_id=0), device, args.repeats)
             h_dec = max(h_total - h_pre, 1e-9)
             h_tokens = h_out[:, L:]
-            row.update(hf_prefill_ms=1e3 * h_pre, hf_decode_tokens_per_s=steps / h_dec,
+            row.update(hf_decode_tokens_per_s=steps / h_dec,
                        hf_bandwidth_util=(wbytes + kv_read) * steps / h_dec / (args.peak_gbps * 1e9),
-                       prefill_speedup=h_pre / t_pre, decode_speedup=h_dec / t_dec,
+                       decode_speedup=h_dec / t_dec,
                        tokens_agree=(h_tokens.cpu() == tokens.cpu()).float().mean().item())
         row["decode_compile"] = compile_note
         if args.profile_decode and not args.fuse_projections:
@@ -303,10 +290,7 @@ def run(args) -> dict:
                        ours_fused_bandwidth_util=(wbytes + kv_read) * steps / f_dec / (args.peak_gbps * 1e9),
                        fused_tokens_agree=(f_tokens.cpu() == tokens.cpu()).float().mean().item())
             unfuse_projections(model)
-        add_compiled_prefill(row)
-        rows.append(row)
-        write(result(rows, complete=False), args)  # after every row: a run cut off by a time limit keeps it
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        emit(row)
     return result(rows, complete=True)
 
 def write(result: dict, args) -> Path:
