@@ -2,7 +2,10 @@
 
 DiT-XL/2 at 256 px with random weights; 50 DDIM steps with classifier-free guidance (cond + uncond in one model
 call at batch 2B), bf16, batch B in {1, 8, 32}: the dense DiT, the DyDiT sliced path and the DyDiT masked-only path,
-all in one process, timed with CUDA events (warm-up, median of repeats). Reports img/s, speed-up vs dense, the
+all in one process, timed with CUDA events (warm-up, median of repeats). "sliced-cap" is the sliced path with
+`use_token_capacity` (no host sync); "sliced-cap-graphs" and "dense-graphs" replay those model calls from one CUDA
+graph per sampling step (dit/step_graphs.py; rows record the recording time and the difference from the eager
+outputs), so the host's kernel launches leave the timing. Reports img/s, speed-up vs dense, the
 dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
 time split from torch.profiler (attention core, MLP, gather/scatter, router/plan, host sync).
 
@@ -53,9 +56,12 @@ import dit.dit as dit_mod
 import dit.dydit as dydit_mod
 from dit.dit import DiT
 from dit.dydit import DyDiT, MacCounter
+from dit.step_graphs import StepGraphs, dense_step_graphs, dydit_step_graphs
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
-VARIANTS = ("dense", "sliced", "sliced-cap", "masked")
+# *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
+VARIANTS = ("dense", "dense-graphs", "sliced", "sliced-cap", "sliced-cap-graphs", "masked")
+GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs")
 GUIDANCE = 4.0
 
 
@@ -226,6 +232,7 @@ def make_scheduler(steps: int, device) -> DDIMScheduler:
 
 
 def model_fn(variant: str, dit: DiT, dydit: DyDiT, counter: MacCounter | None = None):
+    """The eager model call of a variant (graph variants: `StepGraphs`, built per cell in main)."""
     if variant == "dense":
         return lambda x, t, y: dit(x, t, y)
     mode = "masked" if variant == "masked" else "sliced"  # sliced-cap: sliced with DyDiT.use_token_capacity
@@ -236,14 +243,16 @@ def model_fn(variant: str, dit: DiT, dydit: DyDiT, counter: MacCounter | None = 
 def sample(fn, sched: DDIMScheduler, x0, y_in, channels: int, dydit: DyDiT | None = None):
     """The ClassToImagePipeline loop: batched cond + uncond (2B) model call, guidance, DDIM step. With `dydit` (the
     sliced variant) the run is planned first, as `DyDiTTransformer.attach` does in the pipelines: one router pass
-    for every step, prefix weight views, no per-step host sync for the widths."""
+    for every step, prefix weight views, no per-step host sync for the widths. `fn` may be a `StepGraphs` (planned
+    when built): step i's model call is then its graph i."""
     if dydit is not None:
         dydit.set_sampling_grid(sched.timesteps)
     latents = x0
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(latents, t)
         x_in = torch.cat([x_in, x_in])
-        out = fn(x_in, t.expand(x_in.shape[0]), y_in)
+        args = (x_in, t.expand(x_in.shape[0]), y_in)
+        out = fn(i, *args) if isinstance(fn, StepGraphs) else fn(*args)
         eps_c, eps_u = out[:, :channels].chunk(2)
         eps = eps_u + GUIDANCE * (eps_c - eps_u)
         latents = sched.step(eps, t, latents).prev_sample
@@ -387,6 +396,11 @@ def split(run, device, dit, dydit, variant: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def rel_diff(got, ref) -> float:
+    """||got - ref|| / ||ref|| over the final latents."""
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
 def fmt(x, nd=2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -425,7 +439,7 @@ def main(argv=None) -> int:
     timesteps = [int(t) for t in sched.timesteps.tolist()]
     synth = SyntheticRouters(dydit, timesteps, sched.config.num_train_timesteps)
 
-    rows, plans, dense_cache = [], {}, {}
+    rows, plans, dense_cache, dense_graphs_cache = [], {}, {}, {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -437,6 +451,8 @@ def main(argv=None) -> int:
                 d = dense_cache[row["batch"]]["median_s"]
                 row.update(speedup=d / row["median_s"], flops_speedup=1.0 / row["executed_flops_ratio"],
                            speedup_over_flops=d / row["median_s"] * row["executed_flops_ratio"])
+            if row["batch"] in dense_graphs_cache:  # graphs against graphs: what DyDiT adds to launch savings
+                row["speedup_vs_dense_graphs"] = dense_graphs_cache[row["batch"]]["median_s"] / row["median_s"]
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -484,38 +500,73 @@ def main(argv=None) -> int:
             x0 = torch.randn(B, channels, S, S, generator=g).to(device, dtype)
             yc = torch.randint(0, dit.config.num_classes, (B,), generator=g).to(device)
             y_in = torch.cat([yc, torch.full_like(yc, dit.null_class_id)])
+            refs = {}  # this cell's eager outputs by variant, for the graph variants' comparisons
             for variant in args.variants:
-                if variant == "dense" and B in dense_cache:  # dense does not depend on lambda
-                    rows.append({**dense_cache[B], "lam": lam})
+                cache = {"dense": dense_cache, "dense-graphs": dense_graphs_cache}.get(variant)
+                if cache is not None and B in cache:  # dense does not depend on lambda
+                    rows.append({**cache[B], "lam": lam})
                     continue
-                fn = model_fn(variant, dit, dydit)
-                planned = None if variant in ("dense", "masked") else dydit
-                run = lambda fn=fn, planned=planned: sample(fn, sched, x0, y_in, channels, planned)  # noqa: E731
-                extra = {}
+
+                def eager(variant):
+                    fn, planned = model_fn(variant, dit, dydit), None if variant in ("dense", "masked") else dydit
+                    return lambda: sample(fn, sched, x0, y_in, channels, planned)
+
+                def eager_output(variant):
+                    if variant not in refs:
+                        refs[variant] = eager(variant)()
+                    return refs[variant]
+
+                graphs, extra, warmup = None, {}, args.warmup
+                if variant in GRAPH_VARIANTS:
+                    if variant == "dense-graphs":
+                        ref = eager_output("dense")
+                        graphs = dense_step_graphs(dit, args.steps)
+                    else:  # sliced-cap-graphs: the sliced-cap variant's calls, one graph per step
+                        exact = eager_output("sliced")  # exact gather (run before use_token_capacity)
+                        dydit.use_token_capacity(margin=args.cap_margin)
+                        ref = eager_output("sliced-cap")
+                        graphs = dydit_step_graphs(dydit, sched.timesteps)
+                    run = lambda graphs=graphs: sample(graphs, sched, x0, y_in, channels)  # noqa: E731
+                    t0 = time.perf_counter()
+                    run()  # records every step's graph (warm-up + capture; eager on a CPU)
+                    sync(device)
+                    extra = {"record_s": time.perf_counter() - t0, "captured": bool(graphs.capture)}
+                    got = run()  # replayed, which also serves as a warm-up run
+                    warmup = max(warmup - 1, 0)
+                    extra["vs_eager_rel"] = rel_diff(got, ref)
+                    if variant == "sliced-cap-graphs":
+                        extra.update(cap_margin=args.cap_margin, vs_exact_rel=rel_diff(got, exact))
+                else:
+                    run = eager(variant)
                 if variant == "sliced-cap":
                     # Sync-free token gather (capacities from the calibration above): its output against the exact
                     # gather's, and whether any block step overflowed its capacity, recorded beside the time.
-                    exact = run()
+                    exact = refs["sliced"] = run()
                     dydit.use_token_capacity(margin=args.cap_margin)
-                    got = run()
-                    extra = {"cap_margin": args.cap_margin, "vs_exact_rel": float((got.float() - exact.float()).norm()
-                                                                                 / exact.float().norm())}
-                times = time_run(run, device, args.repeats, args.warmup)
-                if variant == "sliced-cap":
-                    extra["overflowed_block_steps"] = dydit.token_overflow()
+                    got = refs["sliced-cap"] = run()
+                    extra = {"cap_margin": args.cap_margin, "vs_exact_rel": rel_diff(got, exact)}
+                times = time_run(run, device, args.repeats, warmup)
+                if variant in ("sliced-cap", "sliced-cap-graphs"):
+                    extra["overflowed_block_steps"] = dydit.token_overflow()  # the graphs add into the same counter
                 med = statistics.median(times)
-                executed = 1.0 if variant == "dense" else ratios[variant]
+                dense = variant in ("dense", "dense-graphs")
+                executed = 1.0 if dense else ratios[variant.removesuffix("-graphs")]  # replays run the same shapes
                 row = {"lam": lam, "batch": B, "variant": variant, "steps": args.steps,
                        "median_s": med, "times_s": times, "img_per_s": B / med,
                        "executed_flops_ratio": executed,
-                       "mask_flops_ratio": 1.0 if variant == "dense" else est}
+                       "mask_flops_ratio": 1.0 if dense else est}
                 row.update(extra)
-                if not args.no_split:
+                if not args.no_split and graphs is not None:
+                    # The split's ranges wrap Python calls (attention, MLP, gather), which a replay does not make.
+                    row.update(split_ms=None, split_skipped="graph replays make no Python calls for the profiler's "
+                                                            "ranges to wrap")
+                elif not args.no_split:
                     row["split_ms"] = split(run, device, dit, dydit, variant)
-                if variant == "sliced-cap":
+                if variant in ("sliced-cap", "sliced-cap-graphs"):
                     dydit.exact_token_gather()
-                if variant == "dense":
-                    dense_cache[B] = row
+                if cache is not None:
+                    cache[B] = row
+                del graphs, run  # a graph variant's memory pool goes with its graphs
                 rows.append(row)
                 save(False)
                 print(f"  B={B} {variant}: {med * 1e3:.1f} ms / run, {B / med:.2f} img/s", flush=True)
@@ -526,18 +577,19 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; {result['config']}", "",
-             "| λ | B | variant | img/s | speed-up | dense/exec FLOPs | speed-up ÷ FLOPs | attn core ms | MLP ms |"
-             " gather/scatter ms | router/plan ms | host sync ms | other ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| λ | B | variant | img/s | speed-up | vs dense-graphs | dense/exec FLOPs | speed-up ÷ FLOPs |"
+             " attn core ms | MLP ms | gather/scatter ms | router/plan ms | host sync ms | other ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        s = r.get("split_ms", {})
+        s = r.get("split_ms") or {}  # None: a graph variant, not split
         lines.append("| " + " | ".join([
             f"{r['lam']}", str(r["batch"]), r["variant"], fmt(r["img_per_s"]), fmt(r.get("speedup")),
-            fmt(r.get("flops_speedup")), fmt(r.get("speedup_over_flops")),
+            fmt(r.get("speedup_vs_dense_graphs")), fmt(r.get("flops_speedup")), fmt(r.get("speedup_over_flops")),
             *(fmt(s.get(k), 1) for k in (*SECTIONS, "host_sync_cpu", "other"))]) + " |")
     lines.append("")
     lines.append("Split: profiler device time per sampling run (CPU time on CPU); host sync = CPU ms in "
-                 "nonzero/item/synchronize; other = qkv/proj GEMMs, norms, adaLN, scheduler, ...")
+                 "nonzero/item/synchronize; other = qkv/proj GEMMs, norms, adaLN, scheduler, ...; *-graphs rows: "
+                 "one CUDA graph per step (dit/step_graphs.py), no split")
     return "\n".join(lines)
 
 

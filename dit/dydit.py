@@ -448,20 +448,34 @@ class DyDiT(nn.Module):
             raise ValueError("no exact sliced run recorded: sample once before use_token_capacity (calibration)")
         if margin < 0 or multiple < 1:
             raise ValueError(f"need margin >= 0 and multiple >= 1, got {margin}, {multiple}")
-        self._capacity, self._overflow = (float(margin), int(multiple)), None
+        self._capacity = (float(margin), int(multiple))
+        self._reset_overflow()
         return self
 
     def exact_token_gather(self) -> "DyDiT":
         """Back to the exact gather (nonzero per block), which also goes on calibrating the capacities."""
-        self._capacity, self._overflow = None, None
+        self._capacity = None
+        self._reset_overflow()
         return self
 
     def token_overflow(self) -> int:
         """How many block steps kept more tokens than their capacity since the last call (reads the device: one
         sync); 0 means every result so far equals the exact gather's."""
         n = 0 if self._overflow is None else int(self._overflow)
-        self._overflow = None
+        self._reset_overflow()
         return n
+
+    # One counter tensor, updated and reset in place, never re-bound: a CUDA graph captured on the capacity path
+    # (dit/step_graphs.py) adds into the tensor it saw at capture, so a fresh tensor per forward or per reset would
+    # leave token_overflow() reading one that replays never touch.
+    def _overflow_counter(self, device: torch.device) -> Tensor:
+        if self._overflow is None or self._overflow.device != device:
+            self._overflow = torch.zeros((), dtype=torch.int32, device=device)
+        return self._overflow
+
+    def _reset_overflow(self) -> None:
+        if self._overflow is not None:
+            self._overflow.zero_()
 
     def _capacity_for(self, layer: int, rows: int) -> int | None:
         if self._capacity is None:
@@ -688,8 +702,7 @@ class DyDiT(nn.Module):
         if cap is None:  # kept is known on the host (nonzero): remember the most this block kept (calibration)
             self._kept_frac[layer] = max(self._kept_frac.get(layer, 0.0), kept / rows)
         else:  # no sync: overflows are counted on the device, read by token_overflow()
-            over = (kept > cap).to(torch.int32)
-            self._overflow = over if self._overflow is None else self._overflow + over
+            self._overflow_counter(x.device).add_((kept > cap).to(torch.int32))
             kept = cap  # the rows the MLP ran on (spare rows included): the executed work
         head_m, group_m = self._unit_masks(layer, w.heads, w.groups, H, ps.batch, x)
         ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1).to(x.dtype)})
@@ -778,6 +791,17 @@ class DyDiT(nn.Module):
 
     def clear_sampling_grid(self) -> None:
         self._grid = None
+
+    def seek_sampling_step(self, step: int) -> None:
+        """Make the next forward use step `step` of the sampling grid. Forwards otherwise take the grid's steps in
+        call order; per-step CUDA graphs (dit/step_graphs.py) run each step more than once while recording (warm-up,
+        then capture), so they put the model at the step first."""
+        if self._grid is None:
+            raise ValueError("no sampling grid: call set_sampling_grid(timesteps) first")
+        steps = len(self._grid[1])
+        if not 0 <= step < steps:
+            raise ValueError(f"step {step} is outside the sampling grid's {steps} steps")
+        self._grid_step = step
 
     def _plan_for(self, t_B: Tensor) -> list[BlockWeights]:
         if self._grid is not None:

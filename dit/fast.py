@@ -53,8 +53,19 @@ PRESETS: dict[str, Preset] = {
 }
 PRESETS["regional"] = Preset("default", regional=True, description="torch.compile defaults, one block compiled "
                                                                     "and reused by all (fast to compile)")
-PRESETS["fused-regional"] = Preset("max-autotune", PRESETS["fused"].inductor, regional=True,
-                                   description="the fused preset compiled per block (one block's autotuning serves all)")
+# Per block without CUDA graphs: a graphed block's output lives in the graph's memory pool and the next block's replay
+# overwrites it ("accessing tensor output of CUDAGraphs that has been overwritten", H100, 2026-11-24); at the batch
+# sizes where fusion matters the forward is GPU-bound, so graphs would add little.
+PRESETS["fused-regional"] = Preset("max-autotune-no-cudagraphs", PRESETS["fused"].inductor, regional=True,
+                                   description="the fused preset compiled per block (one block's autotuning serves "
+                                               "all), without CUDA graphs")
+# The same with inductor's persistent TMA GEMM templates (Hopper) among the autotuning candidates: a persistent kernel
+# keeps each SM on output tiles and streams operands by TMA, the Triton form that comes closest to cuBLAS on H100,
+# so that the candidates that carry the fused epilogues (bias + GELU, gate * out + residual) can win.
+PRESETS["fused-tma-regional"] = Preset("max-autotune-no-cudagraphs",
+                                       {**PRESETS["fused"].inductor, "triton.enable_persistent_tma_matmul": True},
+                                       regional=True, description="fused-regional plus persistent TMA GEMM templates")
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 # Where the repeated blocks live: ours (DiT / PixArt `blocks`, Latte spatial / temporal) and diffusers' models.
 BLOCK_LISTS = ("blocks", "spatial_blocks", "temporal_blocks", "transformer_blocks", "temporal_transformer_blocks")
@@ -70,7 +81,11 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def _check_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown compile preset {name!r}; valid: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    p = PRESETS[name]
+    if p.regional and p.mode in GRAPHED_MODES:
+        raise ValueError(f"preset {name!r} compiles per block with mode {p.mode!r}, which replays CUDA graphs: each "
+                         f"block's output would be overwritten by the next block's replay")
+    return p
 
 
 def supported_inductor_options(options: dict) -> tuple[dict, list[str]]:
@@ -79,7 +94,11 @@ def supported_inductor_options(options: dict) -> tuple[dict, list[str]]:
 
     known, missing = {}, []
     for key, value in options.items():
-        (known.__setitem__(key, value) if hasattr(config, key) else missing.append(key))
+        *parents, leaf = key.split(".")  # nested sections, e.g. "triton.enable_persistent_tma_matmul"
+        node = config
+        for part in parents:
+            node = getattr(node, part, None)
+        (known.__setitem__(key, value) if node is not None and hasattr(node, leaf) else missing.append(key))
     return known, missing
 
 

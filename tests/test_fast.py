@@ -91,3 +91,27 @@ def test_regional_compilation_compiles_one_block_for_all(monkeypatch):
     assert all(b._compiled_call_impl is None for b in model.blocks)
     with pytest.raises(ValueError, match="compile it whole"):
         prepare_for_sampling(torch.nn.Linear(2, 2), "regional")
+
+
+def test_regional_presets_never_replay_cuda_graphs(monkeypatch):
+    """Per-block compilation with a CUDA-graph mode fails on the GPU (each block's output is overwritten by the next
+    block's replay: measured on the H100 with the first `fused-regional`); every regional preset must avoid it, and a
+    preset that does not is refused before compiling."""
+    from dit import fast
+
+    for name, p in fast.PRESETS.items():
+        if p.regional:
+            assert p.mode not in fast.GRAPHED_MODES, name
+    monkeypatch.setitem(fast.PRESETS, "bad", fast.Preset("max-autotune", regional=True))
+    with pytest.raises(ValueError, match="overwritten"):
+        prepare_for_sampling(_random_dit(), "bad")
+
+
+def test_supported_inductor_options_reads_nested_sections():
+    """Options in inductor's sub-sections ("triton.*") are applied when this torch has them and reported otherwise."""
+    from dit.fast import supported_inductor_options
+
+    known, missing = supported_inductor_options({"triton.enable_persistent_tma_matmul": True, "triton.no_such": 1,
+                                                 "no_section.x": 2, "epilogue_fusion": True})
+    assert known == {"triton.enable_persistent_tma_matmul": True, "epilogue_fusion": True}
+    assert missing == ["triton.no_such", "no_section.x"]

@@ -18,6 +18,8 @@
 #   (λ 0.5, TD-LoRA) on the new shapes-c2i (issue 8; DYDIT=0 leaves it out) and the shapes LLaVA (issue 10,
 #   LLAVA_ARGS; LLAVA_ARGS_B a second LLaVA run beside it).
 # PHASE=V: only the class and text VAR transformers, continued from weights/shapes-var-* (issue 9).
+# PHASE=R (eighth session): c2i and t2i continued from resume/ (QK-norm, lr LR, default 3e-4) beside the VAR pair
+#   continued from weights/ at VAR_LR (default 5e-4); no video, DyDiT or LLaVA run.
 # Everything is written to weights/ and runs/; $OUT gets the logs and one tarball of models (≤ 8 files come back).
 set -uo pipefail
 PHASE=${PHASE:-A}
@@ -36,7 +38,7 @@ var_transformers() {  # LIMIT: the class and the text VAR transformer side by si
     [ $kind = t2i ] && model=TextVAR-shapes-d4
     [ -n "${VAR_INIT:-}" ] && init=(--init-from "weights/shapes-var-$kind")  # read at the start, written at the end
     python3 scripts/train_var.py --out "runs/var-$kind" --model $model --tokenizer weights/shapes-vqvae \
-      --reference-tokenizer --save-to "weights/shapes-var-$kind" --steps 40000 --batch-size 256 --lr 1e-3 \
+      --reference-tokenizer --save-to "weights/shapes-var-$kind" --steps 40000 --batch-size 256 --lr ${VAR_LR:-1e-3} \
       --ema 0.999 --mixed-precision bf16 --eval-every 100000 --ckpt-every 100000 --eval-n 192 \
       --time-limit "$limit" "${init[@]}" > "$OUT/var-$kind.log" 2>&1 &
   done
@@ -65,6 +67,10 @@ elif [ "$PHASE" = B ]; then
   env OMP_NUM_THREADS=3 FRESH="t2v" LR=8e-4 "${T2V_FROZEN[@]}" \
     bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" > "$OUT/defaults.out" 2>&1 &
   OMP_NUM_THREADS=2 var_transformers "$DIT_LIMIT" &
+elif [ "$PHASE" = R ]; then
+  env OMP_NUM_THREADS=4 ONLY="c2i t2i" LR=${LR:-3e-4} bash scripts/gpu/train_defaults.sh "$DIT_LIMIT" \
+    > "$OUT/defaults.out" 2>&1 &
+  OMP_NUM_THREADS=3 VAR_INIT=1 VAR_LR=${VAR_LR:-5e-4} var_transformers "$DIT_LIMIT" &
 elif [ "$PHASE" = V ]; then
   # PHASE=V (seventh session): only the two VAR transformers, continued from weights/ (--init-from), the whole call.
   OMP_NUM_THREADS=4 VAR_INIT=1 var_transformers "$DIT_LIMIT" &
