@@ -20,7 +20,7 @@ run() {  # NAME LIMIT_S COMMAND...
 }
 [[ " $STEPS " == *" dit "* ]] && run dit ${T_DIT:-330} python3 bench/sample_dit.py \
   --workloads dit256 --presets ${DIT_PRESETS:-default,fused-regional} --diffusers-presets default --batches 32 \
-  --split-preset fused-regional ${DIT_FP8---fp8} --budget-s $((${T_DIT:-330} - 60)) --out bench/results/${DIT_OUT:-sample_dit_round8.json}
+  --split-preset ${DIT_SPLIT:-fused-regional} ${DIT_FP8---fp8} --budget-s $((${T_DIT:-330} - 60)) --out bench/results/${DIT_OUT:-sample_dit_round8.json}
 [[ " $STEPS " == *" dydit "* ]] && run dydit ${T_DYDIT:-200} python3 bench/dydit_speed.py --size XL \
   --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 --lams 0.5 --repeats 2 --no-split \
   --variants dense dense-graphs sliced-cap sliced-cap-graphs --out bench/results/dydit_speed_graphs.json
