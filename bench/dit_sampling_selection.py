@@ -6,7 +6,7 @@ seed-1 prompts (other prompts, other noise than the cards' seed-0 evaluation), s
 held-out measurement. Writes bench/results/dit_sampling_selection.json after every row.
 
     python bench/dit_sampling_selection.py --model weights/shapes-c2i --cfg 1.5 2 3 4 --n 480 --seed 1
-    python bench/dit_sampling_selection.py --model weights/shapes-c2i --transformer resume/shapes-c2i-qknorm/transformer
+    python bench/dit_sampling_selection.py --model weights/shapes-t2i --transformer resume/shapes-t2i-qknorm/transformer
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from attention import attention
 
+from .epilogue import can_fuse, linear_gelu_tanh
+
 # Width of the sinusoidal timestep features fed to the timestep MLP (official DiT: frequency_embedding_size).
 TIMESTEP_FREQ_DIM = 256
 # Longest period of the sinusoidal tables, for timesteps and for 2-D positions alike.
@@ -168,6 +170,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(inner, hidden_size)
 
     def forward(self, x_BND: Tensor) -> Tensor:
+        if can_fuse(x_BND, self.fc1):  # GPU inference: bias + GELU in the product's epilogue (dit/epilogue.py)
+            return self.fc2(linear_gelu_tanh(x_BND, self.fc1.weight, self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x_BND), approximate="tanh"))
 
 

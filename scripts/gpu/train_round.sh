@@ -50,7 +50,10 @@ rm -rf runs/t2i-start; cp -r weights/shapes-t2i runs/t2i-start  # the shipped te
 # FROM_RESUME=1 (with PHASE=C): c2i and t2i go on from the QK-norm transformers in resume/ (docs/dit.md) instead of
 # the shipped ones, which cannot be continued; t2v and the VAR models go on from weights/.
 if [ "${FROM_RESUME:-}" = 1 ]; then
-  for n in c2i t2i; do rm -rf "weights/shapes-$n/transformer"; cp -r "resume/shapes-$n-qknorm/transformer" "weights/shapes-$n/"; done
+  for n in c2i t2i; do  # (shapes-c2i's QK-norm state was shipped on 2026-11-24 and left resume/: it goes on from weights/)
+    [ -d "resume/shapes-$n-qknorm" ] || continue
+    rm -rf "weights/shapes-$n/transformer"; cp -r "resume/shapes-$n-qknorm/transformer" "weights/shapes-$n/"
+  done
 fi
 T2V_FROZEN=(T2V_MODEL=Latte-T6/1 "EXTRA_t2v=--init-from-image runs/t2i-start --trainable temporal_blocks\. --lr 5e-4")
 if [ "$PHASE" = A ]; then
