@@ -411,6 +411,10 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
             if impl == "diffusers" and preset not in args.diffusers_presets:
                 continue
             restore_eager(model)
+            # A fresh dynamo cache per (impl, preset): the same forward compiled under the previous presets at every
+            # batch (and the pipeline's guided batch) would otherwise exhaust its recompile limit (a cudagraphs row
+            # failed with FailOnRecompileLimitHit after the default preset's rows, H100 2026-11-24).
+            torch._dynamo.reset()
             t_compile0 = time.perf_counter()
             prepare_for_sampling(model, preset, fullgraph=impl != "diffusers")
             for batch in w["batches"]:
@@ -427,7 +431,7 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
                     with torch.no_grad():
                         t1 = time.perf_counter()
                         fwd = lambda: call_forward(impl, model, *fargs)  # noqa: E731
-                        out = fwd()
+                        out = fwd().clone()  # a CUDA-graph preset's output is overwritten by the next replay
                         fwd()
                         sync(device)
                         row["first_calls_s"] = round(time.perf_counter() - t1, 2)  # includes compiling this shape
