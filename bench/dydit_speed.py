@@ -5,7 +5,9 @@ call at batch 2B), bf16, batch B in {1, 8, 32}: the dense DiT, the DyDiT sliced 
 all in one process, timed with CUDA events (warm-up, median of repeats). "sliced-cap" is the sliced path with
 `use_token_capacity` (no host sync); "sliced-cap-graphs" and "dense-graphs" replay those model calls from one CUDA
 graph per sampling step (dit/step_graphs.py; rows record the recording time and the difference from the eager
-outputs), so the host's kernel launches leave the timing. Reports img/s, speed-up vs dense, the
+outputs), so the host's kernel launches leave the timing. "dense-compiled" is the dense model through
+`dit.fast.prepare_for_sampling(..., --dense-preset)` (default `cudagraphs`: torch.compile with the whole forward
+replayed as a CUDA graph), the strongest dense baseline; it runs eagerly on a CPU. Reports img/s, speed-up vs dense, the
 dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
 time split from torch.profiler (attention core, MLP, gather/scatter, router/plan, host sync).
 
@@ -56,11 +58,12 @@ import dit.dit as dit_mod
 import dit.dydit as dydit_mod
 from dit.dit import DiT
 from dit.dydit import DyDiT, MacCounter
+from dit.fast import prepare_for_sampling, restore_eager
 from dit.step_graphs import StepGraphs, dense_step_graphs, dydit_step_graphs
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
-VARIANTS = ("dense", "dense-graphs", "sliced", "sliced-cap", "sliced-cap-graphs", "masked")
+VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs", "masked")
 GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs")
 GUIDANCE = 4.0
 
@@ -419,6 +422,7 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=0.03, help="allowed |executed ratio - lambda|")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-split", action="store_true", help="skip the profiled time split")
+    p.add_argument("--dense-preset", default="cudagraphs", help="dit.fast preset of the dense-compiled variant")
     p.add_argument("--cap-margin", type=float, default=0.1,
                    help="sliced-cap: capacity = calibrated kept share x (1 + margin), rounded up to 64 rows")
     p.add_argument("--seed", type=int, default=0)
@@ -439,7 +443,7 @@ def main(argv=None) -> int:
     timesteps = [int(t) for t in sched.timesteps.tolist()]
     synth = SyntheticRouters(dydit, timesteps, sched.config.num_train_timesteps)
 
-    rows, plans, dense_cache, dense_graphs_cache = [], {}, {}, {}
+    rows, plans, dense_cache, dense_graphs_cache, dense_compiled_cache = [], {}, {}, {}, {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -453,6 +457,8 @@ def main(argv=None) -> int:
                            speedup_over_flops=d / row["median_s"] * row["executed_flops_ratio"])
             if row["batch"] in dense_graphs_cache:  # graphs against graphs: what DyDiT adds to launch savings
                 row["speedup_vs_dense_graphs"] = dense_graphs_cache[row["batch"]]["median_s"] / row["median_s"]
+            if row["batch"] in dense_compiled_cache:  # against the strongest dense baseline
+                row["speedup_vs_dense_compiled"] = dense_compiled_cache[row["batch"]]["median_s"] / row["median_s"]
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -502,7 +508,8 @@ def main(argv=None) -> int:
             y_in = torch.cat([yc, torch.full_like(yc, dit.null_class_id)])
             refs = {}  # this cell's eager outputs by variant, for the graph variants' comparisons
             for variant in args.variants:
-                cache = {"dense": dense_cache, "dense-graphs": dense_graphs_cache}.get(variant)
+                cache = {"dense": dense_cache, "dense-graphs": dense_graphs_cache,
+                         "dense-compiled": dense_compiled_cache}.get(variant)
                 if cache is not None and B in cache:  # dense does not depend on lambda
                     rows.append({**cache[B], "lam": lam})
                     continue
@@ -536,6 +543,14 @@ def main(argv=None) -> int:
                     extra["vs_eager_rel"] = rel_diff(got, ref)
                     if variant == "sliced-cap-graphs":
                         extra.update(cap_margin=args.cap_margin, vs_exact_rel=rel_diff(got, exact))
+                elif variant == "dense-compiled":
+                    ref = eager_output("dense")
+                    if device.type == "cuda":  # compiled in place on the shared DiT; DyDiT calls its blocks' parts
+                        prepare_for_sampling(dit, args.dense_preset)
+                    run = eager("dense")
+                    got = run().clone()  # the first call compiles (and warms up); a graph's output is reused
+                    extra = {"dense_preset": args.dense_preset if device.type == "cuda" else "eager (CPU)",
+                             "vs_eager_rel": rel_diff(got, ref)}
                 else:
                     run = eager(variant)
                 if variant == "sliced-cap":
@@ -549,21 +564,23 @@ def main(argv=None) -> int:
                 if variant in ("sliced-cap", "sliced-cap-graphs"):
                     extra["overflowed_block_steps"] = dydit.token_overflow()  # the graphs add into the same counter
                 med = statistics.median(times)
-                dense = variant in ("dense", "dense-graphs")
+                dense = variant in ("dense", "dense-graphs", "dense-compiled")
                 executed = 1.0 if dense else ratios[variant.removesuffix("-graphs")]  # replays run the same shapes
                 row = {"lam": lam, "batch": B, "variant": variant, "steps": args.steps,
                        "median_s": med, "times_s": times, "img_per_s": B / med,
                        "executed_flops_ratio": executed,
                        "mask_flops_ratio": 1.0 if dense else est}
                 row.update(extra)
-                if not args.no_split and graphs is not None:
+                if not args.no_split and (graphs is not None or variant == "dense-compiled"):
                     # The split's ranges wrap Python calls (attention, MLP, gather), which a replay does not make.
-                    row.update(split_ms=None, split_skipped="graph replays make no Python calls for the profiler's "
-                                                            "ranges to wrap")
+                    row.update(split_ms=None, split_skipped="graph replays and compiled graphs make no Python calls "
+                                                            "for the profiler's ranges to wrap")
                 elif not args.no_split:
                     row["split_ms"] = split(run, device, dit, dydit, variant)
                 if variant in ("sliced-cap", "sliced-cap-graphs"):
                     dydit.exact_token_gather()
+                if variant == "dense-compiled":
+                    restore_eager(dit)
                 if cache is not None:
                     cache[B] = row
                 del graphs, run  # a graph variant's memory pool goes with its graphs
@@ -577,14 +594,14 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; {result['config']}", "",
-             "| λ | B | variant | img/s | speed-up | vs dense-graphs | dense/exec FLOPs | speed-up ÷ FLOPs |"
+             "| λ | B | variant | img/s | speed-up | vs dense-graphs | vs dense-compiled | dense/exec FLOPs | speed-up ÷ FLOPs |"
              " attn core ms | MLP ms | gather/scatter ms | router/plan ms | host sync ms | other ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s = r.get("split_ms") or {}  # None: a graph variant, not split
         lines.append("| " + " | ".join([
             f"{r['lam']}", str(r["batch"]), r["variant"], fmt(r["img_per_s"]), fmt(r.get("speedup")),
-            fmt(r.get("speedup_vs_dense_graphs")), fmt(r.get("flops_speedup")), fmt(r.get("speedup_over_flops")),
+            fmt(r.get("speedup_vs_dense_graphs")), fmt(r.get("speedup_vs_dense_compiled")), fmt(r.get("flops_speedup")), fmt(r.get("speedup_over_flops")),
             *(fmt(s.get(k), 1) for k in (*SECTIONS, "host_sync_cpu", "other"))]) + " |")
     lines.append("")
     lines.append("Split: profiler device time per sampling run (CPU time on CPU); host sync = CPU ms in "

@@ -23,7 +23,7 @@ run() {  # NAME LIMIT_S COMMAND...
   --split-preset ${DIT_SPLIT:-fused-regional} ${DIT_FP8---fp8} --budget-s $((${T_DIT:-330} - 60)) --out bench/results/${DIT_OUT:-sample_dit_round8.json}
 [[ " $STEPS " == *" dydit "* ]] && run dydit ${T_DYDIT:-200} python3 bench/dydit_speed.py --size XL \
   --batches ${DYDIT_BATCHES:-8 32 1} --steps 50 --lams 0.5 --repeats 2 --no-split \
-  --variants dense dense-graphs sliced-cap sliced-cap-graphs --out bench/results/dydit_speed_graphs.json
+  --variants dense dense-graphs dense-compiled sliced-cap sliced-cap-graphs --out bench/results/dydit_speed_graphs.json
 [[ " $STEPS " == *" var "* ]] && { echo "== var" >> "$OUT/speed_round8.log"; timeout ${T_VAR:-60} bash scripts/gpu/var_graphs_check.sh >> "$OUT/speed_round8.log" 2>&1; echo "exit $?" >> "$OUT/speed_round8.log"; }
 cp bench/results/${DIT_OUT:-sample_dit_round8.json} bench/results/dydit_speed_graphs.json "$OUT"/ 2>/dev/null
 grep -E "^== |^exit|Error" "$OUT/speed_round8.log" | cut -c1-300
