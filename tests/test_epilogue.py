@@ -29,6 +29,7 @@ def test_used_only_for_gpu_half_precision_inference_on_plain_linears():
         fc_c, x_c = fc.cuda().bfloat16(), x.cuda().bfloat16()
         with torch.no_grad():
             assert can_fuse(x_c, fc_c) and not can_fuse(x_c.float(), fc_c)
+            assert not can_fuse(x_c, torch.nn.Linear(8, 16).cuda())  # autocast-style fp32 weights, half inputs
         assert not can_fuse(x_c, fc_c)  # autograd on: training keeps the differentiable ops
 
         class Wrapped(torch.nn.Linear):
