@@ -251,10 +251,11 @@ class MultiScaleQuantizer(nn.Module):
         return self.phi(k)(h_BChw)
 
     def codes(self, idx_Bl: Tensor, pn: int) -> Tensor:
-        B = idx_Bl.shape[0]
+        """Code ids (B, l) -> their map (B, Cv, pn, pn); soft codes (B, l, Cv) are taken as the vectors themselves."""
+        emb = self.embedding(idx_Bl) if idx_Bl.dtype == torch.long else idx_Bl
         # contiguous: the transposed view has channels-last strides, and on the H100 that sent the bicubic upsampling
         # and φ's fp32 convolution to slow NHWC kernels (~6 ms per φ call at batch 64, call4_speed_others.log).
-        return self.embedding(idx_Bl).transpose(1, 2).reshape(B, -1, pn, pn).contiguous()  # (B, Cv, pn, pn)
+        return emb.transpose(1, 2).reshape(emb.shape[0], -1, pn, pn).contiguous()
 
     def quantize(self, f_BChw: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """Residual quantization of f: (per-scale indices (B, l_k), f̂, per-scale f̂ after each scale)."""
@@ -443,8 +444,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
     def add_scale(self, f_hat_BChw: Tensor, k: int, idx_Bl: Tensor) -> Tensor:
         """f̂ + φ_k(up(e[r_k])): one sampling step's update (also takes soft codes (B, l, Cv) in place of ids)."""
         q, pn = self.quantize, self.patch_nums[k]
-        h = q.codes(idx_Bl, pn) if idx_Bl.dtype == torch.long else idx_Bl.transpose(1, 2).reshape(
-            idx_Bl.shape[0], -1, pn, pn).contiguous()
+        h = q.codes(idx_Bl, pn)
         return f_hat_BChw + q.upsampled_phi(k, h.to(f_hat_BChw.dtype), self.patch_nums[-1])
 
     # --- training
