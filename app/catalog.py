@@ -162,6 +162,12 @@ def describe_diffusion(folder: Path, index: dict) -> dict:
         if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
             raise ValueError(f"video transformer config has no valid num_frames ({frames!r})")
         info["frames"] = frames
+    reference = transformer_dir / "image_model.json"  # a video transformer saved over its image model (dit/latte.py)
+    if reference.is_file():
+        image = (transformer_dir / str(_read_json(reference).get("image_model", ""))).resolve()
+        if not (image / "config.json").is_file():
+            raise ValueError(f"its transformer is saved over the image model at {image}, which is not there")
+        info["uses"] = sorted({*info["uses"], str(image)})
     return info
 
 

@@ -31,6 +31,10 @@ submodules taking and returning (batch', tokens, D); every linear is a plain `nn
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -240,6 +244,30 @@ class LatteDiT(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
+    # ------------------------------------------------------------------------------------------- saving
+    # Set when the model was loaded over an image model (see "saving over an image model" below): save_pretrained
+    # then writes over the same one again.
+    image_model_folder: Path | None = None
+
+    def save_pretrained(self, save_directory, image_model: str | Path | None = None, **kwargs) -> None:
+        """diffusers' save_pretrained; with `image_model` (the transformer folder of the text-to-image model this video
+        model started from, or its pipeline folder), or when loaded over one, only the weights that differ from it
+        are written, with a reference to it (`save_over_image_model`)."""
+        image_model = image_model if image_model is not None else self.image_model_folder
+        if image_model is not None:
+            return save_over_image_model(self, save_directory, image_model)
+        for stale in (OVER_IMAGE_WEIGHTS, IMAGE_MODEL_REFERENCE):  # a full save replaces an earlier delta
+            (Path(save_directory) / stale).unlink(missing_ok=True)
+        return super().save_pretrained(save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "LatteDiT":
+        """diffusers' from_pretrained, or, for a folder saved over an image model, `load_over_image_model`."""
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (folder / IMAGE_MODEL_REFERENCE).is_file():
+            return load_over_image_model(cls, folder, kwargs.get("torch_dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LatteDiT":
         if name not in LATTE_CONFIGS:
@@ -279,6 +307,113 @@ def init_from_image_model(video: LatteDiT, image: nn.Module) -> LatteDiT:
     return video
 
 
+# ----------------------------------------------------------------------------------------------- saving over an image model
+# A video model started from an image model and trained in part (the temporal blocks, say, and the spatial blocks'
+# cross-attention) keeps most of the image model's weights bit for bit. Saved over that image model, its folder
+# holds only the tensors that differ plus a reference to the image model's folder: AnimateDiff ships its motion
+# modules apart from the image UNet for the same reason. The shipped shapes-t2v is saved so over shapes-t2i
+# (both fp16), which keeps it under the per-model size budget. Nothing here is diffusers' (it has no such format).
+OVER_IMAGE_WEIGHTS = "weights_over_image_model.safetensors"
+IMAGE_MODEL_REFERENCE = "image_model.json"
+
+
+def _image_transformer_folder(image_model: str | Path) -> Path:
+    """A text-to-image pipeline folder or its transformer folder -> the transformer folder (absolute)."""
+    folder = Path(image_model).resolve()
+    index = folder / "model_index.json"
+    if index.is_file():
+        folder = (folder / json.loads(index.read_text()).get("component_folders", {}).get("transformer",
+                                                                                           "transformer")).resolve()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"image model {image_model}: no transformer config.json in {folder}")
+    return folder
+
+
+def _fingerprint(state: dict[str, Tensor], keys) -> str:
+    """sha256 over the named tensors' names, dtypes, shapes and bytes: which image weights a saved delta relies on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(keys):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _image_state_for(video: LatteDiT, image_folder: Path) -> dict[str, Tensor]:
+    """The image model's weights under the video model's names (block i -> spatial_blocks.i), after checking that
+    the two configs agree in everything the spatial half shares."""
+    from .pixart import PixArtDiT
+
+    image = PixArtDiT.from_pretrained(image_folder)  # in its stored dtype: compared and combined bit for bit
+    vc, ic = video.config, image.config
+    differ = {k: (vc.get(k), ic.get(k)) for k in (*SHARED_WITH_IMAGE, "depth") if vc.get(k) != ic.get(k)}
+    if differ:
+        raise ValueError(f"the video model and the image model at {image_folder} differ in {differ} (video, image)")
+    return {k.replace("blocks.", "spatial_blocks.", 1) if k.startswith("blocks.") else k: v
+            for k, v in image.state_dict().items()}
+
+
+@torch.no_grad()
+def save_over_image_model(video: LatteDiT, folder: str | Path, image_model: str | Path) -> None:
+    """Write config.json, the tensors of `video` that are not equal (in `video`'s dtype) to the image model's and
+    image_model.json, the image transformer folder's path relative to `folder`."""
+    from safetensors.torch import save_file
+
+    folder, image_folder = Path(folder), _image_transformer_folder(image_model)
+    image_state = _image_state_for(video, image_folder)
+    own = video.state_dict()
+    delta = {k: v.detach().contiguous() for k, v in own.items()
+             if k not in image_state or image_state[k].shape != v.shape or not torch.equal(image_state[k].to(v.dtype), v)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("diffusion_pytorch_model*.safetensors"):  # a delta replaces an earlier full save
+        stale.unlink()
+    video.save_config(folder)
+    save_file(delta, folder / OVER_IMAGE_WEIGHTS, metadata={"format": "pt"})
+    borrowed = [k for k in own if k not in delta]
+    reference = {"image_model": Path(os.path.relpath(image_folder, folder.resolve())).as_posix(),
+                 "tensors_here": len(delta), "tensors_from_image_model": len(borrowed),
+                 "image_weights_sha256": _fingerprint(image_state, borrowed)}
+    (folder / IMAGE_MODEL_REFERENCE).write_text(json.dumps(reference, indent=2) + "\n")
+    video.image_model_folder = image_folder
+
+
+def load_over_image_model(cls: type[LatteDiT], folder: Path, torch_dtype: torch.dtype | None = None) -> LatteDiT:
+    """The inverse of `save_over_image_model`: the image model's weights, overlaid with the folder's own; every
+    tensor of the video model must come from exactly one of them, with the right shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    reference = json.loads((folder / IMAGE_MODEL_REFERENCE).read_text())
+    image_folder = (folder / reference["image_model"]).resolve()
+    if not image_folder.is_dir():
+        raise ValueError(f"{folder} is saved over the image model at {image_folder}, which is not there")
+    video = cls.from_config(cls.load_config(folder))
+    try:
+        own = load_file(folder / OVER_IMAGE_WEIGHTS)
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{folder / OVER_IMAGE_WEIGHTS}: not a readable safetensors file ({exc})") from exc
+    expected = video.state_dict()
+    unexpected = sorted(set(own) - set(expected))
+    if unexpected:
+        raise ValueError(f"{folder / OVER_IMAGE_WEIGHTS} holds tensors this LatteDiT does not have: {unexpected[:5]}")
+    image_state = _image_state_for(video, image_folder)
+    borrowed = [k for k in expected if k not in own and k in image_state]
+    if reference.get("image_weights_sha256") != _fingerprint(image_state, borrowed):
+        raise ValueError(f"{folder} was saved over the image model at {image_folder}, whose weights have changed since "
+                         "(a retrained image model needs the video model saved in full, or over it again)")
+    state = {k: v for k, v in image_state.items() if k in expected} | own
+    missing = sorted(set(expected) - set(state))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or wrong:
+        raise ValueError(f"{folder} over {image_folder}: missing {missing[:5]}, wrong shapes {wrong[:5]}")
+    video.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    video.image_model_folder = image_folder
+    return (video.to(torch_dtype) if torch_dtype is not None else video).eval()
+
+
 # ----------------------------------------------------------------------------------------------- sizes
 # Latte-1 (text to video, 512 px): SD VAE latents 64x64x4 per frame, 16 frames, T5-XXL text (4096 wide, 120 tokens).
 LATTE_512_VIDEO = dict(
@@ -290,9 +425,10 @@ SHAPES_TEXT_VIDEO = dict(sample_size=16, in_channels=4, caption_channels=96, max
 LATTE_CONFIGS: dict[str, dict] = {
     # depth = (spatial, temporal) pairs, diffusers' num_layers: Latte-1 has 28 + 28 blocks, 16 heads x 72.
     "Latte-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **LATTE_512_VIDEO),
-    # T/1 is the shipped shapes-t2v: 1.57 M parameters, 3.15 MB in fp16 (patch 1: see DiT-T/1)
+    # T/1: the first shapes-t2v (1.57 M parameters, 3.15 MB in fp16; patch 1: see DiT-T/1)
     "Latte-T/1": dict(depth=3, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_VIDEO),
-    # T6/1: six pairs, the depth of PixArt-T/1 (shapes-t2i), so that it can start from it (init_from_image_model)
+    # T6/1: six pairs, the depth of PixArt-T/1 (shapes-t2i), so that it can start from it (init_from_image_model):
+    # the shipped shapes-t2v, saved over shapes-t2i
     "Latte-T6/1": dict(depth=6, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_VIDEO),
     "Latte-T/2": dict(depth=3, hidden_size=128, num_heads=4, patch_size=2, **SHAPES_TEXT_VIDEO),
 }

@@ -34,7 +34,9 @@ instead of copied, so that every shipped text model shares `weights/shapes-vae` 
                                    "text_encoder": ["shapes.clip", "ShapesCLIP"],
                                    "component_folders": {"transformer": "transformer", "scheduler": "scheduler",
                                                          "vae": "../shapes-vae", "text_encoder": "../shapes-clip"}}
-      transformer/                config.json + diffusion_pytorch_model.safetensors (ModelMixin.save_pretrained)
+      transformer/                config.json + diffusion_pytorch_model.safetensors (ModelMixin.save_pretrained);
+                                  a video model saved over its image model instead holds config.json,
+                                  weights_over_image_model.safetensors and image_model.json (dit/latte.py)
       scheduler/                  scheduler_config.json
 
 `component_folders` entries are paths; a relative one is resolved against <folder> (so `weights/` can move as a
@@ -404,6 +406,16 @@ class TextToVideoPipeline(_TextPipeline):
 
     def __init__(self, transformer: LatteDiT, vae: AutoencoderKL, scheduler, text_encoder: TextEncoder):
         super().__init__(transformer, vae, scheduler, text_encoder)
+
+    def save_pretrained(self, folder: str | Path, vae_folder: str | Path | None = None,
+                        text_encoder_folder: str | Path | None = None,
+                        image_model_folder: str | Path | None = None) -> None:
+        """As the image pipeline's; with `image_model_folder` (the text-to-image pipeline or transformer folder the
+        video model started from), or when the transformer was loaded over one, transformer/ holds only the
+        weights that differ from that image model (`dit.latte.save_over_image_model`)."""
+        if image_model_folder is not None:
+            self.transformer.image_model_folder = Path(image_model_folder)
+        super().save_pretrained(folder, vae_folder, text_encoder_folder)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         cfg = self.transformer.config

@@ -98,6 +98,10 @@ def parse_args(argv=None):
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
                         "(dit/latte.py init_from_image_model)")
+    p.add_argument("--save-over-image", default=None, metavar="T2I",
+                   help="video models: save only the weights that differ from this text-to-image model (shipped "
+                        "name or folder) and a reference to it (dit/latte.py save_over_image_model). A video model "
+                        "loaded over an image model is saved over it again without this flag")
     p.add_argument("--trainable", default=None, metavar="REGEX",
                    help="train only the parameters whose names match (re.search), freeze the rest: e.g. "
                         "'temporal_blocks\\.' trains a video model's motion blocks on a frozen image model "
@@ -162,6 +166,12 @@ def load_model(spec: str, objective: str, qk_norm: bool = False) -> torch.nn.Mod
         return load_official_dit(path)
     names = [*DIT_CONFIGS, *PIXART_CONFIGS, *LATTE_CONFIGS]
     raise ValueError(f"--model {spec!r}: not a named size ({', '.join(names)}), shipped model, folder or file")
+
+
+def _shipped_or_path(spec: str) -> Path:
+    """A shipped model's name (weights/<name>) or a path."""
+    path = Path(spec)
+    return REPO / "weights" / spec if not path.exists() and (REPO / "weights" / spec).is_dir() else path
 
 
 def task_of(model) -> str:
@@ -425,6 +435,11 @@ def main(args) -> dict:
     sharded = acc.is_fsdp2  # --fsdp on more than one process
     vae = AutoencoderKL.from_pretrained(args.vae).to(acc.device).eval().requires_grad_(False)
     model = load_model(args.model, args.objective, args.qk_norm)
+    # where a video model's saved folder points for the weights it shares with its image model (None: a full save)
+    args.image_model_folder = _shipped_or_path(args.save_over_image) if args.save_over_image \
+        else getattr(model, "image_model_folder", None)
+    if args.image_model_folder is not None and not isinstance(model, LatteDiT):
+        raise ValueError(f"--save-over-image applies to video models; --model {args.model} is not one")
     task = task_of(model)
     if args.init_from_image:
         image = load_model(args.init_from_image, args.objective)
@@ -639,6 +654,9 @@ def save_pipeline(folder: Path, task: str, model, vae, objective, text_encoder, 
     if task == "class":
         id2label = {i: class_name(i) for i in range(NUM_CLASSES)} if args.data == "shapes" else None
         pipe.save_pretrained(folder, vae_folder=args.vae, id2label=id2label)
+    elif task == "video":
+        pipe.save_pretrained(folder, vae_folder=args.vae, text_encoder_folder=args.text_encoder,
+                             image_model_folder=getattr(args, "image_model_folder", None))
     else:
         pipe.save_pretrained(folder, vae_folder=args.vae, text_encoder_folder=args.text_encoder)
     model.float()

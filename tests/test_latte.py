@@ -406,3 +406,50 @@ def test_init_from_image_model_refuses_mismatches():
     video3 = LatteDiT(**{**dict(video.config), "depth": 3})
     with pytest.raises(ValueError, match="spatial blocks"):
         init_from_image_model(video3, image)
+
+
+def test_save_over_image_model_keeps_only_what_differs(tmp_path):
+    """A video model started from an image model and trained in part saves only the tensors that differ from it
+    (plus a reference); it loads back bit for bit, through the pipeline folder too, and refuses a changed or missing
+    image model and a corrupt weights file."""
+    from safetensors.torch import load_file
+
+    from dit.latte import IMAGE_MODEL_REFERENCE, OVER_IMAGE_WEIGHTS, init_from_image_model
+
+    image, video = _image_and_video(depth=2)
+    image.save_pretrained(tmp_path / "image")
+    init_from_image_model(video, image)
+    with torch.no_grad():  # "training": the temporal blocks and one cross-attention change, the rest is the image's
+        for p in video.temporal_blocks.parameters():
+            p.add_(0.01)
+        video.spatial_blocks[1].cross_attn.q.weight.mul_(1.5)
+    video.save_pretrained(tmp_path / "video", image_model=tmp_path / "image")
+    saved = load_file(tmp_path / "video" / OVER_IMAGE_WEIGHTS)
+    assert set(saved) == {k for k in video.state_dict() if k.startswith("temporal_blocks.")} \
+        | {"spatial_blocks.1.cross_attn.q.weight"}
+    assert not list((tmp_path / "video").glob("diffusion_pytorch_model*"))
+    back = LatteDiT.from_pretrained(tmp_path / "video")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in video.state_dict().items())
+    # saved again (no argument): over the same image model; saved in full on request of a plain folder elsewhere
+    back.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / IMAGE_MODEL_REFERENCE).is_file()
+    (tmp_path / "again" / OVER_IMAGE_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="safetensors"):
+        LatteDiT.from_pretrained(tmp_path / "again")
+    # a changed image model is refused, not silently combined
+    with torch.no_grad():
+        image.blocks[0].mlp.fc1.weight.add_(1e-3)
+    image.save_pretrained(tmp_path / "image")
+    with pytest.raises(ValueError, match="changed"):
+        LatteDiT.from_pretrained(tmp_path / "video")
+    import shutil
+    shutil.rmtree(tmp_path / "image")
+    with pytest.raises(ValueError, match="not there"):
+        LatteDiT.from_pretrained(tmp_path / "video")
+    # a mismatched image model (other width) is refused at save time
+    from dit.pixart import PixArtDiT
+
+    other = PixArtDiT(**{**dict(image.config), "hidden_size": 48})
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="differ"):
+        video.save_pretrained(tmp_path / "video2", image_model=tmp_path / "other")

@@ -375,3 +375,36 @@ def test_trainable_trains_only_the_matching_parameters(tmp_path):
     assert video["temporal_blocks.0.attn.proj.weight"].abs().sum() > 0
     with pytest.raises(ValueError, match="matches no parameter"):
         _train(tmp_path / "w", "Latte-T/2", 1, "--trainable", "no_such_module")
+
+
+@needs_vae
+def test_video_model_saved_over_its_image_model(tmp_path):
+    """--trainable on the temporal blocks and the spatial cross-attention with --save-over-image: the folder holds
+    only those tensors (the rest is the image model's, referenced); continuing it saves over the image model again."""
+    from safetensors.torch import load_file
+
+    from dit.latte import OVER_IMAGE_WEIGHTS, LatteDiT
+    from dit.pixart import PixArtDiT
+
+    torch.manual_seed(0)
+    image = PixArtDiT.from_name("PixArt-T/1")
+    with torch.no_grad():
+        for p in image.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    image.save_pretrained(tmp_path / "image")
+    common = ("--batch-size", "2", "--eval-n", "2", "--ema-decay", "0", "--lr", "1e-2", "--warmup", "0")
+    _train(tmp_path / "v", "Latte-T6/1", 2, "--init-from-image", str(tmp_path / "image"), "--trainable",
+           r"temporal_blocks\.|spatial_blocks\.\d+\.cross_attn\.", "--save-over-image", str(tmp_path / "image"),
+           *common, "--save-to", str(tmp_path / "video"))
+    saved = load_file(tmp_path / "video" / "transformer" / OVER_IMAGE_WEIGHTS)
+    assert saved and all(k.startswith("temporal_blocks.") or ".cross_attn." in k for k in saved), sorted(saved)
+    assert any(".cross_attn." in k for k in saved)
+    first = LatteDiT.from_pretrained(tmp_path / "video" / "transformer").state_dict()
+    _train(tmp_path / "w", str(tmp_path / "video"), 1, "--trainable", r"temporal_blocks\.", *common,
+           "--save-to", str(tmp_path / "video2"))
+    assert (tmp_path / "video2" / "transformer" / OVER_IMAGE_WEIGHTS).is_file()
+    second = LatteDiT.from_pretrained(tmp_path / "video2" / "transformer").state_dict()
+    assert not torch.equal(first["temporal_blocks.0.mlp.fc2.weight"], second["temporal_blocks.0.mlp.fc2.weight"])
+    assert torch.equal(first["spatial_blocks.0.cross_attn.q.weight"], second["spatial_blocks.0.cross_attn.q.weight"])
+    with pytest.raises(ValueError, match="video models"):
+        _train(tmp_path / "x", "PixArt-T/2", 1, "--save-over-image", str(tmp_path / "image"))
