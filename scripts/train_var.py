@@ -38,7 +38,7 @@ from shapes.data import make_batch  # noqa: E402
 from shapes.render import to_float  # noqa: E402
 from shapes.scene import class_name  # noqa: E402
 from training import add_common_args, cosine_schedule, optimizer_step, start_run, write_model_card  # noqa: E402
-from vlm.var import TEXT_VAR_CONFIGS, VAR_CONFIGS, TextVAR, VAR  # noqa: E402
+from vlm.var import TEXT_VAR_CONFIGS, VAR_CONFIGS, TextVAR, VAR, grow_depth  # noqa: E402
 from vlm.var_pipeline import VARPipeline, evaluate_var  # noqa: E402
 from vlm.vqvae import MultiScaleVQVAE  # noqa: E402
 
@@ -64,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="a saved VAR pipeline folder whose transformer (same --model) starts this run: a short device "
                         "call cannot carry optimizer checkpoints to the next, so training goes on from the weights")
+    p.add_argument("--grow-depth", type=int, default=None, metavar="D",
+                   help="with --init-from: start from that (shallower) model grown to depth D, computing what it "
+                        "computes (vlm/var.py grow_depth); --model names the grown size's family and width")
+    p.add_argument("--int8", action="store_true",
+                   help="save the transformer's linear weights as int8 with per-row scales (dit/int8_weights.py): "
+                        "about half the bytes of fp16; the shipped shapes models use it to fit the 8 MB budget")
     p.add_argument("--save-to", default=None, help="the pipeline folder to write (default --out/model)")
     p.add_argument("--reference-tokenizer", action="store_true",
                    help="reference --tokenizer from the saved folder instead of copying it (shipped class and text "
@@ -122,12 +128,18 @@ def main(args) -> dict:
         model = VAR.from_name(args.model)
     if args.init_from:
         init = VARPipeline.from_pretrained(args.init_from, torch_dtype=torch.float32).transformer
+        if args.grow_depth:
+            init = grow_depth(init, args.grow_depth)
+            model = type(model)(**{**{k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+                                    "depth": args.grow_depth})
         public = lambda cfg: json.loads(json.dumps({k: v for k, v in dict(cfg).items()  # noqa: E731
                                                     if not k.startswith("_")}))  # tuples as saved: lists
         if type(init) is not type(model) or public(init.config) != public(model.config):
             raise ValueError(f"--init-from {args.init_from} holds a {type(init).__name__} whose config differs from "
                              f"{args.model}'s: {public(init.config)} vs {public(model.config)}")
         model.load_state_dict(init.state_dict())
+    elif args.grow_depth:
+        raise ValueError("--grow-depth grows the model given by --init-from: give one")
     if model.patch_nums != vq.patch_nums or model.config.vocab_size != vq.config.vocab_size \
             or model.config.z_channels != vq.config.z_channels:
         raise ValueError(f"{args.model} (patch_nums {model.patch_nums}, vocabulary {model.config.vocab_size}, "
@@ -195,7 +207,7 @@ def main(args) -> dict:
         m.eval()
         folder = Path(args.save_to) if args.save_to else run.out / "model"
         pipeline().save_pretrained(folder, text_encoder_folder=args.text_encoder if task == "text" else None,
-                                   dtype=torch.float16,
+                                   dtype=torch.float16, int8=args.int8,
                                    tokenizer_folder=args.tokenizer if args.reference_tokenizer else None,
                                    id2label={i: class_name(i) for i in range(NUM_CLASSES)} if task == "class" else None)
         t = time.time()
@@ -207,7 +219,8 @@ def main(args) -> dict:
         tok_where = "`../" + Path(args.tokenizer).name + "` (referenced)" if args.reference_tokenizer \
             else "in `tokenizer/`"
         write_model_card(folder, title=f"shapes-var-{'c2i' if task == 'class' else 't2i'}",
-                         summary=f"{args.model} ({'class' if task == 'class' else 'text'} → image by next-scale "
+                         summary=f"{args.model}{' grown to depth %d' % args.grow_depth if args.grow_depth else ''}"
+                                 f"{', int8 weights' if args.int8 else ''} ({'class' if task == 'class' else 'text'} → image by next-scale "
                                  f"prediction) on the tokenizer {tok_where} ({vq.num_tokens} tokens over scales "
                                  f"{'/'.join(str(p) for p in vq.patch_nums)}).",
                          run=run, metrics=metrics, targets=TARGETS[task],

@@ -24,6 +24,7 @@ layer hands its post-norm queries to `cache.append(..., q=q)` so a policy can sc
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from attention import attention
 from caching import KVCache
+from dit.int8_weights import INT8_WEIGHTS, load_int8
 
 # LayerNorm epsilon of the official VAR (every norm in its blocks is affine-free).
 LAYERNORM_EPS = 1e-6
@@ -207,6 +209,15 @@ class _NextScaleTransformer(ModelMixin, ConfigMixin):
     """What the class and text models share: embeddings of the pyramid, the blocks, the head, the init."""
 
     block_class = Block
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' from_pretrained, or for a folder stored with int8 weights (`dit.int8_weights.save_int8`: the
+        shipped shapes transformers) the dequantised model."""
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (folder / INT8_WEIGHTS).is_file():
+            return load_int8(cls, folder, kwargs.get("torch_dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _build(self, depth: int, embed_dim: int, num_heads: int, vocab_size: int, z_channels: int,
                patch_nums: Sequence[int], mlp_ratio: float, attn_l2_norm: bool, norm_eps: float,
@@ -400,6 +411,35 @@ class TextVAR(_NextScaleTransformer):
         if name not in TEXT_VAR_CONFIGS:
             raise ValueError(f"unknown TextVAR size {name!r}; valid: {', '.join(TEXT_VAR_CONFIGS)}")
         return cls(**{**TEXT_VAR_CONFIGS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------- growing
+@torch.no_grad()
+def grow_depth(model: _NextScaleTransformer, depth: int) -> _NextScaleTransformer:
+    """A deeper model that computes exactly what the trained `model` computes, to train on from there (a larger model
+    without starting over). New block j is a copy of old block floor(j·d_old/depth); a block's second and later
+    copies start as the identity: their residual gains γ1, γ2 (the first 2C outputs of ada_lin) are zero and, in a
+    text block, so is the ungated cross-attention's output projection. Gradients still reach the copies through
+    γ, so they move off the identity as training goes on (progressive stacking with zero-gated repeats)."""
+    old = model.config.depth
+    if depth <= old:
+        raise ValueError(f"grow_depth: depth {depth} must exceed the model's {old}")
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    deeper = type(model)(**{**config, "depth": depth})
+    C = model.config.embed_dim
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    for j in range(depth):
+        i = j * old // depth
+        repeat = j > 0 and (j - 1) * old // depth == i
+        for k, v in model.blocks[i].state_dict().items():
+            v = v.clone()
+            if repeat and k in ("ada_lin.1.weight", "ada_lin.1.bias"):
+                v[:2 * C] = 0
+            if repeat and k.startswith("cross_attn.proj."):
+                v.zero_()
+            state[f"blocks.{j}.{k}"] = v
+    deeper.load_state_dict(state)
+    return deeper.to(model.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- sizes

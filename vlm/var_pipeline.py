@@ -47,6 +47,8 @@ from torch import Tensor
 from caching import CachePolicy, KVCache
 from shapes.clip import ShapesCLIP
 
+from dit.int8_weights import INT8_WEIGHTS, save_int8
+
 from .var import VAR, TextVAR
 from .var_graphs import ScaleGraphs
 from .vqvae import MultiScaleVQVAE
@@ -317,8 +319,9 @@ class VARPipeline(DiffusionPipeline):
     # --- folders
     def save_pretrained(self, folder: str | Path, text_encoder_folder: str | Path | None = None,
                         dtype: torch.dtype | None = None, tokenizer_folder: str | Path | None = None,
-                        id2label: dict[int, str] | None = None, **_) -> None:
-        """Write tokenizer/ and transformer/ (safetensors; `dtype` e.g. torch.float16 to ship) and model_index.json;
+                        id2label: dict[int, str] | None = None, int8: bool = False, **_) -> None:
+        """Write tokenizer/ and transformer/ (safetensors; `dtype` e.g. torch.float16 to ship; `int8`: the
+        transformer's linear weights as int8 with per-row scales, `dit.int8_weights`) and model_index.json;
         a text model references its text encoder's folder (`text_encoder_folder`, else the one it was loaded
         from). With `tokenizer_folder` (a saved MultiScaleVQVAE folder) the tokenizer is referenced instead of
         copied, so that shipped class and text models share one tokenizer. `id2label`: a class model's names."""
@@ -341,7 +344,11 @@ class VARPipeline(DiffusionPipeline):
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("transformer",) + (("vqvae",) if tokenizer_folder is None else ()):
             model = getattr(self, name)
+            if name == "transformer" and int8:
+                save_int8(model, folder / folders[name])
+                continue
             orig = model.dtype
+            (folder / folders[name] / INT8_WEIGHTS).unlink(missing_ok=True)  # a full save replaces an int8 one
             model.to(dtype or orig).save_pretrained(folder / folders[name])
             model.to(orig)
         index["component_folders"] = folders
