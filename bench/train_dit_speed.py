@@ -16,6 +16,7 @@ a variant that does not fit is recorded as out of memory.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import shlex
@@ -38,15 +39,25 @@ DEFAULT_VARIANTS = "diffusers:32,diffusers:64,diffusers:64:ckpt,ours:32,ours:64,
                    "ours:256:ckpt,ours:64:compile,ours:128:ckpt:compile"
 
 
+_BUILT: dict[tuple[str, str], torch.nn.Module] = {}  # (impl, config) -> the random model, float32 on the CPU
+
+
 def build(impl: str, config: dict, device):
+    """A fresh copy of the random model: built once per (impl, config) on the CPU (at XL, diffusers' init, the
+    random weights and the conversion to ours take 15-30 s of CPU time) and copied for every variant."""
     from diffusers import DiTTransformer2DModel
 
     from dit.loaders import dit_from_diffusers
 
-    theirs = DiTTransformer2DModel(**config)
-    randomize_(theirs, 0)
-    model = theirs if impl == "diffusers" else dit_from_diffusers(theirs)
-    return model.to(device).train()
+    key = (impl, json.dumps(config, sort_keys=True))
+    if key not in _BUILT:
+        theirs_key = ("diffusers", key[1])
+        if theirs_key not in _BUILT:
+            _BUILT[theirs_key] = DiTTransformer2DModel(**config)
+            randomize_(_BUILT[theirs_key], 0)
+        if impl == "ours":
+            _BUILT[key] = dit_from_diffusers(_BUILT[theirs_key])
+    return copy.deepcopy(_BUILT[key]).to(device).train()
 
 
 def model_fn(impl: str, model):
@@ -64,17 +75,23 @@ def measure(args, variant: str, config: dict, device) -> dict:
     row = {"variant": variant, "impl": impl, "micro_batch": micro, "accumulation": args.batch // micro,
            "gradient_checkpointing": "ckpt" in flags, "compile": "compile" in flags, "batch": args.batch}
     model = build(impl, config, device)
-    if "ckpt" in flags:
-        model.enable_gradient_checkpointing()
-    fn = model_fn(impl, torch.compile(model) if "compile" in flags else model)
     objective = DDPMObjective()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     S, C = config["sample_size"], config["in_channels"]
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.batch, C, S, S, device=device, generator=g)
     y = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
     accum = args.batch // micro
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # FLOPs of one micro-batch's forward + backward, counted on the plain eager model before checkpointing and
+    # compiling (recomputation by checkpointing is overhead, not model FLOPs: MFU is the model's FLOPs over time)
+    with FlopCounterMode(display=False) as counter, autocast:
+        objective(model_fn(impl, model), x0[:micro], y[:micro], g)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    row["train_gflop_per_image"] = round(counter.get_total_flops() / micro / 1e9, 4)
+    if "ckpt" in flags:
+        model.enable_gradient_checkpointing()
+    fn = model_fn(impl, torch.compile(model) if "compile" in flags else model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step():
         for m in range(accum):
@@ -104,12 +121,6 @@ def measure(args, variant: str, config: dict, device) -> dict:
     row.update(step_s=round(step_s, 4), img_per_s=round(args.batch / step_s, 2))
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    # FLOPs of one micro-batch's forward + backward in eager mode (recomputation by checkpointing is overhead, not
-    # model FLOPs, so it is counted without it: MFU is the model's FLOPs over time)
-    plain = build(impl, config, device)
-    with FlopCounterMode(display=False) as counter, autocast:
-        objective(model_fn(impl, plain), x0[:micro], y[:micro], g)["loss"].backward()
-    row["train_gflop_per_image"] = round(counter.get_total_flops() / micro / 1e9, 4)
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(device)), None)
     if peak:
         row["mfu"] = round(row["train_gflop_per_image"] * 1e9 * row["img_per_s"] / peak, 4)
@@ -132,8 +143,10 @@ def main(argv=None) -> int:
         args.batch = min(args.batch, 8)
     out = Path(args.out)
     result = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": []}
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    result["commands"] = result.get("commands", []) + [command]  # with --merge, every run that added rows
     result.update(device=device_name(device), date=dt.date.today().isoformat(), torch=torch.__version__,
-                  command=" ".join(shlex.quote(a) for a in ["python", *sys.argv]), config=config, smoke=args.smoke)
+                  command=command, config=config, smoke=args.smoke)
     for variant in args.variants.split(","):
         try:
             row = measure(args, variant, config, device)

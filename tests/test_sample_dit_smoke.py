@@ -27,3 +27,45 @@ def test_smoke_run_records_parity_and_speed_rows(tmp_path):
         a, b = rows[(name, "ours")]["forward_gflop"], rows[(name, "diffusers")]["forward_gflop"]
         assert abs(a - b) <= 0.02 * b, (name, a, b)
     assert result["command"].startswith("python") and result["torch"] and result["date"]
+
+
+NO_RECOMPILE = """
+import json, torch
+from bench import sample_dit as sd
+
+counts = {}
+for name in ("dit256", "pixart512"):
+    w = sd.SMOKE_WORKLOADS[name]
+    theirs, ours = sd.build_models(w, "cpu")
+    vae = sd.build_vae(True, "cpu")
+    for impl, model in (("diffusers", theirs), ("ours", ours)):
+        graphs = []
+
+        def count(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        args, kwargs = sd.forward_inputs(w, impl, 1, "cpu", torch.float32)
+        with torch.no_grad():  # eager first, as the bench's parity and FLOP passes run before any preset
+            sd.call_forward(impl, model, args, kwargs)
+        torch._dynamo.reset()
+        model.compile(backend=count, dynamic=False)  # in place, as dit.fast compiles a preset
+        with torch.no_grad():
+            sd.call_forward(impl, model, args, kwargs)
+            after_forward = len(graphs)
+            sd.sampler_fn(w, impl, model, vae, 1, "cpu", torch.float32, True)()
+        counts[name + "|" + impl] = [after_forward, len(graphs)]
+print(json.dumps(counts))
+"""
+
+
+def test_bench_forward_is_called_as_the_pipelines_call_it():
+    """A compiled row times the forward first, then samples through the same compiled model with each library's
+    pipeline. The bench's forward must pass what the pipeline passes (a timestep broadcast with stride 0; for ours no
+    text mask when every token is kept; for diffusers' PixArt return_dict=False): any guard that fails on the
+    pipeline's first call compiles the model a second time, ~40 s per compiled row at XL on the H100."""
+    done = subprocess.run([sys.executable, "-c", NO_RECOMPILE], check=True, cwd=REPO, capture_output=True, text=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(counts) == 4
+    for key, (after_forward, after_pipeline) in counts.items():
+        assert after_forward >= 1 and after_pipeline == after_forward, (key, counts)
