@@ -363,8 +363,8 @@ def save_over_image_model(video: LatteDiT, folder: str | Path, image_model: str 
 
     folder, image_folder = Path(folder), _image_transformer_folder(image_model)
     image_state = _image_state_for(video, image_folder)
-    own = video.state_dict()
-    delta = {k: v.detach().contiguous() for k, v in own.items()
+    own = {k: v.detach().cpu() for k, v in video.state_dict().items()}  # the image weights load on the CPU
+    delta = {k: v.contiguous() for k, v in own.items()
              if k not in image_state or image_state[k].shape != v.shape or not torch.equal(image_state[k].to(v.dtype), v)}
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("diffusion_pytorch_model*.safetensors"):  # a delta replaces an earlier full save

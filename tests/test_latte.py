@@ -453,3 +453,20 @@ def test_save_over_image_model_keeps_only_what_differs(tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="differ"):
         video.save_pretrained(tmp_path / "video2", image_model=tmp_path / "other")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_save_over_image_model_from_the_gpu(tmp_path):
+    """Training saves from the GPU: the delta is computed against the image weights (loaded on the CPU) without a
+    device mismatch (the first GPU run of 2026-11-24 failed here at the end of training)."""
+    from dit.latte import init_from_image_model
+
+    image, video = _image_and_video(depth=2)
+    image.save_pretrained(tmp_path / "image")
+    init_from_image_model(video, image)
+    video = video.cuda()
+    with torch.no_grad():
+        video.temporal_blocks[0].mlp.fc1.weight.add_(0.1)
+    video.save_pretrained(tmp_path / "video", image_model=tmp_path / "image")
+    back = LatteDiT.from_pretrained(tmp_path / "video")
+    assert all(torch.equal(v.cpu(), back.state_dict()[k]) for k, v in video.state_dict().items())

@@ -134,3 +134,12 @@ def test_train_var_grows_and_saves_int8(tmp_path, monkeypatch):
     assert (got - ref).abs().max() / ref.abs().max() < 0.05
     with pytest.raises(ValueError, match="--init-from"):
         run("c", "--grow-depth", "3")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_save_from_the_gpu(tmp_path):
+    model, _ = _models()[0]
+    save_int8(model.cuda(), tmp_path / "m")
+    back = VAR.from_pretrained(tmp_path / "m")
+    q = {k: v for k, v in back.state_dict().items()}
+    assert all(q[k].shape == v.shape for k, v in model.state_dict().items())
