@@ -82,12 +82,16 @@ def measure(args, variant: str, config: dict, device) -> dict:
     y = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
     accum = args.batch // micro
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # FLOPs of one micro-batch's forward + backward, counted on the plain eager model before checkpointing and
-    # compiling (recomputation by checkpointing is overhead, not model FLOPs: MFU is the model's FLOPs over time)
+    # FLOPs per image of forward + backward, counted on the plain eager model before checkpointing and compiling
+    # (recomputation by checkpointing is overhead, not model FLOPs: MFU is the model's FLOPs over time), on a few
+    # images: the count is linear in the batch, and a large micro-batch run without checkpointing does not fit (the
+    # H100's micro-batch-256 checkpointed rows ran out of memory in this count on all 256 images, 2026-11-24: about
+    # 100 GiB of activations, from the 64-image rows' peak)
+    n = min(micro, 8)
     with FlopCounterMode(display=False) as counter, autocast:
-        objective(model_fn(impl, model), x0[:micro], y[:micro], g)["loss"].backward()
+        objective(model_fn(impl, model), x0[:n], y[:n], g)["loss"].backward()
     model.zero_grad(set_to_none=True)
-    row["train_gflop_per_image"] = round(counter.get_total_flops() / micro / 1e9, 4)
+    row["train_gflop_per_image"] = round(counter.get_total_flops() / n / 1e9, 4)
     if "ckpt" in flags:
         model.enable_gradient_checkpointing()
     fn = model_fn(impl, torch.compile(model) if "compile" in flags else model)
