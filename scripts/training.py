@@ -368,11 +368,12 @@ def command_line() -> str:
 
 
 def _safetensors_dtype(path: Path) -> str:
+    """The file's tensor dtypes, e.g. "f16" or "f16+i8" (int8 storage: dit/int8_weights.py)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        return str(f.get_slice(keys[0]).get_dtype()).lower() if keys else "empty"
+        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys()})
+    return "+".join(dtypes) if dtypes else "empty"
 
 
 def write_model_card(folder: Path, *, title: str, summary: str, run: Run, metrics: dict, targets: dict,

@@ -454,12 +454,17 @@ VAR_CONFIGS: dict[str, dict] = {
                          init_adaln_gamma=g, **IMAGENET) for d, g in PAPER_DEPTHS.items()},
     # 1.3 M parameters (2.6 MB fp16): with the text model (1.6 M) and the tokenizer (1.06 M) under the 8 MB budget.
     "VAR-shapes-d4": dict(depth=4, embed_dim=128, num_heads=4, num_classes=48, init_adaln_gamma=1e-3, **SHAPES),
+    # d4 grown to depth 8 (grow_depth) and trained on: the shipped shapes-var-c2i since 2026-11-24, 2.5 M parameters
+    # stored as int8 (2.6 MB), so that it fits the 8 MB budget beside the text model and the tokenizer.
+    "VAR-shapes-d8": dict(depth=8, embed_dim=128, num_heads=4, num_classes=48, init_adaln_gamma=1e-3, **SHAPES),
     # Tests: the smallest model with every piece.
     "VAR-tiny": dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
                      patch_nums=(1, 2, 4, 8), init_adaln_gamma=0.5),
 }
 TEXT_VAR_CONFIGS: dict[str, dict] = {
     "TextVAR-shapes-d4": dict(depth=4, embed_dim=128, num_heads=4, text_dim=96, **SHAPES),
+    # d4 grown to depth 6 (grow_depth) and trained on: the shipped shapes-var-t2i since 2026-11-24 (int8, 2.5 MB)
+    "TextVAR-shapes-d6": dict(depth=6, embed_dim=128, num_heads=4, text_dim=96, **SHAPES),
     "TextVAR-tiny": dict(depth=2, embed_dim=32, num_heads=2, text_dim=12, vocab_size=64, z_channels=8,
                          patch_nums=(1, 2, 4, 8), init_adaln_gamma=0.5),
 }
