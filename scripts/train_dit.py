@@ -147,9 +147,7 @@ def load_model(spec: str, objective: str, qk_norm: bool = False) -> torch.nn.Mod
     if qk_norm:  # a trained model's architecture is its own: adding norms would change what it computes
         raise ValueError(f"--qk-norm applies to a fresh named size, not to --model {spec!r} (a trained model keeps "
                          "its own architecture; its config says whether it has QK-norm)")
-    path = Path(spec)
-    if not path.exists() and (REPO / "weights" / spec).is_dir():  # a shipped model's name
-        path = REPO / "weights" / spec
+    path = _shipped_or_path(spec)
     if path.is_dir():
         if (path / "model_index.json").is_file():  # a pipeline folder: its transformer
             index = json.loads((path / "model_index.json").read_text())
