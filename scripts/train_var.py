@@ -130,8 +130,7 @@ def main(args) -> dict:
         init = VARPipeline.from_pretrained(args.init_from, torch_dtype=torch.float32).transformer
         if args.grow_depth:
             init = grow_depth(init, args.grow_depth)
-            model = type(model)(**{**{k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                                    "depth": args.grow_depth})
+            model = type(model).from_config({**model.config, "depth": args.grow_depth})
         public = lambda cfg: json.loads(json.dumps({k: v for k, v in dict(cfg).items()  # noqa: E731
                                                     if not k.startswith("_")}))  # tuples as saved: lists
         if type(init) is not type(model) or public(init.config) != public(model.config):

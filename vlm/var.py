@@ -219,6 +219,11 @@ class _NextScaleTransformer(ModelMixin, ConfigMixin):
             return load_int8(cls, folder, kwargs.get("torch_dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' save_pretrained; a full save replaces an int8 one written there before."""
+        (Path(save_directory) / INT8_WEIGHTS).unlink(missing_ok=True)
+        return super().save_pretrained(save_directory, **kwargs)
+
     def _build(self, depth: int, embed_dim: int, num_heads: int, vocab_size: int, z_channels: int,
                patch_nums: Sequence[int], mlp_ratio: float, attn_l2_norm: bool, norm_eps: float,
                drop_path_rate: float) -> None:
@@ -424,8 +429,7 @@ def grow_depth(model: _NextScaleTransformer, depth: int) -> _NextScaleTransforme
     old = model.config.depth
     if depth <= old:
         raise ValueError(f"grow_depth: depth {depth} must exceed the model's {old}")
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    deeper = type(model)(**{**config, "depth": depth})
+    deeper = type(model).from_config({**model.config, "depth": depth})
     C = model.config.embed_dim
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
     for j in range(depth):

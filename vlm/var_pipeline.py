@@ -47,7 +47,7 @@ from torch import Tensor
 from caching import CachePolicy, KVCache
 from shapes.clip import ShapesCLIP
 
-from dit.int8_weights import INT8_WEIGHTS, save_int8
+from dit.int8_weights import save_int8
 
 from .var import VAR, TextVAR
 from .var_graphs import ScaleGraphs
@@ -348,7 +348,6 @@ class VARPipeline(DiffusionPipeline):
                 save_int8(model, folder / folders[name])
                 continue
             orig = model.dtype
-            (folder / folders[name] / INT8_WEIGHTS).unlink(missing_ok=True)  # a full save replaces an int8 one
             model.to(dtype or orig).save_pretrained(folder / folders[name])
             model.to(orig)
         index["component_folders"] = folders
