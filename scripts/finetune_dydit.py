@@ -48,7 +48,7 @@ from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objecti
 from dit.pixart import PIXART_CONFIGS  # noqa: E402
 from train_dit import (REPO, SHIPPED_CLIP, SHIPPED_VAE, TASK_OF, Conditioner, batch_seed, load_model,  # noqa: E402
                        shapes_data)
-from training import add_common_args, start_run, write_model_card  # noqa: E402
+from training import add_common_args, cosine_schedule, start_run, write_model_card  # noqa: E402
 
 EVAL_SEED = 12345
 QUARTERS = 4
@@ -92,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--dense-metrics", default=None, metavar="JSON",
                    help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="LR after the --warmup steps: constant, or cosine decay to zero at --steps")
+    p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps (linear from 0)")
+    p.add_argument("--anneal-to-time-limit", action="store_true",
+                   help="cosine: decay by elapsed time as well as steps, so a --time-limit run ends annealed")
     p.set_defaults(lr=1e-4)
     argv = sys.argv[1:] if argv is None else argv
     if "--evaluate" in argv and "--out" not in argv:  # no run folder: only a measurement
@@ -311,8 +316,14 @@ def main(args) -> dict:
     ema = EMAModel(params, decay=args.ema_decay, foreach=True)
     ema.to(acc.device)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.schedule == "cosine":
+        sched = cosine_schedule(opt, args.steps, args.warmup, run.time_progress if args.anneal_to_time_limit else None)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    # Stepped here once per optimiser step, not prepared: accelerate would step it once per process.
     net, opt = acc.prepare(model, opt)
     skips = SkipCounter()
+    acc.register_for_checkpointing(sched)
     acc.register_for_checkpointing(ema)
     acc.register_for_checkpointing(skips)
     step = run.resume()
@@ -358,6 +369,7 @@ def main(args) -> dict:
         else:
             opt.step()  # once per step (the official stage-1 code steps twice; spec section 5)
             ema.step(params)
+        sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
@@ -365,7 +377,7 @@ def main(args) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}", r=f"{dyn.flops_ratio.mean().item():.3f}")
             run.log({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                      "flops_train": dyn.flops_ratio.mean().item(), "lam_t": lam_t, "grad_norm": grad_norm,
-                     "skipped": skip, "skip_rate": skips.rate, "stage": 1 if step <= stage1 else 2})
+                     "lr": sched.get_last_lr()[0], "skipped": skip, "skip_rate": skips.rate, "stage": 1 if step <= stage1 else 2})
         state = run.end_of_step(step, bar, evaluate)
         if state == "interrupted":
             bar.close()
