@@ -25,6 +25,7 @@ steps, cfg 4) and puts both, and the executed-FLOPs ratio of those sampling runs
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--dense-metrics", default=None, metavar="JSON",
                    help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="(ours, not in the spec) add W * MSE(DyDiT output, frozen dense base output) at the same x_t, "
+                        "t and condition: a noise-free target that the dense model already meets")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="LR after the --warmup steps: constant, or cosine decay to zero at --steps")
     p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps (linear from 0)")
@@ -154,15 +158,23 @@ def model_time_grid(objective, grid: int) -> list[float]:
     return torch.linspace(0, top, grid).round().tolist()
 
 
-def run_loss(objective, net, x0, cond, draws, mode: str):
-    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward."""
+def run_loss(objective, net, x0, cond, draws, mode: str, teacher=None):
+    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward. With a `teacher`
+    (the frozen dense model) the terms gain "distill": the mean squared difference of the two outputs (every
+    channel, the learned variance too) on the same inputs."""
     seen = {}
 
     def model_fn(x_t, t, c):
         seen["out"] = net(x_t, t, *c, mode=mode)
+        if teacher is not None:
+            with torch.no_grad():
+                seen["teacher"] = teacher(x_t, t, *c)
         return seen["out"].sample
 
-    return objective(model_fn, x0, cond, draws=draws), seen["out"]
+    terms = objective(model_fn, x0, cond, draws=draws)
+    if teacher is not None:
+        terms["distill"] = (seen["out"].sample.float() - seen["teacher"].float()).pow(2).mean()
+    return terms, seen["out"]
 
 
 @torch.no_grad()
@@ -300,7 +312,16 @@ def main(args) -> dict:
         from shapes.clip import ShapesCLIP
 
         text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
-    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    if task == "class":  # labels dropped by the step's seed (train_dit's Conditioner), not inside the model: the
+        # distillation teacher must see the same labels as the DyDiT
+        drop = dit.config.class_dropout_prob
+        conditioner = Conditioner(task, uncond_prob=drop, null_class=dit.config.num_classes if drop > 0 else None)
+        dit.label_embed.dropout_prob = 0.0  # runtime only, as in train_dit
+    else:
+        conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    # Why distil (ours): the DyDiT starts as the dense model and should end close to it. Its output on the same x_t
+    # is a target without the noise of the ε target, so the routers and adapters learn from far fewer samples.
+    teacher = copy.deepcopy(dit).to(acc.device).eval().requires_grad_(False) if args.distill > 0 else None
     as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
     objective = make_objective(args.objective)
     model = build_dydit(dit, args.tau, args.seed, args.router_bias)
@@ -355,8 +376,10 @@ def main(args) -> dict:
         draws = draw(objective, x0, torch.Generator(acc.device).manual_seed(seed))
         lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach)
         with acc.autocast():
-            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked")
+            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
+            if teacher is not None:
+                terms["loss_distill"] = args.distill * dyn_terms["distill"]
             if step < stage1 and args.train == "full":  # the complete term trains the backbone only
                 terms["loss_complete"] = run_loss(objective, net, x0, cond, draws, "complete")[0]["loss"]
         loss = sum(terms.values())

@@ -7,32 +7,44 @@
 #                    for the first 1,000 steps), lr 2e-4.                                              issue 8
 #   dydit-t2i-lora:  routers + TD-LoRA on the shipped shapes-t2i.                                      issue 8
 #   t2v:             shapes-t2v continued (temporal blocks, spatial cross-attention, caption projection). issue 5
-# Each DyDiT run ends with the card's comparison against its dense base on the same seeded prompts (GPU).
-# Usage: LIMIT=470 [RUNS="c2i-lora c2i-full t2i-lora t2v"] bash scripts/gpu/train_round10.sh   (carry [".whl"])
-# INIT_C2I_LORA / INIT_C2I_FULL / INIT_T2I_LORA: not used yet (each run starts from the shipped dense model).
+#   t2i-full:        every weight of shapes-t2i trained.                                               issue 8
+# DYDIT_ARGS is added to every DyDiT run (second call: "--distill 3", the frozen dense model's output as a target).
+# After the trainings, each DyDiT folder is compared with its dense base on EVAL_N seeded prompts (GPU), one at a
+# time, each under a time cap. The first call ran the comparisons inside the trainings and ran out of time in them;
+# a watchdog now packs whatever exists at WATCH seconds, so a late step cannot lose the trained folders.
+# Usage: LIMIT=400 [RUNS="c2i-lora c2i-full t2i-lora t2v"] bash scripts/gpu/train_round10.sh   (carry [".whl"])
 set -uo pipefail
-LIMIT=${LIMIT:-470}
+LIMIT=${LIMIT:-400}
+WATCH=${WATCH:-555}
+EVAL_N=${EVAL_N:-480}
 RUNS=${RUNS:-"c2i-lora c2i-full t2i-lora t2v"}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
-  echo "command: LIMIT=$LIMIT RUNS=\"$RUNS\" bash scripts/gpu/train_round10.sh"; } | tee "$OUT/device.txt"
+  echo "command: LIMIT=$LIMIT RUNS=\"$RUNS\" DYDIT_ARGS=\"${DYDIT_ARGS:-}\" bash scripts/gpu/train_round10.sh"
+} | tee "$OUT/device.txt"
+pack() { tar czf "$OUT/models.tgz" weights/shapes-t2v runs/*/model runs/*/log.jsonl runs/*/*.png runs/*/card.json \
+  runs/*/comparison.json --exclude='*/checkpoints' 2>/dev/null; }
+(sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
+WATCHDOG=$!
 
 dydit() {  # NAME MODEL EVAL_N [extra args...]
   local name=$1 model=$2 n=$3; shift 3
   OMP_NUM_THREADS=3 python3 scripts/finetune_dydit.py --out "runs/dydit-$name" --model "$model" --lam 0.5 \
     --steps 40000 --batch-size 64 --lam-hold 100 --lam-reach 1000 --pool 20000 --ema-decay 0.999 \
-    --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --final-eval-n "$n" --mixed-precision bf16 \
+    --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16 \
     --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT" --save-to "runs/dydit-$name/model" \
-    "$@" > "$OUT/dydit-$name.log" 2>&1
+    ${DYDIT_ARGS:-} "$@" > "$OUT/dydit-$name.log" 2>&1
 }
+PIDS=()
 for r in $RUNS; do
   case $r in
     c2i-lora) dydit c2i-lora weights/shapes-c2i 480 --train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3 & ;;
-    c2i-full) dydit c2i-full weights/shapes-c2i 480 --train full --stage1-steps 1000 --lr 2e-4 & ;;
+    c2i-full) dydit c2i-full weights/shapes-c2i 480 --train full --stage1-steps 1000 --lr ${FULL_LR:-2e-4} & ;;
     t2i-lora) dydit t2i-lora weights/shapes-t2i 256 --train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3 & ;;
+    t2i-full) dydit t2i-full weights/shapes-t2i 256 --train full --stage1-steps 1000 --lr ${FULL_LR:-2e-4} & ;;
     t2v) OMP_NUM_THREADS=3 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
       --dynamo_backend no scripts/train_dit.py --out runs/shapes-t2v --model weights/shapes-t2v --steps 20000 \
       --batch-size 64 --sample-eval-n 32 --final-eval-n 128 --eval-every 1000 --pool 30000 --compile \
@@ -42,10 +54,19 @@ for r in $RUNS; do
       --trainable 'temporal_blocks\.|spatial_blocks\.\d+\.cross_attn\.|caption_embed\.' > "$OUT/t2v.log" 2>&1 & ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
+  PIDS+=($!)
 done
-wait
+wait "${PIDS[@]}"
+echo "trainings done at $SECONDS s"
+for d in runs/dydit-*/model; do  # one comparison at a time, each capped
+  left=$((WATCH - 10 - SECONDS)); ((left < 20)) && { echo "no time left to compare $d"; break; }
+  timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d" --final-eval-n "$EVAL_N" \
+    > "${d%/model}/comparison.json" 2> "$OUT/eval-$(basename "${d%/model}").log"
+  echo "compared $d (exit $?) at $SECONDS s"
+done
+kill "$WATCHDOG" 2>/dev/null
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -3 | cut -c1-600; done
-tar czf "$OUT/models.tgz" weights/shapes-t2v runs/*/model runs/*/log.jsonl runs/*/*.png runs/*/card.json \
-  --exclude='*/checkpoints' 2>/dev/null
+for d in runs/dydit-*; do echo "== $d"; python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print({k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$d/comparison.json" 2>&1 | cut -c1-900; done
+pack
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log)
 ls -la "$OUT"
