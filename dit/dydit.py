@@ -146,9 +146,12 @@ def flops_loss(r_B: Tensor, lam: float | Tensor) -> Tensor:
 
 
 def flops_target(step: int, lam: float, hold: int = 100, reach: int = 1000) -> float:
-    """lambda_t: 1 for the first `hold` steps, then linear down to `lam` at step `reach` (spec section 2)."""
+    """lambda_t: 1 for the first `hold` steps, then linear down to `lam` at step `reach` (spec section 2); `lam` from
+    step `hold` on when reach <= hold (a continued run, already at lambda: hold = reach = 0)."""
     if step < hold:
         return 1.0
+    if reach <= hold:
+        return lam
     return max(lam, 1.0 - (1.0 - lam) * (step - hold) / max(reach - hold, 1))
 
 

@@ -25,7 +25,6 @@ steps, cfg 4) and puts both, and the executed-FLOPs ratio of those sampling runs
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -42,7 +41,7 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS  # noqa: E402
 from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target  # noqa: E402
-from dit.dydit_io import load_dydit_pipeline, read_config, save_dydit  # noqa: E402
+from dit.dydit_io import load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
 from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
 from dit.latte import LATTE_CONFIGS  # noqa: E402
 from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objective  # noqa: E402
@@ -93,9 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--dense-metrics", default=None, metavar="JSON",
                    help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--distill", type=float, default=0.0, metavar="W",
-                   help="(ours, not in the spec) add W * MSE(DyDiT output, frozen dense base output) at the same x_t, "
-                        "t and condition: a noise-free target that the dense model already meets")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="continue a saved DyDiT folder (its routers, TD-LoRA and, if included, backbone) instead of "
+                        "fresh routers on --model; --train and the TD-LoRA sizes must match what it holds")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="LR after the --warmup steps: constant, or cosine decay to zero at --steps")
     p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps (linear from 0)")
@@ -121,6 +120,23 @@ def build_dydit(dit, tau: float, seed: int, router_bias: float | None = None) ->
                 for layer in (r.head_router, r.channel_router, r.token_router[2]):
                     layer.bias.fill_(router_bias)
     return model
+
+
+def continued_dydit(folder: Path, dit, args) -> DyDiT:
+    """The DyDiT saved in `folder`, to train on: its backbone is `dit` (the --model) unless the folder includes one
+    (full fine-tuning), and it must have been trained the way this run trains it."""
+    config = read_config(folder)
+    held = "full" if config["backbone"] == "included" else ("td-lora" if config.get("td_lora") else "routers")
+    if held != args.train:
+        raise ValueError(f"--init-from {folder}: it holds a {held} fine-tune, this run trains --train {args.train}")
+    lora = config.get("td_lora")
+    if lora and (lora["rank"], lora["experts"]) != (args.lora_rank, args.lora_experts):
+        raise ValueError(f"--init-from {folder}: TD-LoRA rank {lora['rank']} x {lora['experts']} experts, this run "
+                         f"asks {args.lora_rank} x {args.lora_experts}")
+    model = load_dydit(folder, backbone=None if held == "full" else dit)
+    for router in model.routers:
+        router.gate.tau = args.tau
+    return model.train()
 
 
 def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -158,23 +174,15 @@ def model_time_grid(objective, grid: int) -> list[float]:
     return torch.linspace(0, top, grid).round().tolist()
 
 
-def run_loss(objective, net, x0, cond, draws, mode: str, teacher=None):
-    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward. With a `teacher`
-    (the frozen dense model) the terms gain "distill": the mean squared difference of the two outputs (every
-    channel, the learned variance too) on the same inputs."""
+def run_loss(objective, net, x0, cond, draws, mode: str):
+    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward."""
     seen = {}
 
     def model_fn(x_t, t, c):
         seen["out"] = net(x_t, t, *c, mode=mode)
-        if teacher is not None:
-            with torch.no_grad():
-                seen["teacher"] = teacher(x_t, t, *c)
         return seen["out"].sample
 
-    terms = objective(model_fn, x0, cond, draws=draws)
-    if teacher is not None:
-        terms["distill"] = (seen["out"].sample.float() - seen["teacher"].float()).pow(2).mean()
-    return terms, seen["out"]
+    return objective(model_fn, x0, cond, draws=draws), seen["out"]
 
 
 @torch.no_grad()
@@ -228,16 +236,19 @@ def base_reference(spec: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def compare_with_dense(folder: Path, n: int, seed: int = 0, dense_metrics: dict | None = None) -> dict:
+def compare_with_dense(folder: Path, n: int, seed: int = 0, dense_metrics: dict | None = None,
+                       device: str | None = None) -> dict:
     """dit.evaluation.evaluate_pipeline of the DyDiT in `folder` and of its dense base pipeline, same n seeded
     prompts and settings (25 DPM-Solver++ steps, cfg 4), and the executed/dense MACs of the DyDiT's sampling.
-    `dense_metrics`: the base's result for the same (n, seed), measured before (not measured again)."""
-    pipe = load_dydit_pipeline(folder)
+    `dense_metrics`: the base's result for the same (n, seed), measured before (not measured again). `device`
+    (default: the GPU where there is one) runs both; its noise streams differ from the CPU's, so it is recorded."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_dydit_pipeline(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
     dense_s = None
     if dense_metrics is None:
         base = (folder / read_config(folder)["base"]).resolve()
-        dense = type(pipe).from_pretrained(base)
+        dense = type(pipe).from_pretrained(base).to(device)
         dense.set_progress_bar_config(disable=True)
         t0 = time.perf_counter()
         dense_metrics = evaluate_pipeline(dense, n=n, seed=seed)
@@ -253,7 +264,7 @@ def compare_with_dense(folder: Path, n: int, seed: int = 0, dense_metrics: dict 
     return {"kind": task_of(pipe), "dense": dense_metrics, "dydit": dy_metrics, "sampling_flops_ratio": c.ratio,
             "sampling_flops_ratio_with_overheads": c.ratio_with_overheads,
             "blocks_gmacs_per_image_dense": c.dense / n / 1e9, "blocks_gmacs_per_image_executed": c.executed / n / 1e9,
-            "eval_seconds_dense": dense_s, "eval_seconds_dydit": round(dy_s, 1)}
+            "eval_seconds_dense": dense_s, "eval_seconds_dydit": round(dy_s, 1), "device": str(device)}
 
 
 def update_card(folder: Path, comparison: dict) -> None:
@@ -312,22 +323,16 @@ def main(args) -> dict:
         from shapes.clip import ShapesCLIP
 
         text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
-    if task == "class":  # labels dropped by the step's seed (train_dit's Conditioner), not inside the model: the
-        # distillation teacher must see the same labels as the DyDiT
-        drop = dit.config.class_dropout_prob
-        conditioner = Conditioner(task, uncond_prob=drop, null_class=dit.config.num_classes if drop > 0 else None)
-        dit.label_embed.dropout_prob = 0.0  # runtime only, as in train_dit
-    else:
-        conditioner = Conditioner(task, text_encoder, args.uncond_prob)
-    # Why distil (ours): the DyDiT starts as the dense model and should end close to it. Its output on the same x_t
-    # is a target without the noise of the ε target, so the routers and adapters learn from far fewer samples.
-    teacher = copy.deepcopy(dit).to(acc.device).eval().requires_grad_(False) if args.distill > 0 else None
+    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
     as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
     objective = make_objective(args.objective)
-    model = build_dydit(dit, args.tau, args.seed, args.router_bias)
+    if args.init_from:
+        model = continued_dydit(Path(args.init_from), dit, args)
+    else:
+        model = build_dydit(dit, args.tau, args.seed, args.router_bias)
     if args.train != "full":
         model.frozen_backbone()
-    if args.train == "td-lora":
+    if args.train == "td-lora" and model.lora is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             model.add_td_lora(args.lora_rank, args.lora_experts)
@@ -376,10 +381,8 @@ def main(args) -> dict:
         draws = draw(objective, x0, torch.Generator(acc.device).manual_seed(seed))
         lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach)
         with acc.autocast():
-            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
+            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked")
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
-            if teacher is not None:
-                terms["loss_distill"] = args.distill * dyn_terms["distill"]
             if step < stage1 and args.train == "full":  # the complete term trains the backbone only
                 terms["loss_complete"] = run_loss(objective, net, x0, cond, draws, "complete")[0]["loss"]
         loss = sum(terms.values())

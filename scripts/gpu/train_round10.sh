@@ -8,7 +8,9 @@
 #   dydit-t2i-lora:  routers + TD-LoRA on the shipped shapes-t2i.                                      issue 8
 #   t2v:             shapes-t2v continued (temporal blocks, spatial cross-attention, caption projection). issue 5
 #   t2i-full:        every weight of shapes-t2i trained.                                               issue 8
-# DYDIT_ARGS is added to every DyDiT run (second call: "--distill 3", the frozen dense model's output as a target).
+# DYDIT_ARGS is added to every DyDiT run (second call: "--distill 3", the frozen dense model's output as a target;
+# that option was measured worse and removed). CONTINUE=1 (third call): each DyDiT run goes on from the first call's
+# folder runs/dydit-NAME/model (carried), already at lambda, into runs/dydit-NAME-c; BATCH sets the batch (64).
 # After the trainings, each DyDiT folder is compared with its dense base on EVAL_N seeded prompts (GPU), one at a
 # time, each under a time cap. The first call ran the comparisons inside the trainings and ran out of time in them;
 # a watchdog now packs whatever exists at WATCH seconds, so a late step cannot lose the trained folders.
@@ -25,17 +27,19 @@ mkdir -p runs
   python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
   echo "command: LIMIT=$LIMIT RUNS=\"$RUNS\" DYDIT_ARGS=\"${DYDIT_ARGS:-}\" bash scripts/gpu/train_round10.sh"
 } | tee "$OUT/device.txt"
-pack() { tar czf "$OUT/models.tgz" weights/shapes-t2v runs/*/model runs/*/log.jsonl runs/*/*.png runs/*/card.json \
-  runs/*/comparison.json --exclude='*/checkpoints' 2>/dev/null; }
+pack() { tar czf "$OUT/models.tgz" --exclude='*/checkpoints' weights/shapes-t2v runs/*/model runs/*/log.jsonl \
+  runs/*/*.png runs/*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
 
 dydit() {  # NAME MODEL EVAL_N [extra args...]
   local name=$1 model=$2 n=$3; shift 3
-  OMP_NUM_THREADS=3 python3 scripts/finetune_dydit.py --out "runs/dydit-$name" --model "$model" --lam 0.5 \
-    --steps 40000 --batch-size 64 --lam-hold 100 --lam-reach 1000 --pool 20000 --ema-decay 0.999 \
+  local start=(--lam-hold 100 --lam-reach 1000) out=runs/dydit-$name
+  if [ "${CONTINUE:-0}" = 1 ]; then start=(--init-from "runs/dydit-$name/model" --lam-hold 0 --lam-reach 0); out=$out-c; fi
+  OMP_NUM_THREADS=3 python3 scripts/finetune_dydit.py --out "$out" --model "$model" --lam 0.5 \
+    --steps 40000 --batch-size "${BATCH:-64}" "${start[@]}" --pool 20000 --ema-decay 0.999 \
     --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16 \
-    --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT" --save-to "runs/dydit-$name/model" \
+    --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT" --save-to "$out/model" \
     ${DYDIT_ARGS:-} "$@" > "$OUT/dydit-$name.log" 2>&1
 }
 PIDS=()
@@ -58,7 +62,10 @@ for r in $RUNS; do
 done
 wait "${PIDS[@]}"
 echo "trainings done at $SECONDS s"
-for d in runs/dydit-*/model; do  # one comparison at a time, each capped
+SUF=; [ "${CONTINUE:-0}" = 1 ] && SUF=-c
+for r in $RUNS; do  # one comparison at a time, each capped
+  [[ $r == t2v ]] && continue
+  d=runs/dydit-$r$SUF/model
   left=$((WATCH - 10 - SECONDS)); ((left < 20)) && { echo "no time left to compare $d"; break; }
   timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d" --final-eval-n "$EVAL_N" \
     > "${d%/model}/comparison.json" 2> "$OUT/eval-$(basename "${d%/model}").log"
@@ -66,7 +73,7 @@ for d in runs/dydit-*/model; do  # one comparison at a time, each capped
 done
 kill "$WATCHDOG" 2>/dev/null
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -3 | cut -c1-600; done
-for d in runs/dydit-*; do echo "== $d"; python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print({k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$d/comparison.json" 2>&1 | cut -c1-900; done
+for r in $RUNS; do d=runs/dydit-$r$SUF; [[ $r == t2v ]] && continue; echo "== $d"; python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print({k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$d/comparison.json" 2>&1 | cut -c1-900; done
 pack
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log)
 ls -la "$OUT"
