@@ -353,6 +353,7 @@ def main(args) -> dict:
     acc.register_for_checkpointing(ema)
     acc.register_for_checkpointing(skips)
     step = run.resume()
+    ema.to(acc.device)  # diffusers' EMAModel.load_state_dict leaves the restored averages on the CPU
     unwrapped = acc.unwrap_model(net)
 
     x_eval, raw_eval = data.batch(EVAL_SEED, args.eval_n, acc.device)

@@ -288,6 +288,7 @@ def test_flops_target_schedule():
     assert flops_target(0, 0.5) == 1.0 and flops_target(99, 0.5) == 1.0
     assert flops_target(550, 0.5) == pytest.approx(0.75)
     assert flops_target(1000, 0.5) == 0.5 and flops_target(5000, 0.5) == 0.5
+    assert flops_target(0, 0.5, hold=0, reach=0) == 0.5  # a continued run, already at lambda
 
 
 # ----------------------------------------------------------------------------------------------- f: MAC counter

@@ -4,6 +4,7 @@ the same outputs and leaves the backbone bit-identical, the grad-norm skip rule 
 `--train td-lora` on a text model under the flow objective trains routers + adapters and saves them beside each
 other."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -189,3 +190,36 @@ def test_td_lora_text_flow_finetune(tiny_pixart, tmp_path):
 def test_flow_times_are_stratified():
     t = finetune_dydit.stratified_flow_times(8, torch.Generator().manual_seed(0))
     assert [int(v * 4) for v in t] == [0, 0, 1, 1, 2, 2, 3, 3] and bool(((t >= 0) & (t < 1)).all())
+
+
+@needs_vae
+def test_init_from_continues_a_saved_dydit(tiny_base, tmp_path):
+    """--init-from: a TD-LoRA fine-tune saved, then continued. Before any update the continued model is the saved
+    one (same outputs), the cosine schedule anneals to zero at --steps, lambda holds from the first step (hold =
+    reach = 0), and a folder of another kind or adapter size is refused."""
+    first = tmp_path / "first"
+    _run(first, tiny_base, 4, "--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-2",
+         "--router-bias", "2", "--eval-every", "1000", "--ema-decay", "0.5")
+    saved = load_dydit(first / "model")
+    args = finetune_dydit.parse_args([
+        "--out", str(tmp_path / "second"), "--model", str(tiny_base), "--steps", "4", "--batch-size", "8", "--pool",
+        "32", "--cpu", "--lam", "0.5", "--lam-hold", "0", "--lam-reach", "0", "--ckpt-every", "1000", "--eval-n", "8",
+        "--flops-grid", "4", "--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-2",
+        "--init-from", str(first / "model"), "--schedule", "cosine", "--warmup", "1", "--eval-every", "1000",
+        "--log-every", "1"])
+    base = DiT.from_pretrained(tiny_base)
+    continued = finetune_dydit.continued_dydit(Path(args.init_from), base, args).eval()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([1, 40])
+    torch.testing.assert_close(continued(x, 700, y, mode="sliced").sample, saved(x, 700, y, mode="sliced").sample,
+                               rtol=0, atol=0)
+    finetune_dydit.main(args)
+    steps = [r for r in _log(tmp_path / "second") if "lam_t" in r]
+    assert [r["lam_t"] for r in steps] == [0.5] * 4
+    assert steps[0]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi / 4))) and steps[-1]["lr"] == 0.0
+    for wrong, match in ((["--train", "full"], "holds a td-lora fine-tune"),
+                         (["--train", "td-lora", "--lora-rank", "3"], "TD-LoRA rank 2 x 2 experts")):
+        bad = finetune_dydit.parse_args(["--out", str(tmp_path / "bad"), "--steps", "1", "--lora-experts", "2",
+                                         "--init-from", str(first / "model"), *wrong])
+        with pytest.raises(ValueError, match=match):
+            finetune_dydit.continued_dydit(Path(bad.init_from), base, bad)
