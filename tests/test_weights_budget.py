@@ -1,6 +1,7 @@
 """The shipped weights' size budgets (the brief and issues 5 / 9): all of weights/ under 40 MB, each DiT default under
 4 MB (a folder's own files: a video model saved over its image model counts only its delta), the VAR tokenizer and
-both VAR transformers together under 8 MB. Decimal megabytes, the stricter reading."""
+both VAR transformers together under 8 MB, the shipped DyDiT folders together under 4 MB (issue 8: what the method
+adds on top of the dense defaults). Decimal megabytes, the stricter reading."""
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,9 @@ def test_each_dit_default_under_4_mb(name):
 
 def test_var_tokenizer_and_transformers_under_8_mb():
     assert _bytes("shapes-vqvae", "shapes-var-c2i", "shapes-var-t2i") < 8e6
+
+
+def test_dydit_folders_together_under_4_mb():
+    folders = sorted(p.name for p in WEIGHTS.glob("shapes-dydit-*") if p.is_dir())
+    assert folders, "no DyDiT folder shipped"
+    assert _bytes(*folders) < 4e6

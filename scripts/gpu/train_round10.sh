@@ -71,7 +71,7 @@ for r in $RUNS; do  # one comparison at a time, each capped
     > "${d%/model}/comparison.json" 2> "$OUT/eval-$(basename "${d%/model}").log"
   echo "compared $d (exit $?) at $SECONDS s"
 done
-kill "$WATCHDOG" 2>/dev/null
+pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null  # its sleep too: it holds the output pipe open
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | tail -3 | cut -c1-600; done
 for r in $RUNS; do d=runs/dydit-$r$SUF; [[ $r == t2v ]] && continue; echo "== $d"; python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print({k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$d/comparison.json" 2>&1 | cut -c1-900; done
 pack
