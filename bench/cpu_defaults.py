@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nBatch {args.batch} per call.\n\n| model | kind | parameters | load (s) | first call (s) | "
-          f"next calls, median (s) | transformer share | executed / dense FLOPs |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "next calls, median (s) | transformer share | executed / dense FLOPs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         what = f"{r['kind']} ({r['frames']} frames)" if r["kind"] == "video" else r["kind"]
         print(f"| {r['model']} | {what} | {r['params'] / 1e6:.2f} M | {r['load_s']:.2f} | {r['first_sample_s']:.2f} | "

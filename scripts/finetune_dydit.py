@@ -7,6 +7,8 @@ dit/dydit.py; TD-LoRA: dit/td_lora.py; folder format: dit/dydit_io.py).
     python scripts/finetune_dydit.py --out runs/dydit-t2i --model shapes-t2i --train td-lora --lam 0.5 --steps 400 \
         --batch-size 32 --lr 1e-3 --router-bias 3 --pool 4096 --cpu --final-eval-n 96
     python scripts/finetune_dydit.py --evaluate weights/shapes-dydit-c2i --final-eval-n 480   # re-measure a folder
+    python scripts/finetune_dydit.py --out runs/more --model shapes-c2i --train td-lora --init-from \
+        weights/shapes-dydit-c2i --lam-hold 0 --lam-reach 0 --schedule cosine --warmup 100 --steps 5000 ...  # continue
 
 Each step draws t stratified (the batch split evenly over the four quarters of [0, T) for DDPM, of [0, 1) for flow),
 runs the dynamic (masked, Gumbel gates) forward through the objective (dit/objectives.py: MSE(eps) + VLB for
@@ -404,7 +406,8 @@ def main(args) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}", r=f"{dyn.flops_ratio.mean().item():.3f}")
             run.log({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                      "flops_train": dyn.flops_ratio.mean().item(), "lam_t": lam_t, "grad_norm": grad_norm,
-                     "lr": sched.get_last_lr()[0], "skipped": skip, "skip_rate": skips.rate, "stage": 1 if step <= stage1 else 2})
+                     "lr": sched.get_last_lr()[0], "skipped": skip, "skip_rate": skips.rate,
+                     "stage": 1 if step <= stage1 else 2})
         state = run.end_of_step(step, bar, evaluate)
         if state == "interrupted":
             bar.close()
