@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from attention import attention
 
 from .dit import BLOCK_MODULATIONS, DiT, modulate
+from .epilogue import can_fuse_weights, linear_gelu_tanh
 from .latte import LatteDiT
 from .pixart import PixArtDiT, keep_mask
 from .td_lora import BlockTDLoRA
@@ -690,6 +691,8 @@ class DyDiT(nn.Module):
         keep = torch.sigmoid(self.routers[layer].token_logits(x) / GATE_TAU) > 0.5  # (S, n)
 
         def mlp(h_KD: Tensor, seq_K: Tensor) -> Tensor:
+            if lora is None and can_fuse_weights(h_KD, w.fc1_w, w.fc1_b):  # as the dense MLP: GELU in the epilogue
+                return F.linear(linear_gelu_tanh(h_KD, w.fc1_w, w.fc1_b), w.fc2_w, w.fc2_b)
             a = F.linear(h_KD, w.fc1_w, w.fc1_b)
             if lora is not None:
                 a = a + lora.delta(h_KD, *w.lora["fc1"], pi[seq_K])

@@ -34,10 +34,15 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def can_fuse(x: Tensor, fc: torch.nn.Module) -> bool:
+    return type(fc) is torch.nn.Linear and can_fuse_weights(x, fc.weight, fc.bias)
+
+
+def can_fuse_weights(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """The same test for a product given by its tensors (DyDiT's sliced fc1 rows, dit/dydit.py)."""
     # Same dtype for input and weights too: under autocast (fp32 weights, half activations) the custom op would see
     # mixed dtypes, which cuBLASLt does not take; autocast's own linear then does the work.
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
-            and type(fc) is torch.nn.Linear and fc.bias is not None and fc.weight.dtype == x.dtype)
+            and bias is not None and weight.dtype == x.dtype)
 
 
 # FlopCounterMode (the benchmarks' MFU) cannot see inside a custom op: count its product like the addmm it is.
