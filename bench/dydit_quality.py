@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from app.catalog import resolve_model  # noqa: E402
 from app.generate import load_pipeline  # noqa: E402
-from dit.evaluation import DEFAULT_SETTINGS, _generate, class_prompts  # noqa: E402
+from dit.evaluation import DEFAULT_SETTINGS, generate_samples, class_prompts  # noqa: E402
 from shapes.clip import ShapesCLIP, frechet_to_reference  # noqa: E402
 from shapes.metrics import prompt_accuracy  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         if counter is not None:
             counter.reset()
         t0 = time.perf_counter()
-        images = _generate(pipe, labels, args.batch, 0, steps, cfg)
+        images = generate_samples(pipe, labels, args.batch, 0, steps, cfg)
         seconds = time.perf_counter() - t0
         acc = prompt_accuracy(images, labels)
         rows.append({"model": name, "prompt_accuracy": round(acc["accuracy"], 4), "shape": round(acc["shape"], 4),

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from app.catalog import resolve_model  # noqa: E402
 from dit.dydit_io import load_dydit_pipeline  # noqa: E402
-from dit.evaluation import class_prompts  # noqa: E402
+from dit.evaluation import DEFAULT_SETTINGS, class_prompts, generate_samples  # noqa: E402
 from shapes.analyse import analyse_batch  # noqa: E402
 
 THIRDS = ("high noise (first third of the steps)", "middle third", "low noise (last third)")
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="shapes-dydit-c2i", help="a class-to-image DyDiT folder or shipped name")
     p.add_argument("--n", type=int, default=96, help="class prompts (dit.evaluation.class_prompts, seed 0)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS["steps"])
+    p.add_argument("--cfg", type=float, default=DEFAULT_SETTINGS["cfg"])
     p.add_argument("--object-share", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/dydit_token_map.json")
@@ -76,10 +76,7 @@ def main(argv=None) -> int:
     for i, start in enumerate(range(0, args.n, args.batch)):
         chunk = labels[start:start + args.batch]
         calls.clear()
-        gen = torch.Generator("cpu").manual_seed(i)
-        images = pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.cfg, generator=gen,
-                      output_type="pt").images
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        images = generate_samples(pipe, chunk, len(chunk), i, args.steps, args.cfg)  # noise seed i, as evaluation
         maps = analyse_batch(images, return_maps=True)
         B, steps, blocks = len(chunk), len(calls), len(calls[0])
         grid = int(round(calls[0][0].shape[1] ** 0.5))
@@ -120,7 +117,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{images_with_objects} of {args.n} images with an object; {seconds:.0f} s\n")
-    print("| block | " + " | ".join(f"{t}: object / background" for t in THIRDS) + " | all steps: object / background |")
+    head = " | ".join(f"{t}: object / background" for t in THIRDS)
+    print(f"| block | {head} | all steps: object / background |")
     print("|---|" + "---|" * 4)
     for layer in range(rate.shape[1]):
         cells = [f"{rate[k, layer, 0]:.2f} / {rate[k, layer, 1]:.2f}" for k in range(3)]

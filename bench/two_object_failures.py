@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from app.catalog import resolve_model  # noqa: E402
 from app.generate import load_pipeline  # noqa: E402
-from dit.evaluation import DEFAULT_SETTINGS, _generate, caption_prompts  # noqa: E402
+from dit.evaluation import DEFAULT_SETTINGS, generate_samples, caption_prompts  # noqa: E402
 from shapes.analyse import analyse_batch  # noqa: E402
 from shapes.metrics import score_sample  # noqa: E402
 from shapes.text import as_parsed  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     prompts = caption_prompts(args.n, 2, args.seed)
     t0 = time.perf_counter()
-    images = _generate(pipe, prompts, args.batch, args.seed, DEFAULT_SETTINGS["steps"], DEFAULT_SETTINGS["cfg"])
+    images = generate_samples(pipe, prompts, args.batch, args.seed, DEFAULT_SETTINGS["steps"], DEFAULT_SETTINGS["cfg"])
     dets = analyse_batch(images)
     kinds = [failure_kind(d, as_parsed(c)) for d, c in zip(dets, prompts)]
     found = Counter(len(d) for d, k in zip(dets, kinds) if k == "count")

@@ -56,8 +56,9 @@ def video_prompts(n: int, seed: int = 0) -> list[str]:
     return eval_set("video", n, seed=seed)["caption"]
 
 
-def _generate(pipe, prompts: list, batch_size: int, seed: int, steps: int, cfg: float) -> torch.Tensor:
-    """uint8 samples (B, 3, H, W) or (B, T, 3, H, W), batch i's noise drawn from `seed + i`."""
+def generate_samples(pipe, prompts: list, batch_size: int, seed: int, steps: int, cfg: float) -> torch.Tensor:
+    """uint8 samples (B, 3, H, W) or (B, T, 3, H, W), batch i's noise drawn from `seed + i` (the metrics' samples;
+    public for the benchmarks that read the same images another way)."""
     device = pipe._execution_device
     out = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
@@ -96,19 +97,20 @@ def evaluate_pipeline(pipe, n: int = 256, seed: int = 0, steps: int = DEFAULT_SE
     settings = dict(steps=steps, cfg=cfg, sampler=sampler, n=n, seed=seed)
     if task == "class":
         labels = class_prompts(n, seed)
-        m = prompt_accuracy(_generate(pipe, labels, batch_size, seed, steps, cfg), labels)
+        m = prompt_accuracy(generate_samples(pipe, labels, batch_size, seed, steps, cfg), labels)
         metrics = {"prompt_accuracy": m["accuracy"], "shape": m["shape"], "colour": m["colour"], "count": m["count"]}
     elif task == "text":
         metrics = {}
         for objects, name in ((1, "one_object"), (2, "two_object")):
             caps = caption_prompts(n, objects, seed)
-            m = prompt_accuracy(_generate(pipe, caps, batch_size, seed, steps, cfg), caps)
+            m = prompt_accuracy(generate_samples(pipe, caps, batch_size, seed, steps, cfg), caps)
             metrics.update({f"{name}_accuracy": m["accuracy"], f"{name}_shape": m["shape"],
                             f"{name}_colour": m["colour"], f"{name}_position": m["position"],
                             f"{name}_count": m["count"]})
     else:
         caps = video_prompts(n, seed)
-        videos = _generate(pipe, caps, max(1, batch_size // pipe.transformer.config.num_frames), seed, steps, cfg)
+        per_batch = max(1, batch_size // pipe.transformer.config.num_frames)
+        videos = generate_samples(pipe, caps, per_batch, seed, steps, cfg)
         t = videos.shape[1]
         from shapes.analyse import analyse_batch
 
