@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=0,
                    help="shapes data: render and encode this many items once and sample batches from them (0: fresh "
                         "batches every step, CPU-bound)")
+    p.add_argument("--objects", default="1-3", metavar="MIN-MAX",
+                   help="shapes text data: objects per scene (the evaluation asks for one- and two-object captions; "
+                        "'1-2' leaves out the three-object scenes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--qk-norm", action="store_true",
                    help="fresh named sizes: RMSNorm on queries and keys (bounded attention logits; docs/dit.md)")
@@ -209,24 +212,26 @@ class LatentData:
 
 
 def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
-                tokenize: Callable | None = None) -> LatentData:
+                tokenize: Callable | None = None, objects: tuple[int, int] = (1, 3)) -> LatentData:
     """Rendered shapes data. `pool` 0: a fresh batch rendered and encoded every step (scene sampling and captions run
     on the CPU, ~60 ms per 256 scenes: it starves a GPU). `pool` N: N items rendered and encoded once up front (on
     the VAE's device, from `seed`), then every step draws its batch from them -- for a 2 M-parameter model,
     100k+ distinct scenes are plenty. A pool's captions are kept as token ids (`tokenize`), so steps skip the
-    tokenizer too."""
+    tokenizer too. `objects`: (min, max) objects per captioned scene."""
     size = vae.config.sample_size
     kind = {"class": "class", "text": "caption", "video": "video"}[task]
 
     def fresh(seed: int, n: int, device):
-        b = make_batch(kind, seed, n, size=size, device=vae.device, num_frames=num_frames)
+        extra = {"objects": objects} if task == "text" else {}
+        b = make_batch(kind, seed, n, size=size, device=vae.device, num_frames=num_frames, **extra)
         if task == "class":
             return encode(vae, b["image"]).to(device), b["label"].to(device)
         if task == "text":
             return encode(vae, b["image"]).to(device), b["caption"]
         return encode_video(vae, b["video"]).to(device), b["caption"]
 
-    what = {"class": "class scenes", "text": "captioned scenes (1-3 objects, paraphrased captions)",
+    lo, hi = objects
+    what = {"class": "class scenes", "text": f"captioned scenes ({lo}-{hi} objects, paraphrased captions)",
             "video": f"captioned {num_frames}-frame videos (1-2 moving objects)"}[task]
     num_classes = NUM_CLASSES if task == "class" else None
     if not pool:
@@ -327,11 +332,20 @@ def folder_data(folder: Path, task: str, vae: AutoencoderKL, encode_batch: int =
     return LatentData(batch, len(classes) if classes else None, f"{len(files)} images {what} from {folder}")
 
 
+def parse_objects(spec: str) -> tuple[int, int]:
+    """'1-2' -> (1, 2); '2' -> (2, 2)."""
+    try:
+        lo, _, hi = spec.partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"--objects takes MIN-MAX (e.g. 1-2), got {spec!r}") from None
+
+
 def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
-              tokenize: Callable | None = None) -> LatentData:
+              tokenize: Callable | None = None, objects: str = "1-3") -> LatentData:
     """The one place a data source is chosen."""
     if spec == "shapes":
-        return shapes_data(task, vae, num_frames, pool, seed, tokenize)
+        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects))
     return folder_data(Path(spec), task, vae)
 
 
@@ -468,7 +482,7 @@ def main(args) -> dict:
     if args.gradient_checkpointing and not sharded:  # under FSDP the plugin checkpoints the blocks (fsdp_plugin)
         model.enable_gradient_checkpointing()
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
-                     text_encoder.tokenize if text_encoder is not None else None)
+                     text_encoder.tokenize if text_encoder is not None else None, args.objects)
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     objective = make_objective(args.objective, **(

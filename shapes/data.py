@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .control import CONTROL_KINDS, control_maps, control_rgb
 from .render import render, render_video, to_float
 from .scene import (
+    CELLS,
     NUM_COLOURS,
     as_rng,
     sample_class_scenes,
@@ -62,12 +63,14 @@ def make_batch(
     control: str = "edges",
     question_kinds=SHORT_KINDS,
     labels=None,
+    objects: tuple[int, int] = (1, 3),
 ) -> dict:
     """One batch of ``kind`` drawn with ``rng`` (Generator or seed). Keys: ``scenes`` (SceneBatch) and, by
     kind, ``image`` (B, 3, H, W) uint8, ``label`` (B,) int64, ``caption`` / ``canonical`` lists of str,
     ``video`` (B, T, 3, H, W) uint8, ``control`` (B, 3, H, W) uint8 and ``maps`` (raw ``ControlMaps``),
     ``question`` / ``answer`` / ``question_kind`` lists of str. ``labels`` fixes the class ids of a class
-    batch; ``paraphrase=False`` gives canonical captions. ``size`` defaults to 64 px (256 px for tiny)."""
+    batch; ``paraphrase=False`` gives canonical captions; ``objects`` (min, max) bounds the objects per scene of the
+    caption / control / vqa kinds. ``size`` defaults to 64 px (256 px for tiny)."""
     rng = as_rng(rng)
     size = size or (TINY_SIZE if kind == "tiny" else 64)
     if kind not in KINDS:
@@ -87,7 +90,10 @@ def make_batch(
         b = sample_tiny_scenes(rng, n)
         out["image"] = render(b, size, device)
     else:
-        b = sample_scenes(rng, n)
+        lo, hi = objects
+        if not 1 <= lo <= hi <= len(CELLS):  # one object per grid cell
+            raise ValueError(f"objects must be (min, max) with 1 <= min <= max <= {len(CELLS)}, got {objects}")
+        b = sample_scenes(rng, n, lo, hi)
         if kind == "control":
             if control not in CONTROL_KINDS:
                 raise ValueError(f"unknown control kind {control!r}; expected one of {CONTROL_KINDS}")
