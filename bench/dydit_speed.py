@@ -5,7 +5,9 @@ call at batch 2B), bf16, batch B in {1, 8, 32}: the dense DiT, the DyDiT sliced 
 all in one process, timed with CUDA events (warm-up, median of repeats). "sliced-cap" is the sliced path with
 `use_token_capacity` (no host sync); "sliced-cap-graphs" and "dense-graphs" replay those model calls from one CUDA
 graph per sampling step (dit/step_graphs.py; rows record the recording time and the difference from the eager
-outputs), so the host's kernel launches leave the timing. "dense-compiled" is the dense model through
+outputs), so the host's kernel launches leave the timing. "sliced-compiled-graphs" is sliced-cap-graphs with the
+sliced block halves compiled (`DyDiT.compile_sliced`: the elementwise work fused as in the compiled dense model;
+its recording time includes the compilation). "dense-compiled" is the dense model through
 `dit.fast.prepare_for_sampling(..., --dense-preset)` (default `cudagraphs`: torch.compile with the whole forward
 replayed as a CUDA graph), the strongest dense baseline; it runs eagerly on a CPU. Reports img/s, speed-up vs dense, the
 dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
@@ -63,8 +65,11 @@ from dit.step_graphs import StepGraphs, dense_step_graphs, dydit_step_graphs
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
-VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs", "masked")
-GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs")
+VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs",
+            "sliced-compiled-graphs", "masked")
+GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs", "sliced-compiled-graphs")
+# Variants that run the sliced path with a token capacity (their executed FLOPs are sliced-cap's).
+CAPACITY_VARIANTS = ("sliced-cap", "sliced-cap-graphs", "sliced-compiled-graphs")
 GUIDANCE = 4.0
 
 
@@ -398,6 +403,42 @@ def split(run, device, dit, dydit, variant: str) -> dict:
     return out
 
 
+# Kernel-name buckets for runs without Python ranges (graph replays, compiled graphs), first match wins.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn")),
+    ("gemm", ("gemm", "sm90_", "sm100_", "cutlass", "cublas", "matmul", "_mm_", "splitk")),
+    ("index_scatter", ("index", "scatter", "nonzero", "gather", "cumsum")),
+    ("fused_elementwise", ("triton_",)),
+)
+
+
+def kernel_split(run, device) -> dict:
+    """ms per sampling run by kernel kind (device time of the kernels the profiler sees, graph replays included
+    where CUPTI reports their nodes) and the count of kernels: where time goes when there are no Python ranges."""
+    if device.type != "cuda":
+        return {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    out = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}
+    kernels = 0
+    top: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA or "memcpy" in evt.name.lower() \
+                or "memset" in evt.name.lower():
+            continue
+        us = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        name = evt.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        out[kind] += us / 1e3
+        top[evt.name[:80]] = top.get(evt.name[:80], 0.0) + us / 1e3
+        kernels += 1
+    out["kernels"] = kernels
+    out["total"] = sum(v for k, v in out.items() if k != "kernels")
+    out["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
 def rel_diff(got, ref) -> float:
     """||got - ref|| / ||ref|| over the final latents."""
@@ -422,6 +463,9 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=0.03, help="allowed |executed ratio - lambda|")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-split", action="store_true", help="skip the profiled time split")
+    p.add_argument("--kernel-split", action="store_true",
+                   help="graph and compiled rows: device time by kernel kind (GEMM, attention, fused elementwise, "
+                        "index/scatter, other) from one profiled run")
     p.add_argument("--dense-preset", default="cudagraphs", help="dit.fast preset of the dense-compiled variant")
     p.add_argument("--cap-margin", type=float, default=0.1,
                    help="sliced-cap: capacity = calibrated kept share x (1 + margin), rounded up to 64 rows")
@@ -535,6 +579,8 @@ def main(argv=None) -> int:
                         exact = eager_output("sliced")  # exact gather (run before use_token_capacity)
                         dydit.use_token_capacity(margin=args.cap_margin)
                         ref = eager_output("sliced-cap")
+                        if variant == "sliced-compiled-graphs":  # the same, its two block halves compiled
+                            dydit.compile_sliced()
                         graphs = dydit_step_graphs(dydit, sched.timesteps)
                     run = lambda graphs=graphs: sample(graphs, sched, x0, y_in, channels)  # noqa: E731
                     t0 = time.perf_counter()
@@ -544,7 +590,7 @@ def main(argv=None) -> int:
                     got = run()  # replayed, which also serves as a warm-up run
                     warmup = max(warmup - 1, 0)
                     extra["vs_eager_rel"] = rel_diff(got, ref)
-                    if variant == "sliced-cap-graphs":
+                    if variant != "dense-graphs":
                         extra.update(cap_margin=args.cap_margin, vs_exact_rel=rel_diff(got, exact))
                 elif variant == "dense-compiled":
                     ref = eager_output("dense")
@@ -564,24 +610,29 @@ def main(argv=None) -> int:
                     got = refs["sliced-cap"] = run()
                     extra = {"cap_margin": args.cap_margin, "vs_exact_rel": rel_diff(got, exact)}
                 times = time_run(run, device, args.repeats, warmup)
-                if variant in ("sliced-cap", "sliced-cap-graphs"):
+                if variant in CAPACITY_VARIANTS:
                     extra["overflowed_block_steps"] = dydit.token_overflow()  # the graphs add into the same counter
                 med = statistics.median(times)
                 dense = variant in ("dense", "dense-graphs", "dense-compiled")
-                executed = 1.0 if dense else ratios[variant.removesuffix("-graphs")]  # replays run the same shapes
+                # replays run the same shapes as the eager calls they recorded
+                executed = 1.0 if dense else ratios["sliced-cap" if variant in CAPACITY_VARIANTS else variant]
                 row = {"lam": lam, "batch": B, "variant": variant, "steps": args.steps,
                        "median_s": med, "times_s": times, "img_per_s": B / med,
                        "executed_flops_ratio": executed,
                        "mask_flops_ratio": 1.0 if dense else est}
                 row.update(extra)
+                if args.kernel_split and (graphs is not None or variant == "dense-compiled"):
+                    row["kernel_split_ms"] = kernel_split(run, device)
                 if not args.no_split and (graphs is not None or variant == "dense-compiled"):
                     # The split's ranges wrap Python calls (attention, MLP, gather), which a replay does not make.
                     row.update(split_ms=None, split_skipped="graph replays and compiled graphs make no Python calls "
                                                             "for the profiler's ranges to wrap")
                 elif not args.no_split:
                     row["split_ms"] = split(run, device, dit, dydit, variant)
-                if variant in ("sliced-cap", "sliced-cap-graphs"):
+                if variant in CAPACITY_VARIANTS:
                     dydit.exact_token_gather()
+                if variant == "sliced-compiled-graphs":
+                    dydit.eager_sliced()
                 if variant == "dense-compiled":
                     restore_eager(dit)
                 if cache is not None:

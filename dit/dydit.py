@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from attention import attention
 
-from .dit import BLOCK_MODULATIONS, DiT, modulate
+from .dit import BLOCK_MODULATIONS, DiT, modulate, no_qk_norm
 from .epilogue import can_fuse_weights, linear_gelu_tanh
 from .latte import LatteDiT
 from .pixart import PixArtDiT, keep_mask
@@ -233,8 +233,10 @@ def _units(indices, size: int, device) -> Tensor:
 @dataclass
 class BlockWeights:
     """One block's weights for a set of heads and groups, in their order: qkv rows head-major (per head q, k, v),
-    proj columns, fc1 rows and fc2 columns of those units, and TD-LoRA factors sliced the same way. Built once per
-    block in a permuted order (`gather`), a step's weights are `prefix(ha, ga)`: views, no copy."""
+    proj and fc2 stored transposed (input units as rows), fc1 rows, and TD-LoRA factors sliced the same way (A
+    transposed). Built once per block in a permuted order (`gather`), a step's weights are `prefix(ha, ga)`: views,
+    no copy. Every sliced tensor is sliced along its rows, so a prefix is contiguous whatever its width: the compiled
+    sliced path (`DyDiT.compile_sliced`) sees one stride pattern at every width and never recompiles for it."""
 
     heads: tuple[int, ...]
     groups: tuple[int, ...]
@@ -242,13 +244,13 @@ class BlockWeights:
     group_size: int
     qkv_w: Tensor  # (nh * 3 * dh, D)
     qkv_b: Tensor
-    proj_w: Tensor  # (D, nh * dh)
+    proj_wt: Tensor  # (nh * dh, D): proj.weight.T's rows of those heads
     proj_b: Tensor
     fc1_w: Tensor  # (ng * G, D)
     fc1_b: Tensor
-    fc2_w: Tensor  # (D, ng * G)
+    fc2_wt: Tensor  # (ng * G, D): fc2.weight.T's rows of those groups
     fc2_b: Tensor
-    lora: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (A (K r, in'), B (out', K r))
+    lora: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (A^T (in', K r), B (out', K r))
 
     @classmethod
     @torch.no_grad()
@@ -260,30 +262,30 @@ class BlockWeights:
         rows, cols, units = _head_rows(heads, dh, D, dev), _units(heads, dh, dev), _units(groups, G, dev)
         factors = None
         if lora is not None:
-            A, B = lora.A, lora.B
-            factors = {"qkv": (A["qkv"], B["qkv"].index_select(0, rows)),
-                       "proj": (A["proj"].index_select(1, cols), B["proj"]),
-                       "fc1": (A["fc1"], B["fc1"].index_select(0, units)),
-                       "fc2": (A["fc2"].index_select(1, units), B["fc2"])}
+            A, B = {k: a.t() for k, a in lora.A.items()}, lora.B
+            factors = {"qkv": (A["qkv"].contiguous(), B["qkv"].index_select(0, rows)),
+                       "proj": (A["proj"].index_select(0, cols), B["proj"]),
+                       "fc1": (A["fc1"].contiguous(), B["fc1"].index_select(0, units)),
+                       "fc2": (A["fc2"].index_select(0, units), B["fc2"])}
             factors = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()}
         return cls(
             tuple(heads), tuple(groups), dh, G,
             qkv.weight.index_select(0, rows), qkv.bias.index_select(0, rows),
-            proj.weight.index_select(1, cols), proj.bias,
+            proj.weight.t().index_select(0, cols), proj.bias,
             fc1.weight.index_select(0, units), fc1.bias.index_select(0, units),
-            fc2.weight.index_select(1, units), fc2.bias, factors,
+            fc2.weight.t().index_select(0, units), fc2.bias, factors,
         )
 
     def prefix(self, heads: int, groups: int) -> "BlockWeights":
-        """The first `heads` heads and `groups` groups, as views of these tensors."""
+        """The first `heads` heads and `groups` groups, as views of these tensors (leading rows: contiguous)."""
         r, c, u = heads * 3 * self.head_dim, heads * self.head_dim, groups * self.group_size
         lora = None
         if self.lora is not None:
             (qa, qb), (pa, pb), (f1a, f1b), (f2a, f2b) = (self.lora[k] for k in ("qkv", "proj", "fc1", "fc2"))
-            lora = {"qkv": (qa, qb[:r]), "proj": (pa[:, :c], pb), "fc1": (f1a, f1b[:u]), "fc2": (f2a[:, :u], f2b)}
+            lora = {"qkv": (qa, qb[:r]), "proj": (pa[:c], pb), "fc1": (f1a, f1b[:u]), "fc2": (f2a[:u], f2b)}
         return replace(self, heads=self.heads[:heads], groups=self.groups[:groups],
-                       qkv_w=self.qkv_w[:r], qkv_b=self.qkv_b[:r], proj_w=self.proj_w[:, :c],
-                       fc1_w=self.fc1_w[:u], fc1_b=self.fc1_b[:u], fc2_w=self.fc2_w[:, :u], lora=lora)
+                       qkv_w=self.qkv_w[:r], qkv_b=self.qkv_b[:r], proj_wt=self.proj_wt[:c],
+                       fc1_w=self.fc1_w[:u], fc1_b=self.fc1_b[:u], fc2_wt=self.fc2_wt[:u], lora=lora)
 
 
 def kept_index(keep_flat: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,6 +334,87 @@ def token_skip_mlp(
     # scatter, where index_add is an atomic add per element on CUDA. (No faster on the H100 at batch 8, where the
     # sliced run is host-bound: docs/benchmarks.md.)
     return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), idx.numel()
+
+
+def _low_rank(x: Tensor, At: Tensor, B: Tensor, w: Tensor) -> Tensor:
+    """TD-LoRA's update ((x A^T) * w) B^T, given A^T (in, K·r), with the mixture w already expanded to the K·r
+    columns and scaled: w (S, K·r) per sequence of x (S, ..., in), or (M, K·r) per row of x (M, in). Equals
+    BlockTDLoRA.delta."""
+    h = x @ At
+    return (h * w.view(w.shape[0], *([1] * (h.ndim - 2)), w.shape[-1])) @ B.t()
+
+
+def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, norm_eps: float, qkv_w: Tensor,
+                          qkv_b: Tensor, proj_wt: Tensor, proj_b: Tensor, head_dim: int,
+                          qk: tuple[Tensor, Tensor, float] | None, lora_qkv, lora_proj, lora_w: Tensor | None
+                          ) -> Tensor:
+    """x + gate * proj(attention of the active heads): the sliced block's attention half, on plain tensors.
+
+    qkv_w holds the active heads' rows head-major (per head q, k, v: `BlockWeights`), proj_wt their rows of proj's
+    transposed weight; `qk` is
+    QK-norm's (q scale, k scale, eps) or None; lora_* are sliced TD-LoRA factors (A, B) with `lora_w` (S, K·r)."""
+    S, n, D = x.shape
+    ha = qkv_w.shape[0] // (3 * head_dim)
+    h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    if lora_qkv is not None:
+        qkv = qkv + _low_rank(h, *lora_qkv, lora_w)
+    q, k, v = qkv.view(S, n, ha, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # (S, ha, n, Dh) each
+    if qk is not None:
+        q, k = F.rms_norm(q, (head_dim,), qk[0], qk[2]), F.rms_norm(k, (head_dim,), qk[1], qk[2])
+    out = attention(q, k, v).transpose(1, 2).reshape(S, n, ha * head_dim)
+    attn_out = torch.addmm(proj_b, out.reshape(-1, ha * head_dim), proj_wt).view(S, n, -1)
+    if lora_proj is not None:
+        attn_out = attn_out + _low_rank(out, *lora_proj, lora_w)
+    return x + gate[:, None] * attn_out
+
+
+def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: Tensor, shift: Tensor,
+                     scale: Tensor, gate: Tensor, norm_eps: float, fc1_w: Tensor, fc1_b: Tensor, fc2_wt: Tensor,
+                     fc2_b: Tensor, capacity: int | None, lora_fc1, lora_fc2, lora_w: Tensor | None
+                     ) -> tuple[Tensor, int | Tensor, Tensor]:
+    """The sliced block's MLP half: the token router's eval decision, then `token_skip_mlp` over the active channel
+    groups. r*_w / r*_b: the token router's two linears. Returns (x, kept, keep (S, n))."""
+    S, n, D = x.shape
+    logits = F.linear(F.relu(F.linear(x, r1_w, r1_b)), r2_w, r2_b).squeeze(-1)
+    # The eval gate's decision (sigmoid(logits / tau) > 0.5, as gumbel_sigmoid_gate(noise=False)) without its
+    # straight-through autograd.Function: nothing is differentiated here, and this runs every block and step.
+    keep = torch.sigmoid(logits / GATE_TAU) > 0.5  # (S, n)
+
+    def mlp(h_KD: Tensor, seq_K: Tensor) -> Tensor:
+        if lora_fc1 is None and can_fuse_weights(h_KD, fc1_w, fc1_b):  # as the dense MLP: GELU in the epilogue
+            return torch.addmm(fc2_b, linear_gelu_tanh(h_KD, fc1_w, fc1_b), fc2_wt)
+        a = F.linear(h_KD, fc1_w, fc1_b)
+        w_K = None if lora_w is None else lora_w.index_select(0, seq_K)
+        if lora_fc1 is not None:
+            a = a + _low_rank(h_KD, *lora_fc1, w_K)
+        a = F.gelu(a, approximate="tanh")
+        o = torch.addmm(fc2_b, a, fc2_wt)
+        if lora_fc2 is not None:
+            o = o + _low_rank(a, *lora_fc2, w_K)
+        return o
+
+    norm = lambda t: F.layer_norm(t, (D,), eps=norm_eps)  # noqa: E731  (no affine: DiT's norm2)
+    x, kept = token_skip_mlp(x, keep, mlp, norm, shift, scale, gate, capacity=capacity)
+    return x, kept, keep
+
+
+SLICED_EAGER = (sliced_self_attention, sliced_token_mlp)
+
+
+def _compiled_dynamic(fn, mode: str | None):
+    """torch.compile with symbolic sizes and without duck sizing: otherwise sizes that happen to be equal at the
+    first call (a weight prefix's rows and a chunk's storage offset, both 256) are assumed equal for good, and the
+    next width recompiles."""
+    from torch.fx.experimental import _config as fx_config
+
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
+
+    def call(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -399,6 +482,7 @@ class DyDiT(nn.Module):
         self.lora: nn.ModuleList | None = None
         self._grid: tuple[Tensor, list[list[BlockWeights]]] | None = None
         self._grid_step = 0
+        self._sliced_fns = SLICED_EAGER
         self.clear_cache()
 
     @classmethod
@@ -455,6 +539,32 @@ class DyDiT(nn.Module):
         self._capacity = (float(margin), int(multiple))
         self._reset_overflow()
         return self
+
+    def compile_sliced(self, mode: str | None = None) -> "DyDiT":
+        """Run the sliced path's two halves (`sliced_self_attention`, `sliced_token_mlp` with a token capacity)
+        through torch.compile, so the elementwise work around the products is fused (LayerNorm + modulation, bias +
+        gated residual, the router's decision, the gather + norm + modulation of the kept tokens) as it is in the
+        compiled dense model.
+
+        Why `dynamic=True`: every step of a sampling run has its own head, group and row counts; with symbolic sizes
+        one graph per half serves every block and every step (a static compile would recompile per distinct width
+        set). The weights are arguments, so nothing is baked in. No CUDA graphs here (mode must not be
+        "reduce-overhead" / "max-autotune"): per-step graphs are `dit/step_graphs.py`'s job, and they capture these
+        compiled kernels. The exact gather (no capacity) keeps the eager MLP half: its row count is data-dependent."""
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode {mode!r} replays CUDA graphs inside the compiled halves; use dit/step_graphs.py "
+                             "for graphs over whole steps")
+        self._sliced_fns = tuple(_compiled_dynamic(f, mode) for f in SLICED_EAGER)
+        return self
+
+    def eager_sliced(self) -> "DyDiT":
+        """Undo `compile_sliced`."""
+        self._sliced_fns = SLICED_EAGER
+        return self
+
+    @property
+    def sliced_compiled(self) -> bool:
+        return self._sliced_fns is not SLICED_EAGER
 
     def exact_token_gather(self) -> "DyDiT":
         """Back to the exact gather (nonzero per block), which also goes on calibrating the capacities."""
@@ -673,38 +783,24 @@ class DyDiT(nn.Module):
         w = ps.plan[layer]
         dh, ha, ga = w.head_dim, len(w.heads), len(w.groups)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        h = modulate(block.norm1(x), shift_a, scale_a)
-        qkv = F.linear(h, w.qkv_w, w.qkv_b)
-        if lora is not None:
-            qkv = qkv + lora.delta(h, *w.lora["qkv"], pi)
-        q, k, v = qkv.view(S, n, ha, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # head-major rows -> (S, ha, n, Dh)
-        q, k = block.attn.qk_norm(q, k)
-        out = attention(q, k, v).transpose(1, 2).reshape(S, n, ha * dh)
-        attn_out = F.linear(out, w.proj_w, w.proj_b)
-        if lora is not None:
-            attn_out = attn_out + lora.delta(out, *w.lora["proj"], pi)
-        x = x + gate_a[:, None] * attn_out
+        qk = block.attn.qk_norm
+        qk = None if qk is no_qk_norm else (qk.q.weight, qk.k.weight, qk.q.eps)
+        # TD-LoRA's mixture per sequence, expanded to the K·r factor columns and scaled (the sliced functions take
+        # plain tensors, so that one compiled graph serves every block and step)
+        lw = None if lora is None else pi.repeat_interleave(lora.rank, dim=-1) * lora.scale
+        f = w.lora or {}
+        # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
+        x = self._sliced_fns[0](x.contiguous(), shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w, w.qkv_b,
+                                w.proj_wt, w.proj_b, dh, qk, f.get("qkv"), f.get("proj"), lw)
         if cross is not None:
             x = cross(x)
-        # The eval gate's decision (sigmoid(logits / tau) > 0.5, as gumbel_sigmoid_gate(noise=False)) without its
-        # straight-through autograd.Function: nothing is differentiated here, and this runs every block and step.
-        keep = torch.sigmoid(self.routers[layer].token_logits(x) / GATE_TAU) > 0.5  # (S, n)
-
-        def mlp(h_KD: Tensor, seq_K: Tensor) -> Tensor:
-            if lora is None and can_fuse_weights(h_KD, w.fc1_w, w.fc1_b):  # as the dense MLP: GELU in the epilogue
-                return F.linear(linear_gelu_tanh(h_KD, w.fc1_w, w.fc1_b), w.fc2_w, w.fc2_b)
-            a = F.linear(h_KD, w.fc1_w, w.fc1_b)
-            if lora is not None:
-                a = a + lora.delta(h_KD, *w.lora["fc1"], pi[seq_K])
-            a = F.gelu(a, approximate="tanh")
-            o = F.linear(a, w.fc2_w, w.fc2_b)
-            if lora is not None:
-                o = o + lora.delta(a, *w.lora["fc2"], pi[seq_K])
-            return o
-
         rows = S * n
         cap = self._capacity_for(layer, rows)
-        x, kept = token_skip_mlp(x, keep, mlp, block.norm2, shift_m, scale_m, gate_m, capacity=cap)
+        tr = self.routers[layer].token_router
+        # The exact gather (cap None) has a data-dependent row count: it stays eager.
+        mlp = self._sliced_fns[1] if cap is not None else sliced_token_mlp
+        x, kept, keep = mlp(x, tr[0].weight, tr[0].bias, tr[2].weight, tr[2].bias, shift_m, scale_m, gate_m,
+                            block.norm2.eps, w.fc1_w, w.fc1_b, w.fc2_wt, w.fc2_b, cap, f.get("fc1"), f.get("fc2"), lw)
         if cap is None:  # kept is known on the host (nonzero): remember the most this block kept (calibration)
             self._kept_frac[layer] = max(self._kept_frac.get(layer, 0.0), kept / rows)
         else:  # no sync: overflows are counted on the device, read by token_overflow()
@@ -774,7 +870,10 @@ class DyDiT(nn.Module):
             return self._permuted[layer].prefix(len(heads), len(groups))
         key = (layer, heads, groups)
         if key not in self._sliced:
-            self._sliced[key] = BlockWeights.gather(self.routed_blocks()[layer], lora, heads, groups)
+            # Its whole prefix: views, like every other step's weights (the compiled sliced path's guards look at
+            # a view's base, so a plain tensor here would cost a recompile).
+            self._sliced[key] = BlockWeights.gather(self.routed_blocks()[layer], lora, heads, groups).prefix(
+                len(heads), len(groups))
         return self._sliced[key]
 
     def step_weights(self, timestep: float) -> list[BlockWeights]:

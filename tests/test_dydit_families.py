@@ -231,7 +231,7 @@ def test_prefix_weights_are_views_and_orders_put_frequent_units_first():
             for layer, w in enumerate(model.step_weights(t)):
                 full = model._permuted[layer]
                 assert w.qkv_w.untyped_storage().data_ptr() == full.qkv_w.untyped_storage().data_ptr()
-                assert w.fc2_w.untyped_storage().data_ptr() == full.fc2_w.untyped_storage().data_ptr()
+                assert w.fc2_wt.untyped_storage().data_ptr() == full.fc2_wt.untyped_storage().data_ptr()
                 widths.add(len(w.heads))
             sliced, masked = model(x, t, y, mode="sliced"), model(x, t, y, mode="masked")
             torch.testing.assert_close(sliced.sample, masked.sample, rtol=ATOL, atol=ATOL)
