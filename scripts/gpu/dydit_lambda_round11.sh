@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call (eleventh session): DyDiT-c2i at several lambda side by side on one GPU, each continued from the
+# shipped weights/shapes-dydit-c2i (lambda 0.5; --init-from, the new lambda from the first step), then each compared
+# with the dense shapes-c2i on EVAL_N seeded prompts on the GPU: the issue's curve over lambda, and lambda 0.5 trained
+# further (the candidate to ship).                                                                        issue 8
+# Usage: LIMIT=430 [LAMS="0.5 0.3 0.7 0.9"] bash scripts/gpu/dydit_lambda_round11.sh   (carry [".whl"])
+set -uo pipefail
+LIMIT=${LIMIT:-430}
+WATCH=${WATCH:-565}
+EVAL_N=${EVAL_N:-480}
+LAMS=${LAMS:-"0.5 0.3 0.7 0.9"}
+LR=${LR:-5e-4}
+source scripts/gpu/env.sh
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
+mkdir -p runs
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
+  echo "command: LIMIT=$LIMIT LAMS=\"$LAMS\" LR=$LR EVAL_N=$EVAL_N bash scripts/gpu/dydit_lambda_round11.sh"
+} | tee "$OUT/device.txt"
+pack() { tar czf "$OUT/models.tgz" runs/dydit-lam*/model runs/dydit-lam*/log.jsonl runs/dydit-lam*/comparison.json \
+  2>/dev/null; }
+(sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
+WATCHDOG=$!
+PIDS=()
+for lam in $LAMS; do
+  OMP_NUM_THREADS=3 python3 scripts/finetune_dydit.py --out "runs/dydit-lam$lam" --model weights/shapes-c2i \
+    --init-from weights/shapes-dydit-c2i --lam-hold 0 --lam-reach 0 --lam "$lam" --train td-lora --lora-rank 4 \
+    --lora-experts 4 --lr "$LR" --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999 \
+    --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16 \
+    --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT" --save-to "runs/dydit-lam$lam/model" \
+    > "$OUT/dydit-lam$lam.log" 2>&1 &
+  PIDS+=($!)
+done
+wait "${PIDS[@]}"
+echo "trainings done at $SECONDS s"
+for lam in $LAMS; do
+  d=runs/dydit-lam$lam
+  left=$((WATCH - 10 - SECONDS)); ((left < 15)) && { echo "no time left to compare $d"; break; }
+  timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
+    > "$d/comparison.json" 2> "$OUT/eval-lam$lam.log"
+  echo "compared $d (exit $?) at $SECONDS s"
+done
+pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
+for lam in $LAMS; do
+  python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(sys.argv[2], {k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "runs/dydit-lam$lam/comparison.json" "$lam" 2>&1 | cut -c1-700
+  tail -c 300 "$OUT/dydit-lam$lam.log"; echo
+done
+pack
+(cd "$OUT" && tar czf logs.tgz --remove-files *.log)
+ls -la "$OUT"
