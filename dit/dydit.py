@@ -288,14 +288,14 @@ class BlockWeights:
                        fc1_w=self.fc1_w[:u], fc1_b=self.fc1_b[:u], fc2_wt=self.fc2_wt[:u], lora=lora)
 
 
-def kept_index(keep_flat: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+def kept_index(keep_flat: Tensor, capacity: int, fill: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """The positions of the kept tokens, in order, in a fixed number of rows, without asking the GPU how many there
-    are (nonzero's host sync). Returns idx (capacity,) — the first `capacity` kept positions, then 0 for the spare
-    rows —, valid (capacity,) which rows are real, and count (a 0-d tensor: how many were kept; more than
+    are (nonzero's host sync). Returns idx (capacity,) — the first `capacity` kept positions, then `fill` for the
+    spare rows —, valid (capacity,) which rows are real, and count (a 0-d tensor: how many were kept; more than
     `capacity` means some were left out, which the caller must detect: `DyDiT.token_overflow`).
     torch.nonzero_static pads to a fixed size on the device (its CUDA kernel reads the count on the GPU,
     pytorch/pytorch#136415), one op where a cumsum rank + scatter took a dozen host dispatches per block."""
-    idx = torch.nonzero_static(keep_flat, size=capacity, fill_value=0).squeeze(1)
+    idx = torch.nonzero_static(keep_flat, size=capacity, fill_value=fill).squeeze(1)
     count = keep_flat.sum()
     return idx, torch.arange(capacity, device=keep_flat.device) < count, count
 
@@ -308,32 +308,33 @@ def token_skip_mlp(
 
     Flattens to (B*N, D), gathers the K kept tokens (per-sample counts may differ, no padding), indexes the
     per-sample shift/scale/gate by token // N, runs `mlp(h_KD, sample_K)` on the (K, D) kept tokens (sample_K: each
-    token's sequence, for per-sequence parameters such as TD-LoRA's mixture) and writes the update back.
-    Returns the new x and K.
+    token's sequence, for per-sequence parameters such as TD-LoRA's mixture) and writes each kept row back whole
+    (residual + update) by index_copy: a plain scatter (index_add is an atomic add per element on CUDA, 17% of a
+    compiled sliced run at batch 32 on the H100: docs/dydit.md). Returns the new x and K.
 
     `capacity`: gather into exactly that many rows instead (`kept_index`: no host sync, so the GPU queue never
-    drains here); spare rows repeat token 0 and their updates are discarded, so the kept tokens' results are those
-    of the exact gather. Returns the new x and K as a 0-d tensor (K > capacity: tokens were left out).
+    drains here). The spare rows point at one scratch row appended after the B*N tokens, so that every real row
+    is written once and the spare rows' writes land in the scratch row, which is dropped: the kept tokens' results
+    are those of the exact gather. Returns the new x and K as a 0-d tensor (K > capacity: tokens were left out).
     """
     B, N, D = x_BND.shape
-    x_flat = x_BND.reshape(B * N, D)
+    rows = B * N
+    x_flat = x_BND.reshape(rows, D)
     if capacity is None:
         idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
+        count = idx.numel()
     else:
-        idx, valid, count = kept_index(keep_BN.reshape(-1), capacity)
-    sample = idx // N
+        idx, _, count = kept_index(keep_BN.reshape(-1), capacity, fill=rows)
+        x_flat = torch.cat([x_flat, x_flat.new_zeros(1, D)])  # row `rows`: the spare rows' scratch
+    sample = (idx // N).clamp_max(B - 1)  # (the scratch row's sample is any valid one)
     x_KD = x_flat.index_select(0, idx)
     # index_select rather than advanced indexing: the same gather with less host work per call.
     h = norm(x_KD) * (1 + scale_BD.index_select(0, sample)) + shift_BD.index_select(0, sample)  # (K, D)
     update = gate_BD.index_select(0, sample) * mlp(h, sample)
-    if capacity is not None:
-        # Spare rows all point at token 0: add their updates as zeros (index_add), never write them.
-        update = torch.where(valid[:, None], update, 0)
-        return x_flat.index_add(0, idx, update).view(B, N, D), count
-    # Each kept token appears once, so its row is written back whole (residual + update) by index_copy: a plain
-    # scatter, where index_add is an atomic add per element on CUDA. (No faster on the H100 at batch 8, where the
-    # sliced run is host-bound: docs/benchmarks.md.)
-    return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), idx.numel()
+    if capacity is None:
+        return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), count
+    # In place on the fresh padded copy (no second copy of x); the scratch row is dropped by the slice.
+    return x_flat.index_copy_(0, idx, x_KD + update)[:rows].view(B, N, D), count
 
 
 def _low_rank(x: Tensor, At: Tensor, B: Tensor, w: Tensor) -> Tensor:
@@ -399,7 +400,13 @@ def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: 
     return x, kept, keep
 
 
-SLICED_EAGER = (sliced_self_attention, sliced_token_mlp)
+def sliced_block(x: Tensor, attn_args: tuple, mlp_args: tuple) -> tuple[Tensor, int | Tensor, Tensor]:
+    """A sliced block without cross-attention as one function: compiled whole, the gated residual after proj is
+    fused with what reads it (the token router, the gather) instead of being written and read again."""
+    return sliced_token_mlp(sliced_self_attention(x, *attn_args), *mlp_args)
+
+
+SLICED_EAGER = (sliced_self_attention, sliced_token_mlp, sliced_block)
 
 
 def _compiled_dynamic(fn, mode: str | None):
@@ -513,6 +520,14 @@ class DyDiT(nn.Module):
 
     # caches hold values derived from the weights; they are rebuilt after any switch of train()/eval().
     def clear_cache(self) -> None:
+        self._clear_weight_caches()
+        self._kept_frac: dict[int, float] = {}  # most tokens each block kept in exact sliced runs, as a fraction
+        self._capacity: tuple[float, int] | None = None  # (margin, multiple) of use_token_capacity
+        self._overflow: Tensor | None = None
+
+    def _clear_weight_caches(self) -> None:
+        """Drop what holds copies or views of the weights (plans, permuted / sliced weights, masks, the sampling
+        grid); the token calibration stays."""
         self._masks_by_t: dict[float, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self._steps: dict[float, list[BlockWeights]] = {}
         self._orders: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
@@ -520,9 +535,13 @@ class DyDiT(nn.Module):
         self._sliced: dict[tuple, BlockWeights] = {}  # gathered copies for masks that are not prefixes
         self._mask_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # sliced blocks' head / group masks
         self._grid = None
-        self._kept_frac: dict[int, float] = {}  # most tokens each block kept in exact sliced runs, as a fraction
-        self._capacity: tuple[float, int] | None = None  # (margin, multiple) of use_token_capacity
-        self._overflow: Tensor | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .half() make new weight tensors: cached slices of the old ones would be used silently
+        # (a plan made on the CPU ran CPU weights against CUDA activations). Plan again after a move.
+        out = super()._apply(fn, recurse)
+        self._clear_weight_caches()
+        return out
 
     # ------------------------------------------------------------------------------------------- token capacity
     def use_token_capacity(self, margin: float = 0.1, multiple: int = 64) -> "DyDiT":
@@ -541,13 +560,13 @@ class DyDiT(nn.Module):
         return self
 
     def compile_sliced(self, mode: str | None = None) -> "DyDiT":
-        """Run the sliced path's two halves (`sliced_self_attention`, `sliced_token_mlp` with a token capacity)
-        through torch.compile, so the elementwise work around the products is fused (LayerNorm + modulation, bias +
-        gated residual, the router's decision, the gather + norm + modulation of the kept tokens) as it is in the
-        compiled dense model.
+        """Run the sliced path's blocks (`sliced_block`; the halves `sliced_self_attention` and `sliced_token_mlp`
+        around a dense cross-attention) through torch.compile, with a token capacity, so that the elementwise work
+        around the products is fused (LayerNorm + modulation, bias + gated residual, the router's decision, the
+        gather + norm + modulation of the kept tokens) as it is in the compiled dense model.
 
         Why `dynamic=True`: every step of a sampling run has its own head, group and row counts; with symbolic sizes
-        one graph per half serves every block and every step (a static compile would recompile per distinct width
+        one graph per function serves every block and every step (a static compile would recompile per distinct width
         set). The weights are arguments, so nothing is baked in. No CUDA graphs here (mode must not be
         "reduce-overhead" / "max-autotune"): per-step graphs are `dit/step_graphs.py`'s job, and they capture these
         compiled kernels. The exact gather (no capacity) keeps the eager MLP half: its row count is data-dependent."""
@@ -790,17 +809,23 @@ class DyDiT(nn.Module):
         lw = None if lora is None else pi.repeat_interleave(lora.rank, dim=-1) * lora.scale
         f = w.lora or {}
         # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
-        x = self._sliced_fns[0](x.contiguous(), shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w, w.qkv_b,
-                                w.proj_wt, w.proj_b, dh, qk, f.get("qkv"), f.get("proj"), lw)
-        if cross is not None:
-            x = cross(x)
+        attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w, w.qkv_b, w.proj_wt, w.proj_b, dh, qk,
+                     f.get("qkv"), f.get("proj"), lw)
         rows = S * n
         cap = self._capacity_for(layer, rows)
         tr = self.routers[layer].token_router
-        # The exact gather (cap None) has a data-dependent row count: it stays eager.
-        mlp = self._sliced_fns[1] if cap is not None else sliced_token_mlp
-        x, kept, keep = mlp(x, tr[0].weight, tr[0].bias, tr[2].weight, tr[2].bias, shift_m, scale_m, gate_m,
-                            block.norm2.eps, w.fc1_w, w.fc1_b, w.fc2_wt, w.fc2_b, cap, f.get("fc1"), f.get("fc2"), lw)
+        mlp_args = (tr[0].weight, tr[0].bias, tr[2].weight, tr[2].bias, shift_m, scale_m, gate_m, block.norm2.eps,
+                    w.fc1_w, w.fc1_b, w.fc2_wt, w.fc2_b, cap, f.get("fc1"), f.get("fc2"), lw)
+        attn_fn, mlp_fn, block_fn = self._sliced_fns
+        if cap is None:  # the exact gather has a data-dependent row count: its MLP half stays eager
+            mlp_fn = block_fn = None
+        if cross is None and block_fn is not None:  # one graph for the whole block (DiT; Latte's temporal blocks)
+            x, kept, keep = block_fn(x.contiguous(), attn_args, mlp_args)
+        else:
+            x = attn_fn(x.contiguous(), *attn_args)
+            if cross is not None:
+                x = cross(x)
+            x, kept, keep = (mlp_fn or sliced_token_mlp)(x, *mlp_args)
         if cap is None:  # kept is known on the host (nonzero): remember the most this block kept (calibration)
             self._kept_frac[layer] = max(self._kept_frac.get(layer, 0.0), kept / rows)
         else:  # no sync: overflows are counted on the device, read by token_overflow()
