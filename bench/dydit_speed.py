@@ -435,7 +435,7 @@ def kernel_split(run, device) -> dict:
         kernels += 1
     out["kernels"] = kernels
     out["total"] = sum(v for k, v in out.items() if k != "kernels")
-    out["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
+    out["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:20])
     return out
 
 
