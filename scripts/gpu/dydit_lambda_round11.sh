@@ -12,7 +12,7 @@ set -uo pipefail
 LIMIT=${LIMIT:-430}
 WATCH=${WATCH:-565}
 EVAL_N=${EVAL_N:-480}
-LAMS=${LAMS:-"0.5 0.3 0.7 0.9"}
+LAMS=${LAMS-"0.5 0.3 0.7 0.9"}  # LAMS="" trains none (COMPARE only)
 LR=${LR:-5e-4}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
@@ -56,7 +56,7 @@ if [ -n "${T2I_FROM:-}" ]; then
     --anneal-to-time-limit --time-limit "$LIMIT" --save-to runs/dydit-t2i-e/model > "$OUT/dydit-t2i-e.log" 2>&1 &
   PIDS+=($!)
 fi
-wait "${PIDS[@]}"
+((${#PIDS[@]})) && wait "${PIDS[@]}"  # (a bare `wait` would also wait for the watchdog)
 echo "trainings done at $SECONDS s"
 for d in ${T2I_FROM:+runs/dydit-t2i-e} $(for lam in $LAMS; do echo runs/dydit-lam$lam; done); do
   left=$((WATCH - 10 - SECONDS)); ((left < 15)) && { echo "no time left to compare $d"; break; }
