@@ -17,10 +17,7 @@ LR=${LR:-5e-4}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
-  echo "command: LIMIT=$LIMIT LAMS=\"$LAMS\" LR=$LR EVAL_N=$EVAL_N T2I_FROM=${T2I_FROM:-} COMPARE=\"${COMPARE:-}\" bash scripts/gpu/dydit_lambda_round11.sh"
-} | tee "$OUT/device.txt"
+device_header "LIMIT=$LIMIT LAMS=\"$LAMS\" LR=$LR EVAL_N=$EVAL_N T2I_FROM=${T2I_FROM:-} COMPARE=\"${COMPARE:-}\" bash scripts/gpu/dydit_lambda_round11.sh"
 pack() { tar czf "$OUT/models.tgz" runs/dydit-lam*/model runs/dydit-lam*/log.jsonl runs/dydit-lam*/comparison.json \
   runs/dydit-t2i-e/model runs/dydit-t2i-e/log.jsonl runs/dydit-t2i-e/comparison.json runs/compare-*/comparison.json \
   2>/dev/null; }

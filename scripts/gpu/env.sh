@@ -7,3 +7,22 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
+
+# device_header COMMAND: the GPU, torch, the time and the exact command, shown and written to $OUT/device.txt.
+device_header() {
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+    python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
+    echo "command: $*"
+  } | tee "$OUT/device.txt"
+}
+
+# capped_step NAME CAP_S MIN_S COMMAND...: run COMMAND (output appended to $LOG) if NAME is in $STEPS, under its own
+# cap or what is left of $TOTAL seconds if less; skipped when less than MIN_S is left. A step cut off keeps its rows.
+capped_step() {
+  local name=$1 cap=$2 min=$3; shift 3
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  local left=$((TOTAL - SECONDS)); local limit=$((cap < left ? cap : left)) t0=$SECONDS
+  if ((limit < min)); then echo "== $name: skipped, $left s left of $TOTAL (needs $min)" | tee -a "$LOG"; return 0; fi
+  echo "== $name ($limit s, at $SECONDS s): $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1; echo "exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
+}

@@ -22,17 +22,9 @@ mkdir -p "$RES"
 echo "# provenance: $(head -1 "$OUT/device.txt"), $(cat "$OUT/env.txt"), started $(date -u '+%Y-%m-%d %H:%M UTC'),"\
      "commit $(git log -1 --format=%h 2>/dev/null), command: STEPS=\"$STEPS\" BATCHES=\"$BATCHES\" TOTAL=$TOTAL"\
      "bash scripts/gpu/speed_round11.sh" > "$LOG"
-step() {  # NAME CAP_S MIN_S COMMAND...
-  local name=$1 cap=$2 min=$3; shift 3
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  local left=$((TOTAL - SECONDS)); local limit=$((cap < left ? cap : left)) t0=$SECONDS
-  if ((limit < min)); then echo "== $name: skipped, $left s left of $TOTAL (needs $min)" | tee -a "$LOG"; return 0; fi
-  echo "== $name ($limit s, at $SECONDS s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1; echo "exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
-step tests 150 40 python3 -m pytest -q -p no:cacheprovider tests/test_dydit_compiled.py tests/test_epilogue.py \
+capped_step tests 150 40 python3 -m pytest -q -p no:cacheprovider tests/test_dydit_compiled.py tests/test_epilogue.py \
   tests/test_step_graphs.py -rs
-step dydit 600 120 python3 bench/dydit_speed.py --size $SIZE --batches $BATCHES --lams 0.5 --repeats 3 --no-split \
+capped_step dydit 600 120 python3 bench/dydit_speed.py --size $SIZE --batches $BATCHES --lams 0.5 --repeats 3 --no-split \
   --kernel-split --variants dense-compiled sliced-cap-graphs sliced-compiled-graphs --out $RES/dydit_speed_round11.json
 echo "== done at $SECONDS s" | tee -a "$LOG"
 grep -E "^== |^exit|Error|passed|failed|^\| |B=|SKIP" "$LOG" | cut -c1-400

@@ -33,24 +33,16 @@ mkdir -p "$RES"
 echo "# provenance: $(head -1 "$OUT/device.txt"), $(cat "$OUT/env.txt"), started $(date -u '+%Y-%m-%d %H:%M UTC'),"\
      "command: STEPS=\"$STEPS\" TOTAL=$TOTAL bash scripts/gpu/speed_round9.sh" > "$LOG"
 
-step() {  # NAME CAP_S MIN_S COMMAND...
-  local name=$1 cap=$2 min=$3; shift 3
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  local left=$((TOTAL - SECONDS)); local limit=$((cap < left ? cap : left)) t0=$SECONDS
-  if ((limit < min)); then echo "== $name: skipped, $left s left of $TOTAL (needs $min)" | tee -a "$LOG"; return 0; fi
-  echo "== $name ($limit s, at $SECONDS s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1; echo "exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
-step train ${T_TRAIN:-130} 60 python3 bench/train_dit_speed.py $SMOKE_ARG --variants $TRAIN_VARIANTS \
+capped_step train ${T_TRAIN:-130} 60 python3 bench/train_dit_speed.py $SMOKE_ARG --variants $TRAIN_VARIANTS \
   --steps 5 --warmup 2 --out $RES/train_dit_speed.json
-step pixart ${T_PIXART:-200} 110 python3 bench/sample_dit.py $SMOKE_ARG --workloads pixart512 --presets default \
+capped_step pixart ${T_PIXART:-200} 110 python3 bench/sample_dit.py $SMOKE_ARG --workloads pixart512 --presets default \
   --diffusers-presets default --batches $PIXART_BATCHES --split-preset default \
   --out $RES/sample_dit_round9_pixart.json
-step latte 600 200 python3 bench/sample_dit.py $SMOKE_ARG --workloads latte512 --presets default \
+capped_step latte 600 200 python3 bench/sample_dit.py $SMOKE_ARG --workloads latte512 --presets default \
   --diffusers-presets default --split-preset default --out $RES/sample_dit_round9_latte.json
-step train-compile 600 100 python3 bench/train_dit_speed.py $SMOKE_ARG --variants $TRAIN_COMPILE --steps 5 --warmup 2 \
+capped_step train-compile 600 100 python3 bench/train_dit_speed.py $SMOKE_ARG --variants $TRAIN_COMPILE --steps 5 --warmup 2 \
   --merge --out $RES/train_dit_speed.json
-step dydit 600 100 python3 bench/dydit_speed.py --size $DYDIT_SIZE --batches 8 --lams 0.5 --repeats 2 --no-split \
+capped_step dydit 600 100 python3 bench/dydit_speed.py --size $DYDIT_SIZE --batches 8 --lams 0.5 --repeats 2 --no-split \
   --variants dense dense-compiled sliced-cap-graphs --out $RES/dydit_speed_round9.json
 echo "== done at $SECONDS s" | tee -a "$LOG"
 cp "$RES"/{train_dit_speed,sample_dit_round9_pixart,sample_dit_round9_latte,dydit_speed_round9}.json "$OUT"/ 2>/dev/null

@@ -23,10 +23,7 @@ RUNS=${RUNS:-"c2i-lora c2i-full t2i-lora t2v"}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
-  echo "command: LIMIT=$LIMIT RUNS=\"$RUNS\" DYDIT_ARGS=\"${DYDIT_ARGS:-}\" bash scripts/gpu/train_round10.sh"
-} | tee "$OUT/device.txt"
+device_header "LIMIT=$LIMIT RUNS=\"$RUNS\" DYDIT_ARGS=\"${DYDIT_ARGS:-}\" bash scripts/gpu/train_round10.sh"
 pack() { tar czf "$OUT/models.tgz" --exclude='*/checkpoints' weights/shapes-t2v runs/*/model runs/*/log.jsonl \
   runs/*/*.png runs/*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &

@@ -15,11 +15,8 @@ RUNS=${RUNS:-"t2i dydit"}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, datetime; print('torch', torch.__version__, datetime.datetime.now().isoformat())"
-  echo "command: LIMIT=$LIMIT RUNS=\"$RUNS\" T2I_LR=${T2I_LR:-3e-4} DYDIT_LR=${DYDIT_LR:-5e-4} bash scripts/gpu/train_round11.sh"
-  git log -1 --format='commit %H'
-} | tee "$OUT/device.txt"
+device_header "LIMIT=$LIMIT RUNS=\"$RUNS\" T2I_LR=${T2I_LR:-3e-4} DYDIT_LR=${DYDIT_LR:-5e-4} bash scripts/gpu/train_round11.sh"
+git log -1 --format='commit %H' | tee -a "$OUT/device.txt"
 pack() { tar czf "$OUT/models.tgz" runs/shapes-t2i-12/model/transformer runs/shapes-t2i-12/model/*.json \
   runs/shapes-t2i-12/model/*.md runs/*/log.jsonl runs/dydit-c2i-d/model runs/*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
