@@ -36,7 +36,7 @@ Modes of `DyDiT.forward`:
                 groups by how many timesteps keep them on), so a step's active heads / groups are a prefix and its
                 weights are views (`BlockWeights.prefix`), with no copy per step; a mask that is not a prefix of
                 its block's order gets one gathered copy per unique (layer, mask). The MLP runs only on the kept
-                tokens, gathered over the flattened (B*n, D) batch and put back by index_add.
+                tokens, gathered over the flattened (B*n, D) batch and written back by index_copy.
 `set_sampling_grid(timesteps)` evaluates the routers for a whole sampling run at once (one host sync) so that the
 steps then need none for the width plan (only the token gather's nonzero remains; `use_token_capacity` removes
 that one too: fixed calibrated row counts per block, overflow counted on the device, `token_overflow()`).
@@ -355,8 +355,8 @@ def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor,
     """x + gate * proj(attention of the active heads): the sliced block's attention half, on plain tensors.
 
     qkv_w holds the active heads' rows head-major (per head q, k, v: `BlockWeights`), proj_wt their rows of proj's
-    transposed weight; `qk` is
-    QK-norm's (q scale, k scale, eps) or None; lora_* are sliced TD-LoRA factors (A, B) with `lora_w` (S, K·r)."""
+    transposed weight; `qk` is QK-norm's (q scale, k scale, eps) or None; lora_* are sliced TD-LoRA factors
+    (A^T, B) with `lora_w` (S, K·r)."""
     S, n, D = x.shape
     ha = qkv_w.shape[0] // (3 * head_dim)
     h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
