@@ -1,0 +1,114 @@
+"""DyDiT accuracy over λ (issue 8: "a curve over λ ∈ {0.3 … 0.9}"), collected from the dense-vs-DyDiT comparisons
+that `scripts/finetune_dydit.py --evaluate` wrote on the GPU (the same 480 seeded class prompts for every point), into
+one JSON, a markdown table and a plot. It re-measures nothing: each point names the comparison file it comes from.
+
+    python bench/dydit_lambda_curve.py      # the eleventh session's points (bench/results/gpu_round11/)
+    python bench/dydit_lambda_curve.py --point 0.6=path/to/comparison.json ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+R = "bench/results/gpu_round11"
+# λ -> comparison.json (which call trained it is in docs/dydit.md, "Eleventh session")
+DEFAULT_POINTS = {
+    0.3: f"{R}/call3/models/runs/dydit-lam0.3/comparison.json",
+    0.5: f"{R}/call6/compare/models/runs/compare-1/comparison.json",  # = weights/shapes-dydit-c2i
+    0.6: f"{R}/call6/compare/models/runs/compare-2/comparison.json",  # = resume/shapes-dydit-c2i-lam0.6
+    0.7: f"{R}/call3/models/runs/dydit-lam0.7/comparison.json",
+    0.9: f"{R}/call5/models/runs/compare-1/comparison.json",
+}
+
+
+def load_points(points: dict[float, str]) -> list[dict]:
+    rows = []
+    for lam, path in sorted(points.items()):
+        c = json.loads((ROOT / path).read_text())
+        if c.get("kind") != "class":
+            raise ValueError(f"{path}: a {c.get('kind')!r} comparison; this curve is for the class model")
+        d = c["dydit"]
+        rows.append({"lam": lam, "source": path, "device": c.get("device"), "n": d["n"],
+                     "flops": c["sampling_flops_ratio"], "flops_with_overheads": c["sampling_flops_ratio_with_overheads"],
+                     "accuracy": d["prompt_accuracy"], "shape": d["shape"], "colour": d["colour"], "count": d["count"],
+                     "dense_accuracy": c["dense"]["prompt_accuracy"]})
+    dense = {r["dense_accuracy"] for r in rows}
+    if len(dense) != 1:
+        raise ValueError(f"the comparisons disagree on the dense model's accuracy ({sorted(dense)}): not one prompt set")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    dense = rows[0]["dense_accuracy"]
+    lines = ["| λ | executed / dense FLOPs (+ overheads) | prompt accuracy | vs dense | shape / colour / count |",
+             "|---|---|---|---|---|",
+             f"| dense | 1 | {dense:.3f} | | |"]
+    for r in sorted(rows, key=lambda r: -r["lam"]):
+        lines.append(f"| {r['lam']} | {r['flops']:.3f} ({r['flops_with_overheads']:.3f}) | {r['accuracy']:.3f} | "
+                     f"{100 * (r['accuracy'] - dense):+.1f} pt | {r['shape']:.3f} / {r['colour']:.3f} / {r['count']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = rows[0]["dense_accuracy"]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r["flops"] for r in rows], [r["accuracy"] for r in rows], "o-", label="DyDiT (block FLOPs)")
+    ax.plot([r["flops_with_overheads"] for r in rows], [r["accuracy"] for r in rows], "s--", alpha=0.6,
+            label="DyDiT (+ routers, adapters)")
+    ax.axhline(dense, color="k", lw=1, label=f"dense {dense:.3f}")
+    ax.axhline(dense - 0.02, color="k", lw=1, ls=":", label="dense − 2 points (target)")
+    ax.axvspan(0.5, 0.6, color="g", alpha=0.08, label="40–50% fewer FLOPs (target)")
+    for r in rows:
+        ax.annotate(f"λ {r['lam']}", (r["flops"], r["accuracy"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    ax.set_xlabel("executed / dense FLOPs over the sampling run")
+    ax.set_ylabel("prompt accuracy (480 prompts, GPU)")
+    ax.set_title("shapes-dydit-c2i: accuracy over λ", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--point", action="append", default=None, metavar="LAMBDA=COMPARISON_JSON",
+                   help="a point of the curve (repeat); default: the eleventh session's")
+    p.add_argument("--out", default="bench/results/dydit_lambda_curve.json")
+    p.add_argument("--plot", default="docs/img/dydit_lambda_curve.png")
+    args = p.parse_args(argv)
+    points = DEFAULT_POINTS
+    if args.point:
+        try:
+            points = {float(k): v for k, _, v in (s.partition("=") for s in args.point)}
+        except ValueError:
+            p.error("--point takes LAMBDA=PATH, e.g. 0.6=bench/results/.../comparison.json")
+    rows = load_points(points)
+    result = {"device": f"{rows[0]['device']} (the comparisons' device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130)",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "torch": "2.11.0+cu130 (comparisons); collected here without torch",
+              "command": " ".join(shlex.quote(a) for a in ["python", "bench/dydit_lambda_curve.py",
+                                                            *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows}
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(rows, ROOT / args.plot)
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
