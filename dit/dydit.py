@@ -58,7 +58,7 @@ from .dit import BLOCK_MODULATIONS, DiT, modulate, no_qk_norm
 from .epilogue import can_fuse_weights, linear_gelu_tanh
 from .latte import LatteDiT
 from .pixart import PixArtDiT, keep_mask
-from .td_lora import BlockTDLoRA
+from .td_lora import BlockTDLoRA, low_rank
 
 # Gumbel-sigmoid temperature (DyDiT `dynamic_model.py`).
 GATE_TAU = 5.0
@@ -295,9 +295,13 @@ def kept_index(keep_flat: Tensor, capacity: int, fill: int = 0) -> tuple[Tensor,
     `capacity` means some were left out, which the caller must detect: `DyDiT.token_overflow`).
     torch.nonzero_static pads to a fixed size on the device (its CUDA kernel reads the count on the GPU,
     pytorch/pytorch#136415), one op where a cumsum rank + scatter took a dozen host dispatches per block."""
-    idx = torch.nonzero_static(keep_flat, size=capacity, fill_value=fill).squeeze(1)
-    count = keep_flat.sum()
+    idx, count = _kept_rows(keep_flat, capacity, fill)
     return idx, torch.arange(capacity, device=keep_flat.device) < count, count
+
+
+def _kept_rows(keep_flat: Tensor, capacity: int, fill: int) -> tuple[Tensor, Tensor]:
+    """kept_index without the `valid` rows (what the sliced path needs, every block and step)."""
+    return torch.nonzero_static(keep_flat, size=capacity, fill_value=fill).squeeze(1), keep_flat.sum()
 
 
 def token_skip_mlp(
@@ -326,10 +330,12 @@ def token_skip_mlp(
         idx = keep_BN.reshape(-1).nonzero().squeeze(1)  # (K,)
         count = idx.numel()
     else:
-        idx, _, count = kept_index(keep_BN.reshape(-1), capacity, fill=rows)
+        idx, count = _kept_rows(keep_BN.reshape(-1), capacity, rows)
         # row `rows`: the spare rows' scratch
         x_flat = torch.cat([x_flat, x_flat.new_zeros(1, D)]) if padded is None else padded
-    sample = (idx // N).clamp_max(B - 1)  # (the scratch row's sample is any valid one)
+    sample = idx // N
+    if capacity is not None:
+        sample = sample.clamp_max(B - 1)  # the scratch row's sample: any valid one
     x_KD = x_flat.index_select(0, idx)
     # index_select rather than advanced indexing: the same gather with less host work per call.
     h = norm(x_KD) * (1 + scale_BD.index_select(0, sample)) + shift_BD.index_select(0, sample)  # (K, D)
@@ -338,14 +344,6 @@ def token_skip_mlp(
         return x_flat.index_copy(0, idx, x_KD + update).view(B, N, D), count
     # In place on the fresh padded copy (no second copy of x); the scratch row is dropped by the slice.
     return x_flat.index_copy_(0, idx, x_KD + update)[:rows].view(B, N, D), count
-
-
-def _low_rank(x: Tensor, At: Tensor, B: Tensor, w: Tensor) -> Tensor:
-    """TD-LoRA's update ((x A^T) * w) B^T, given A^T (in, K·r), with the mixture w already expanded to the K·r
-    columns and scaled: w (S, K·r) per sequence of x (S, ..., in), or (M, K·r) per row of x (M, in). Equals
-    BlockTDLoRA.delta."""
-    h = x @ At
-    return (h * w.view(w.shape[0], *([1] * (h.ndim - 2)), w.shape[-1])) @ B.t()
 
 
 def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, norm_eps: float, qkv_w: Tensor,
@@ -362,14 +360,14 @@ def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor,
     h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
     qkv = F.linear(h, qkv_w, qkv_b)
     if lora_qkv is not None:
-        qkv = qkv + _low_rank(h, *lora_qkv, lora_w)
+        qkv = qkv + low_rank(h, *lora_qkv, lora_w)
     q, k, v = qkv.view(S, n, ha, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # (S, ha, n, Dh) each
     if qk is not None:
         q, k = F.rms_norm(q, (head_dim,), qk[0], qk[2]), F.rms_norm(k, (head_dim,), qk[1], qk[2])
     out = attention(q, k, v).transpose(1, 2).reshape(S, n, ha * head_dim)
     attn_out = torch.addmm(proj_b, out.reshape(-1, ha * head_dim), proj_wt).view(S, n, -1)
     if lora_proj is not None:
-        attn_out = attn_out + _low_rank(out, *lora_proj, lora_w)
+        attn_out = attn_out + low_rank(out, *lora_proj, lora_w)
     return x + gate[:, None] * attn_out
 
 
@@ -397,11 +395,11 @@ def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: 
         a = F.linear(h_KD, fc1_w, fc1_b)
         w_K = None if lora_w is None else lora_w.index_select(0, seq_K)
         if lora_fc1 is not None:
-            a = a + _low_rank(h_KD, *lora_fc1, w_K)
+            a = a + low_rank(h_KD, *lora_fc1, w_K)
         a = F.gelu(a, approximate="tanh")
         o = torch.addmm(fc2_b, a, fc2_wt)
         if lora_fc2 is not None:
-            o = o + _low_rank(a, *lora_fc2, w_K)
+            o = o + low_rank(a, *lora_fc2, w_K)
         return o
 
     norm = lambda t: F.layer_norm(t, (D,), eps=norm_eps)  # noqa: E731  (no affine: DiT's norm2)
@@ -815,7 +813,7 @@ class DyDiT(nn.Module):
         qk = None if qk is no_qk_norm else (qk.q.weight, qk.k.weight, qk.q.eps)
         # TD-LoRA's mixture per sequence, expanded to the K·r factor columns and scaled (the sliced functions take
         # plain tensors, so that one compiled graph serves every block and step)
-        lw = None if lora is None else pi.repeat_interleave(lora.rank, dim=-1) * lora.scale
+        lw = None if lora is None else lora.column_weights(pi)
         f = w.lora or {}
         # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
         attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w, w.qkv_b, w.proj_wt, w.proj_b, dh, qk,

@@ -29,6 +29,14 @@ def target_shapes(width: int, mlp_hidden: int) -> dict[str, tuple[int, int]]:
     return {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, mlp_hidden), "fc2": (mlp_hidden, width)}
 
 
+def low_rank(x: Tensor, At: Tensor, B: Tensor, w: Tensor) -> Tensor:
+    """((x A^T) * w) B^T: the mixed low-rank update, given A^T (in, K·r) and w (S, K·r) per sequence of x (S, ..., in)
+    or (M, K·r) per row of x (M, in), already scaled (`BlockTDLoRA.column_weights`). On plain tensors, so DyDiT's
+    compiled sliced path (dit/dydit.py) calls it with its pre-transposed, sliced factors."""
+    h = x @ At  # (..., K·r)
+    return (h * w.view(w.shape[0], *([1] * (h.ndim - 2)), w.shape[-1])) @ B.t()
+
+
 class BlockTDLoRA(nn.Module):
     """K rank-r experts on qkv/proj/fc1/fc2 of one block, and the mixer on E_t."""
 
@@ -62,10 +70,11 @@ class BlockTDLoRA(nn.Module):
     def delta(self, x: Tensor, A: Tensor, B: Tensor, pi_SK: Tensor) -> Tensor:
         """(alpha/r) sum_k pi_k B_k A_k x for x (S, ..., in) with one mixture per sequence (S, K), or for x (M, in)
         with one mixture per row (M, K). A (K·r, in') and B (out', K·r) may be slices of the stored factors."""
-        h = x @ A.t()  # (..., K·r)
-        w = pi_SK.repeat_interleave(self.rank, dim=-1)  # (S, K·r)
-        w = w.view(w.shape[0], *([1] * (h.ndim - 2)), w.shape[-1])
-        return (h * w) @ B.t() * self.scale
+        return low_rank(x, A.t(), B, self.column_weights(pi_SK))
+
+    def column_weights(self, pi_SK: Tensor) -> Tensor:
+        """The mixture expanded to the K·r factor columns and scaled: (S, K·r), what `low_rank` takes."""
+        return pi_SK.repeat_interleave(self.rank, dim=-1) * self.scale
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
