@@ -62,6 +62,7 @@ from dit.dit import DiT
 from dit.dydit import DyDiT, MacCounter
 from dit.fast import prepare_for_sampling, restore_eager
 from dit.step_graphs import StepGraphs, dense_step_graphs, dydit_step_graphs
+from bench.sample_dit import kernel_split as sample_dit_kernel_split
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
@@ -403,40 +404,20 @@ def split(run, device, dit, dydit, variant: str) -> dict:
     return out
 
 
-# Kernel-name buckets for runs without Python ranges (graph replays, compiled graphs), first match wins.
+# Kernel-name classes for runs without Python ranges (graph replays, compiled graphs), first match wins: the gather /
+# scatter of the kept tokens is its own class (fused kernels named after an index_select count there too).
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "attn", "cudnn")),
-    ("gemm", ("gemm", "sm90_", "sm100_", "cutlass", "cublas", "matmul", "_mm_", "splitk")),
+    ("gemm", ("gemm", "sm90_", "sm100_", "cutlass", "cublas", "matmul", "_mm_", "splitk", "nvjet")),
     ("index_scatter", ("index", "scatter", "nonzero", "gather", "cumsum")),
     ("fused_elementwise", ("triton_",)),
 )
 
 
 def kernel_split(run, device) -> dict:
-    """ms per sampling run by kernel kind (device time of the kernels the profiler sees, graph replays included
-    where CUPTI reports their nodes) and the count of kernels: where time goes when there are no Python ranges."""
-    if device.type != "cuda":
-        return {}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-        sync(device)
-    out = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}
-    kernels = 0
-    top: dict[str, float] = {}
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA or "memcpy" in evt.name.lower() \
-                or "memset" in evt.name.lower():
-            continue
-        us = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
-        name = evt.name.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
-        out[kind] += us / 1e3
-        top[evt.name[:80]] = top.get(evt.name[:80], 0.0) + us / 1e3
-        kernels += 1
-    out["kernels"] = kernels
-    out["total"] = sum(v for k, v in out.items() if k != "kernels")
-    out["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:20])
-    return out
+    """ms per sampling run by kernel kind, kernel count, host gap and the top kernels (bench/sample_dit.py's
+    profiler split with DyDiT's kinds): where time goes when there are no Python ranges."""
+    return sample_dit_kernel_split(run, device, KERNEL_KINDS, top=20) or {}
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -265,8 +265,9 @@ KERNEL_CLASSES = (  # (class, substrings of CUDA kernel names), first match wins
 )
 
 
-def kernel_split(fn, device) -> dict | None:
-    """Kernel time of one call by class, and the host gap (wall minus the union of kernel intervals)."""
+def kernel_split(fn, device, classes=KERNEL_CLASSES, top: int = 14) -> dict | None:
+    """Kernel time of one call by class (`classes`: (class, name substrings), first match wins), the number of
+    kernels, the host gap (wall minus the union of kernel intervals) and the `top` kernels by time."""
     if torch.device(device).type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -277,14 +278,14 @@ def kernel_split(fn, device) -> dict | None:
         fn()
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    split = {k: 0.0 for k, _ in KERNEL_CLASSES}
+    split = {k: 0.0 for k, _ in classes}
     split["other"] = 0.0
     intervals, by_name = [], {}
     for ev in prof.events():
         if ev.device_type.name != "CUDA" or ev.device_time_total <= 0:
             continue
         name = ev.name.lower()
-        kind = next((k for k, keys in KERNEL_CLASSES if any(s in name for s in keys)), "other")
+        kind = next((k for k, keys in classes if any(s in name for s in keys)), "other")
         split[kind] += ev.device_time_total / 1e6
         ms, n = by_name.get(ev.name, (0.0, 0))
         by_name[ev.name] = (ms + ev.device_time_total / 1e3, n + 1)
@@ -296,9 +297,10 @@ def kernel_split(fn, device) -> dict | None:
             end = b
     return {**{k: round(v * 1e3, 3) for k, v in split.items()}, "kernel_busy_ms": round(busy / 1e3, 3),
             "wall_ms": round(wall * 1e3, 3), "host_gap_ms": round(wall * 1e3 - busy / 1e3, 3),
+            "kernels": len(intervals),
             # the kernels that take the time (name cut to 90 characters, ms over the call, launches)
             "top_kernels": [(k[:90], round(ms, 3), n) for k, (ms, n) in
-                            sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]]}
+                            sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def rel(a, b) -> float:
