@@ -6,7 +6,8 @@
 # T2I_FROM=FOLDER (carried) also continues a text DyDiT (routers + TD-LoRA on shapes-t2i, lambda 0.5) into
 # runs/dydit-t2i-e; COMPARE="FOLDER ..." compares already trained DyDiT folders first (copied under runs/, so that
 # their relative base path resolves), e.g. the previous call's lambda 0.9.
-# Usage: LIMIT=430 [LAMS="0.5 0.3 0.7 0.9"] [T2I_FROM=runs/dydit-t2i-lora/model] [COMPARE=...] \
+# INIT_FROM=FOLDER: continue another DyDiT-c2i instead (e.g. resume/shapes-dydit-c2i-lam0.6).
+# Usage: LIMIT=430 [LAMS="0.5 0.3 0.7 0.9"] [INIT_FROM=...] [T2I_FROM=runs/dydit-t2i-lora/model] [COMPARE=...] \
 #        bash scripts/gpu/dydit_lambda_round11.sh   (carry [".whl"] and T2I_FROM's run folder)
 set -uo pipefail
 LIMIT=${LIMIT:-430}
@@ -14,10 +15,11 @@ WATCH=${WATCH:-565}
 EVAL_N=${EVAL_N:-480}
 LAMS=${LAMS-"0.5 0.3 0.7 0.9"}  # LAMS="" trains none (COMPARE only)
 LR=${LR:-5e-4}
+INIT_FROM=${INIT_FROM:-weights/shapes-dydit-c2i}  # the DyDiT-c2i each lambda run continues
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT LAMS=\"$LAMS\" LR=$LR EVAL_N=$EVAL_N T2I_FROM=${T2I_FROM:-} COMPARE=\"${COMPARE:-}\" bash scripts/gpu/dydit_lambda_round11.sh"
+device_header "LIMIT=$LIMIT LAMS=\"$LAMS\" INIT_FROM=$INIT_FROM LR=$LR EVAL_N=$EVAL_N T2I_FROM=${T2I_FROM:-} COMPARE=\"${COMPARE:-}\" bash scripts/gpu/dydit_lambda_round11.sh"
 pack() { tar czf "$OUT/models.tgz" runs/dydit-lam*/model runs/dydit-lam*/log.jsonl runs/dydit-lam*/comparison.json \
   runs/dydit-t2i-e/model runs/dydit-t2i-e/log.jsonl runs/dydit-t2i-e/comparison.json runs/compare-*/comparison.json \
   2>/dev/null; }
@@ -38,7 +40,7 @@ WATCHDOG=$!
 PIDS=()
 for lam in $LAMS; do
   OMP_NUM_THREADS=3 python3 scripts/finetune_dydit.py --out "runs/dydit-lam$lam" --model weights/shapes-c2i \
-    --init-from weights/shapes-dydit-c2i --lam-hold 0 --lam-reach 0 --lam "$lam" --train td-lora --lora-rank 4 \
+    --init-from "$INIT_FROM" --lam-hold 0 --lam-reach 0 --lam "$lam" --train td-lora --lora-rank 4 \
     --lora-experts 4 --lr "$LR" --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999 \
     --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16 \
     --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT" --save-to "runs/dydit-lam$lam/model" \
