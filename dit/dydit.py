@@ -347,16 +347,18 @@ def token_skip_mlp(
 
 
 def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, norm_eps: float, qkv_w: Tensor,
-                          qkv_b: Tensor, proj_wt: Tensor, proj_b: Tensor, head_dim: int,
+                          qkv_b: Tensor, proj_wt: Tensor, proj_b: Tensor,
                           qk: tuple[Tensor, Tensor, float] | None, lora_qkv, lora_proj, lora_w: Tensor | None
                           ) -> Tensor:
     """x + gate * proj(attention of the active heads): the sliced block's attention half, on plain tensors.
 
-    qkv_w holds the active heads' rows head-major (per head q, k, v: `BlockWeights`), proj_wt their rows of proj's
-    transposed weight; `qk` is QK-norm's (q scale, k scale, eps) or None; lora_* are sliced TD-LoRA factors
-    (A^T, B) with `lora_w` (S, K·r)."""
+    qkv_w (3 * active heads, head_dim, D) holds the active heads' rows head-major (per head q, k, v: `BlockWeights`;
+    the head size a dimension of its own, so that compiled it is a constant: `_mark_static_beyond_rows`), proj_wt
+    their rows of proj's transposed weight; `qk` is QK-norm's (q scale, k scale, eps) or None; lora_* are sliced
+    TD-LoRA factors (A^T, B) with `lora_w` (S, K·r)."""
     S, n, D = x.shape
-    ha = qkv_w.shape[0] // (3 * head_dim)
+    ha, head_dim = qkv_w.shape[0] // 3, qkv_w.shape[1]
+    qkv_w = qkv_w.reshape(-1, D)
     h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
     qkv = F.linear(h, qkv_w, qkv_b)
     if lora_qkv is not None:
@@ -425,10 +427,24 @@ def _compiled_dynamic(fn, mode: str | None):
     compiled = torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
 
     def call(*args):
+        _mark_static_beyond_rows(args)
         with fx_config.patch(use_duck_shape=False):
             return compiled(*args)
 
     return call
+
+
+def _mark_static_beyond_rows(args) -> None:
+    """Only the leading dimension of a sliced-path argument varies between calls: every width prefix is a row slice
+    (`BlockWeights`), and x / the modulations lead with the sequence count. The other dimensions (model width D,
+    tokens per sequence, LoRA rank) are marked static, so the compiled kernels know them: a LayerNorm over a symbolic
+    D loops over its row in blocks of unknown count, and `token // tokens-per-sequence` with a symbolic divisor is a
+    64-bit division per element in the gather and scatter kernels."""
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            _mark_static_beyond_rows(a)
+        elif isinstance(a, Tensor) and a.ndim > 1:
+            torch._dynamo.mark_static(a, list(range(1, a.ndim)))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -816,8 +832,8 @@ class DyDiT(nn.Module):
         lw = None if lora is None else lora.column_weights(pi)
         f = w.lora or {}
         # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
-        attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w, w.qkv_b, w.proj_wt, w.proj_b, dh, qk,
-                     f.get("qkv"), f.get("proj"), lw)
+        attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w.view(-1, dh, D), w.qkv_b, w.proj_wt,
+                     w.proj_b, qk, f.get("qkv"), f.get("proj"), lw)
         rows = S * n
         cap = self._capacity_for(layer, rows)
         tr = self.routers[layer].token_router
