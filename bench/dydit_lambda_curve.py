@@ -2,7 +2,7 @@
 that `scripts/finetune_dydit.py --evaluate` wrote on the GPU (the same 480 seeded class prompts for every point), into
 one JSON, a markdown table and a plot. It re-measures nothing: each point names the comparison file it comes from.
 
-    python bench/dydit_lambda_curve.py      # the eleventh session's points (bench/results/gpu_round11/)
+    python bench/dydit_lambda_curve.py      # the eleventh and twelfth sessions' points (bench/results/gpu_round1[12]/)
     python bench/dydit_lambda_curve.py --point 0.6=path/to/comparison.json ...
 """
 from __future__ import annotations
@@ -16,11 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 R = "bench/results/gpu_round11"
-# λ -> comparison.json (which call trained it is in docs/dydit.md, "Eleventh session")
+R12 = "bench/results/gpu_round12/call1/runs"
+# λ -> comparison.json (which call trained it is in docs/dydit.md, "Eleventh session" and "Twelfth session")
 DEFAULT_POINTS = {
     0.3: f"{R}/call3/models/runs/dydit-lam0.3/comparison.json",
-    0.5: f"{R}/call6/compare/models/runs/compare-1/comparison.json",  # = weights/shapes-dydit-c2i
-    0.6: f"{R}/call6/compare/models/runs/compare-2/comparison.json",  # = resume/shapes-dydit-c2i-lam0.6
+    0.5: f"{R}/call6/compare/models/runs/compare-1/comparison.json",  # shipped in the eleventh session
+    0.54: f"{R12}/dydit-lam0.54/comparison.json",
+    0.56: f"{R12}/dydit-lam0.56/comparison.json",  # = weights/shapes-dydit-c2i
+    0.58: f"{R12}/dydit-lam0.58/comparison.json",
+    0.6: f"{R}/call6/compare/models/runs/compare-2/comparison.json",  # the λ 0.6 run the three above continued
     0.7: f"{R}/call3/models/runs/dydit-lam0.7/comparison.json",
     0.9: f"{R}/call5/models/runs/compare-1/comparison.json",
 }
@@ -84,7 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--point", action="append", default=None, metavar="LAMBDA=COMPARISON_JSON",
-                   help="a point of the curve (repeat); default: the eleventh session's")
+                   help="a point of the curve (repeat); default: the eleventh and twelfth sessions'")
     p.add_argument("--out", default="bench/results/dydit_lambda_curve.json")
     p.add_argument("--plot", default="docs/img/dydit_lambda_curve.png")
     args = p.parse_args(argv)
