@@ -4,6 +4,8 @@
 #   lora0.6: routers + TD-LoRA continued from LORA_FROM (the lambda 0.5 run of the tenth session), lambda 0.6
 #   full0.6: routers + the whole backbone fine-tuned from the dense shapes-t2i (stage 1: complete term), lambda 0.6
 #   lora0.7: as lora0.6 at lambda 0.7 (a second point of the text curve)                                    issue 8
+#   freshX:  routers + TD-LoRA from fresh routers on the dense shapes-t2i (lambda 1 for 100 steps, X by step 1,000):
+#            whether the continued runs above are held back by the lambda 0.5 folder they start from
 # Usage: LIMIT=420 [LORA_FROM=runs/dydit-t2i-lora/model] bash scripts/gpu/dydit_t2i_round12.sh
 #        (carry [".whl"] and LORA_FROM's run folder)
 set -uo pipefail
@@ -24,10 +26,11 @@ COMMON=(--model weights/shapes-t2i --lam-hold 0 --lam-reach 0 --steps 40000 --ba
         --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
 PIDS=()
 for run in $RUNS; do
-  lam=${run#lora}; lam=${lam#full}
+  lam=${run#lora}; lam=${lam#full}; lam=${lam#fresh}
   case $run in
     lora*) extra=(--init-from "$LORA_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3) ;;
     full*) extra=(--train full --stage1-steps 1000 --lr 1e-4 --lam-hold 100 --lam-reach 1000) ;;
+    fresh*) extra=(--train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3 --lam-hold 100 --lam-reach 1000) ;;
   esac
   OMP_NUM_THREADS=4 python3 scripts/finetune_dydit.py --out "runs/t2i-$run" "${COMMON[@]}" "${extra[@]}" \
     --lam "$lam" --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
