@@ -45,10 +45,7 @@ for run in $RUNS; do
   echo "compared $d (exit $?) at $SECONDS s"
 done
 pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
-for c in runs/t2i-*/comparison.json; do
-  [ -f "$c" ] || continue
-  python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(sys.argv[1], {k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$c" 2>&1 | cut -c1-900
-done
+show_comparisons runs/t2i-*/comparison.json
 for f in "$OUT"/t2i-*.log; do echo "== $f"; tail -c 300 "$f"; echo; done
 pack
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log)

@@ -26,3 +26,13 @@ capped_step() {
   echo "== $name ($limit s, at $SECONDS s): $*" | tee -a "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1; echo "exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
+
+# show_comparisons FILE...: one line per DyDiT comparison.json (scripts/finetune_dydit.py --evaluate): dense and DyDiT
+# metrics and the FLOPs ratios. Empty files (a comparison cut off by its timeout) are skipped.
+show_comparisons() {
+  local c
+  for c in "$@"; do
+    [ -s "$c" ] || continue
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(sys.argv[1], {k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$c" 2>&1 | cut -c1-900
+  done
+}
