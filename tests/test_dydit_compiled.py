@@ -139,3 +139,16 @@ def test_compiled_sliced_on_the_text_and_video_families(family):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     assert model.token_overflow() == 0
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
+def test_only_the_leading_dimension_of_sliced_arguments_stays_symbolic():
+    """The compiled sliced functions see the model width, tokens per sequence and head size as constants (so the
+    LayerNorms and the token -> sequence division compile to constants); only the rows may vary between calls."""
+    from dit.dydit import _mark_static_beyond_rows
+
+    x, w, b = torch.zeros(4, 16, 8), torch.zeros(6, 2, 8), torch.zeros(6)
+    lora = (torch.zeros(8, 3), torch.zeros(5, 3))
+    _mark_static_beyond_rows((x, (w, b, None, 1e-6, lora)))
+    static = lambda t: getattr(t, "_dynamo_static_indices", set())  # noqa: E731
+    assert static(x) == {1, 2} and static(w) == {1, 2} and static(b) == set()
+    assert static(lora[0]) == {1} and static(lora[1]) == {1}
