@@ -6,18 +6,19 @@
 #   lora0.7: as lora0.6 at lambda 0.7 (a second point of the text curve)                                    issue 8
 #   freshX:  routers + TD-LoRA from fresh routers on the dense shapes-t2i (lambda 1 for 100 steps, X by step 1,000):
 #            whether the continued runs above are held back by the lambda 0.5 folder they start from
-# Usage: LIMIT=420 [LORA_FROM=runs/dydit-t2i-lora/model] bash scripts/gpu/dydit_t2i_round12.sh
+# Usage: LIMIT=420 [LORA_FROM=runs/dydit-t2i-lora/model] [LORA_LR=1e-3] [RUNS="lora0.6 ..."] bash scripts/gpu/dydit_t2i_round12.sh
 #        (carry [".whl"] and LORA_FROM's run folder)
 set -uo pipefail
 LIMIT=${LIMIT:-420}
 WATCH=${WATCH:-565}
 EVAL_N=${EVAL_N:-480}
 LORA_FROM=${LORA_FROM:-runs/dydit-t2i-lora/model}
+LORA_LR=${LORA_LR:-1e-3}  # the continued (lora*) runs; 1e-3 diverged continuing resume/shapes-dydit-t2i-lam0.7 (call 7)
 RUNS=${RUNS:-"lora0.6 full0.6 lora0.7"}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT LORA_FROM=$LORA_FROM RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round12.sh"
+device_header "LIMIT=$LIMIT LORA_FROM=$LORA_FROM LORA_LR=$LORA_LR RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round12.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -28,7 +29,7 @@ PIDS=()
 for run in $RUNS; do
   lam=${run#lora}; lam=${lam#full}; lam=${lam#fresh}
   case $run in
-    lora*) extra=(--init-from "$LORA_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3) ;;
+    lora*) extra=(--init-from "$LORA_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR") ;;
     full*) extra=(--train full --stage1-steps 1000 --lr 1e-4 --lam-hold 100 --lam-reach 1000) ;;
     fresh*) extra=(--train td-lora --lora-rank 4 --lora-experts 4 --lr 1e-3 --lam-hold 100 --lam-reach 1000) ;;
   esac
