@@ -419,8 +419,8 @@ SLICED_EAGER = (sliced_self_attention, sliced_token_mlp, sliced_block)
 
 
 def _compiled_dynamic(fn, mode: str | None):
-    """torch.compile with symbolic sizes and without duck sizing: otherwise sizes that happen to be equal at the
-    first call (a weight prefix's rows and a chunk's storage offset, both 256) are assumed equal for good, and the
+    """torch.compile with symbolic leading (row) sizes, every other size static (`_mark_static_beyond_rows`), and
+    without duck sizing: otherwise sizes that happen to be equal at the first call (a weight prefix's rows and a chunk's storage offset, both 256) are assumed equal for good, and the
     next width recompiles."""
     from torch.fx.experimental import _config as fx_config
 
@@ -588,8 +588,8 @@ class DyDiT(nn.Module):
         around the products is fused (LayerNorm + modulation, bias + gated residual, the router's decision, the
         gather + norm + modulation of the kept tokens) as it is in the compiled dense model.
 
-        Why `dynamic=True`: every step of a sampling run has its own head, group and row counts; with symbolic sizes
-        one graph per function serves every block and every step (a static compile would recompile per distinct width
+        Why `dynamic=True`: every step of a sampling run has its own head, group and row counts; with symbolic row
+        counts (the other sizes static) one graph per function serves every block and every step (a static compile would recompile per distinct width
         set). The weights are arguments, so nothing is baked in. No CUDA graphs here (mode must not be
         "reduce-overhead" / "max-autotune"): per-step graphs are `dit/step_graphs.py`'s job, and they capture these
         compiled kernels. The exact gather (no capacity) keeps the eager MLP half: its row count is data-dependent."""
