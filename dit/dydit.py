@@ -146,14 +146,16 @@ def flops_loss(r_B: Tensor, lam: float | Tensor) -> Tensor:
     return 2 * (r_B.mean() - lam) ** 2
 
 
-def flops_target(step: int, lam: float, hold: int = 100, reach: int = 1000) -> float:
-    """lambda_t: 1 for the first `hold` steps, then linear down to `lam` at step `reach` (spec section 2); `lam` from
-    step `hold` on when reach <= hold (a continued run, already at lambda: hold = reach = 0)."""
+def flops_target(step: int, lam: float, hold: int = 100, reach: int = 1000, start: float = 1.0) -> float:
+    """lambda_t: `start` (1, the dense model) for the first `hold` steps, then linear down to `lam` at step `reach`
+    (spec section 2); `lam` from step `hold` on when reach <= hold (a continued run, already at lambda: hold = reach
+    = 0). A continued run that steps lambda down passes its folder's lambda as `start` (ours: the class model reached
+    0.56 that way, 0.7 -> 0.6 -> 0.56)."""
     if step < hold:
-        return 1.0
+        return start
     if reach <= hold:
         return lam
-    return max(lam, 1.0 - (1.0 - lam) * (step - hold) / max(reach - hold, 1))
+    return max(lam, start - (start - lam) * (step - hold) / max(reach - hold, 1))
 
 
 @dataclass

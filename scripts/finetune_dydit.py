@@ -13,7 +13,9 @@ dit/dydit.py; TD-LoRA: dit/td_lora.py; folder format: dit/dydit_io.py).
 Each step draws t stratified (the batch split evenly over the four quarters of [0, T) for DDPM, of [0, 1) for flow),
 runs the dynamic (masked, Gumbel gates) forward through the objective (dit/objectives.py: MSE(eps) + VLB for
 DDPM with learned sigma, velocity MSE for flow) and adds L_F = 2 (mean r - lambda_t)^2 with lambda_t from
-`flops_target` (1 for --lam-hold steps, then linear to --lam at --lam-reach). For the first --stage1-steps steps
+`flops_target` (--lam-start, 1 by default, for --lam-hold steps, then linear to --lam at --lam-reach). With
+--distill W the frozen dense model is a teacher: W * MSE(dynamic prediction, dense prediction of the same x_t) is
+added (ours; the spec trains on the data loss alone). For the first --stage1-steps steps
 (stage 1) a second, complete forward (all gates on) adds its loss too; this term only trains the backbone, so with
 a frozen backbone (`--train routers` or `td-lora`) it is not computed. `--train td-lora` adds TD-LoRA adapters
 (--lora-rank, --lora-experts) that train with the routers, the backbone frozen (DyDiT++'s PEFT recipe). A step whose
@@ -27,6 +29,7 @@ steps, cfg 4) and puts both, and the executed-FLOPs ratio of those sampling runs
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -63,7 +66,10 @@ def parse_args(argv=None):
                    help="a DiT / PixArtDiT / LatteDiT: shipped model, saved folder, named size, or .pt")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
     p.add_argument("--lam", type=float, default=0.5, help="target FLOPs ratio lambda")
-    p.add_argument("--lam-hold", type=int, default=100, help="lambda_t = 1 for these steps")
+    p.add_argument("--lam-hold", type=int, default=100, help="lambda_t = --lam-start for these steps")
+    p.add_argument("--lam-start", type=float, default=1.0,
+                   help="lambda_t before the ramp (1: the dense model; a continued run stepping lambda down: its "
+                        "folder's lambda)")
     p.add_argument("--lam-reach", type=int, default=1000, help="lambda_t reaches --lam at this step (spec: 5000 for 0.7)")
     p.add_argument("--stage1-steps", type=int, default=None,
                    help="steps with the complete forward's loss added (default: all steps)")
@@ -71,6 +77,9 @@ def parse_args(argv=None):
                    help="routers: frozen backbone; full: backbone too; td-lora: routers + TD-LoRA, frozen backbone")
     p.add_argument("--lora-rank", type=int, default=4, help="td-lora: rank r of each expert")
     p.add_argument("--lora-experts", type=int, default=4, help="td-lora: experts K mixed by softmax(Linear(E_t))")
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="add W * MSE(dynamic prediction, dense base's prediction) on the same x_t (ours, not the "
+                        "spec's: the frozen dense model as teacher)")
     p.add_argument("--skip-grad-norm", type=float, default=None,
                    help="skip the update when the global grad norm is >= this (spec: 200 for lam 0.5, 50 for 0.7)")
     p.add_argument("--tau", type=float, default=GATE_TAU, help="Gumbel-sigmoid temperature")
@@ -176,15 +185,24 @@ def model_time_grid(objective, grid: int) -> list[float]:
     return torch.linspace(0, top, grid).round().tolist()
 
 
-def run_loss(objective, net, x0, cond, draws, mode: str):
-    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward."""
+def run_loss(objective, net, x0, cond, draws, mode: str, teacher=None):
+    """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward. With a `teacher`
+    (the frozen dense model) the terms gain `distill`: MSE between the two predictions of the same x_t (the noise /
+    velocity channels; a learned variance is left to the objective's own term)."""
     seen = {}
 
     def model_fn(x_t, t, c):
         seen["out"] = net(x_t, t, *c, mode=mode)
+        seen["inputs"] = (x_t, t, c)
         return seen["out"].sample
 
-    return objective(model_fn, x0, cond, draws=draws), seen["out"]
+    terms = objective(model_fn, x0, cond, draws=draws)
+    if teacher is not None:
+        x_t, t, c = seen["inputs"]
+        with torch.no_grad():
+            target = teacher(x_t, t, *c)[:, : x0.shape[1]]
+        terms["distill"] = torch.nn.functional.mse_loss(seen["out"].sample[:, : x0.shape[1]].float(), target.float())
+    return terms, seen["out"]
 
 
 @torch.no_grad()
@@ -325,9 +343,17 @@ def main(args) -> dict:
         from shapes.clip import ShapesCLIP
 
         text_encoder = ShapesCLIP.from_pretrained(args.text_encoder, device=acc.device).eval().requires_grad_(False)
-    conditioner = Conditioner(task, text_encoder, args.uncond_prob)
+    if task == "class" and dit.config.class_dropout_prob > 0:
+        # As train_dit.py: the conditioner drops labels (from the step's seed) instead of the model's own torch.rand,
+        # so a --distill teacher sees the very labels the DyDiT sees; runtime only, the config keeps the prob.
+        conditioner = Conditioner(task, uncond_prob=dit.config.class_dropout_prob, null_class=dit.config.num_classes)
+        dit.label_embed.dropout_prob = 0.0
+    else:
+        conditioner = Conditioner(task, text_encoder, args.uncond_prob)
     as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
     objective = make_objective(args.objective)
+    # The teacher is a copy taken before the DyDiT wraps (and full training changes) the backbone.
+    teacher = copy.deepcopy(dit).to(acc.device).eval().requires_grad_(False) if args.distill > 0 else None
     if args.init_from:
         model = continued_dydit(Path(args.init_from), dit, args)
     else:
@@ -382,10 +408,12 @@ def main(args) -> dict:
         x0, raw = data.batch(seed, args.batch_size, acc.device)
         cond = as_args(conditioner(raw, seed))
         draws = draw(objective, x0, torch.Generator(acc.device).manual_seed(seed))
-        lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach)
+        lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach, args.lam_start)
         with acc.autocast():
-            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked")
+            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
+            if teacher is not None:
+                terms["loss_distill"] = args.distill * dyn_terms["distill"]
             if step < stage1 and args.train == "full":  # the complete term trains the backbone only
                 terms["loss_complete"] = run_loss(objective, net, x0, cond, draws, "complete")[0]["loss"]
         loss = sum(terms.values())
@@ -425,7 +453,7 @@ def main(args) -> dict:
         base = base_reference(args.model)
         save_dydit(folder, final, lam=args.lam, base=base, include_backbone=args.train == "full",
                    extra={"train": args.train, "objective": args.objective, "task": task, "steps": step,
-                          "stage1_steps": stage1})
+                          "stage1_steps": stage1, "distill": args.distill})
         metrics = evaluate()
         run.plot(["eval_loss", "flops_executed"])
         lora = f", TD-LoRA rank {args.lora_rank} x {args.lora_experts} experts" if args.train == "td-lora" else ""

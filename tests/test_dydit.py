@@ -289,6 +289,7 @@ def test_flops_target_schedule():
     assert flops_target(550, 0.5) == pytest.approx(0.75)
     assert flops_target(1000, 0.5) == 0.5 and flops_target(5000, 0.5) == 0.5
     assert flops_target(0, 0.5, hold=0, reach=0) == 0.5  # a continued run, already at lambda
+    assert flops_target(0, 0.6, hold=0, reach=100, start=0.7) == 0.7 and flops_target(50, 0.6, 0, 100, 0.7) == pytest.approx(0.65)
 
 
 # ----------------------------------------------------------------------------------------------- f: MAC counter

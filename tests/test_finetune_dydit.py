@@ -25,13 +25,14 @@ needs_vae = pytest.mark.skipif(not train_dit.SHIPPED_VAE.is_dir(), reason="shape
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    """A tiny DiT folder with small random adaLN and head weights (adaLN-Zero would make every block the identity)."""
+    """A tiny DiT folder with small random adaLN and final-layer weights (adaLN-Zero would make every block the
+    identity and the output zero, and every comparison of outputs below vacuous)."""
     torch.manual_seed(0)
     dit = DiT(**TINY)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in dit.named_parameters():
-            if "modulation" in name or "head" in name:
+            if "modulation" in name or name.startswith("final."):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     folder = tmp_path_factory.mktemp("base") / "tiny-dit"
     dit.save_pretrained(folder)
@@ -223,3 +224,40 @@ def test_init_from_continues_a_saved_dydit(tiny_base, tmp_path):
                                          "--init-from", str(first / "model"), *wrong])
         with pytest.raises(ValueError, match=match):
             finetune_dydit.continued_dydit(Path(bad.init_from), base, bad)
+
+
+def test_distill_term_is_zero_for_the_dense_path_and_trains(tiny_base, tmp_path):
+    """--distill: the frozen dense base is the teacher. Gates all on and TD-LoRA at its zero init, the dynamic
+    prediction is the teacher's, so the term is ~0; moved adapters make it positive; a run logs it."""
+    from dit.objectives import make_objective
+
+    base = DiT.from_pretrained(tiny_base)
+    teacher = DiT.from_pretrained(tiny_base).eval()
+    base.label_embed.dropout_prob = 0.0  # as the script: its conditioner drops the labels, the teacher sees them too
+    model = finetune_dydit.build_dydit(base, 5.0, 0)  # the dydit.py init: every gate on
+    model.frozen_backbone()
+    torch.manual_seed(1)
+    model.add_td_lora(2, 2)
+    model.train()
+    objective = make_objective("ddpm")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, 16, 16, generator=g)
+    y = torch.randint(0, 48, (8,), generator=g)
+    draws = finetune_dydit.draw(objective, x0, g)
+    terms, _ = finetune_dydit.run_loss(objective, model, x0, (y,), draws, "masked", teacher)
+    assert terms["distill"].item() < 1e-10
+    with torch.no_grad():
+        for lora in model.lora:
+            for b in lora.B.values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    terms, _ = finetune_dydit.run_loss(objective, model, x0, (y,), draws, "masked", teacher)
+    assert terms["distill"].item() > 1e-9  # small: the fixture's blocks are weak (modulation 0.02)
+    assert set(terms) >= {"loss", "distill"}
+
+    out = tmp_path / "distill"
+    _run(out, tiny_base, 3, "--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--distill", "0.5",
+         "--eval-every", "1000", "--log-every", "1", "--lam-start", "0.9", "--lam-hold", "1", "--lam-reach", "3")
+    steps = [r for r in _log(out) if "lam_t" in r]
+    assert all("loss_distill" in r and r["loss_distill"] >= 0 for r in steps)
+    assert [r["lam_t"] for r in steps] == pytest.approx([0.9, 0.9, 0.7])  # held at --lam-start, then the ramp
+    assert json.loads((out / "model" / "dydit_config.json").read_text())["distill"] == 0.5

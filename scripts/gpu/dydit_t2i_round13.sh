@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call (thirteenth session): text DyDiT (routers + TD-LoRA on shapes-t2i) toward lambda 0.6, runs side
+# by side on one GPU, then each compared with the dense shapes-t2i on EVAL_N seeded captions, the comparisons in
+# parallel (the eager sliced sampler is host-bound) against the dense numbers already measured on the H100.  issue 8
+#   distillX:  fresh routers on the dense model, lambda 1 -> X over steps 100..RAMP, --distill 1 (dense teacher)
+#   r8distillX: the same with TD-LoRA rank 8
+#   stepX:     continues STEP_FROM (lambda 0.7) with lambda 0.7 -> X over steps 0..1500, lr LORA_LR, --distill 1
+#   freshX:    distillX without the teacher (the control; call 6 of the twelfth session ran it with RAMP=1000)
+# Usage: LIMIT=400 RUNS="distill0.6 step0.6 r8distill0.6" bash scripts/gpu/dydit_t2i_round13.sh   (carry [".whl"])
+set -uo pipefail
+LIMIT=${LIMIT:-400}
+WATCH=${WATCH:-560}
+EVAL_N=${EVAL_N:-480}
+RAMP=${RAMP:-2500}
+STEP_FROM=${STEP_FROM:-resume/shapes-dydit-t2i-lam0.7}
+LORA_LR=${LORA_LR:-3e-4}
+DISTILL=${DISTILL:-1}
+RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
+DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
+source scripts/gpu/env.sh
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
+mkdir -p runs
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR DISTILL=$DISTILL RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
+(sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
+WATCHDOG=$!
+COMMON=(--model weights/shapes-t2i --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999
+        --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16
+        --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
+FRESH=(--train td-lora --lora-experts 4 --lr 1e-3 --lam-hold 100 --lam-reach "$RAMP")
+PIDS=()
+for run in $RUNS; do
+  lam=${run##*[a-z]}
+  case $run in
+    distill*)   extra=("${FRESH[@]}" --lora-rank 4 --distill "$DISTILL") ;;
+    r8distill*) extra=("${FRESH[@]}" --lora-rank 8 --distill "$DISTILL") ;;
+    fresh*)     extra=("${FRESH[@]}" --lora-rank 4) ;;
+    step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
+                       --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
+    *) echo "unknown run $run"; continue ;;
+  esac
+  OMP_NUM_THREADS=4 python3 scripts/finetune_dydit.py --out "runs/t2i-$run" "${COMMON[@]}" "${extra[@]}" \
+    --lam "$lam" --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
+  PIDS+=($!)
+done
+((${#PIDS[@]})) && wait "${PIDS[@]}"
+echo "trainings done at $SECONDS s"
+left=$((WATCH - 10 - SECONDS))
+PIDS=()
+for run in $RUNS; do
+  d=runs/t2i-$run; [ -d "$d/model" ] || continue
+  OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
+    --dense-metrics "$DENSE" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
+  PIDS+=($!)
+done
+((${#PIDS[@]})) && wait "${PIDS[@]}"
+echo "comparisons done at $SECONDS s"
+pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
+show_comparisons runs/t2i-*/comparison.json
+for f in "$OUT"/t2i-*.log; do echo "== $f"; tail -c 300 "$f"; echo; done
+pack
+(cd "$OUT" && tar czf logs.tgz --remove-files *.log)
+ls -la "$OUT"
