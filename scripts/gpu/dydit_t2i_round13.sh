@@ -6,6 +6,7 @@
 #   r8distillX: the same with TD-LoRA rank 8
 #   stepX:     continues STEP_FROM (lambda 0.7) with lambda 0.7 -> X over steps 0..1500, lr LORA_LR, --distill 1
 #   freshX:    distillX without the teacher (the control; call 6 of the twelfth session ran it with RAMP=1000)
+#   r8freshX:  freshX with TD-LoRA rank 8
 # Usage: LIMIT=400 RUNS="distill0.6 step0.6 r8distill0.6" bash scripts/gpu/dydit_t2i_round13.sh   (carry [".whl"])
 set -uo pipefail
 LIMIT=${LIMIT:-400}
@@ -14,20 +15,21 @@ EVAL_N=${EVAL_N:-480}
 RAMP=${RAMP:-2500}
 STEP_FROM=${STEP_FROM:-resume/shapes-dydit-t2i-lam0.7}
 LORA_LR=${LORA_LR:-3e-4}
+FRESH_LR=${FRESH_LR:-1e-3}
 DISTILL=${DISTILL:-1}
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
 DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR DISTILL=$DISTILL RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
 COMMON=(--model weights/shapes-t2i --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999
         --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16
         --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
-FRESH=(--train td-lora --lora-experts 4 --lr 1e-3 --lam-hold 100 --lam-reach "$RAMP")
+FRESH=(--train td-lora --lora-experts 4 --lr "$FRESH_LR" --lam-hold 100 --lam-reach "$RAMP")
 PIDS=()
 for run in $RUNS; do
   lam=${run##*[a-z]}
@@ -35,6 +37,7 @@ for run in $RUNS; do
     distill*)   extra=("${FRESH[@]}" --lora-rank 4 --distill "$DISTILL") ;;
     r8distill*) extra=("${FRESH[@]}" --lora-rank 8 --distill "$DISTILL") ;;
     fresh*)     extra=("${FRESH[@]}" --lora-rank 4) ;;
+    r8fresh*)   extra=("${FRESH[@]}" --lora-rank 8) ;;
     step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
     *) echo "unknown run $run"; continue ;;
