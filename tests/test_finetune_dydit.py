@@ -261,3 +261,18 @@ def test_distill_term_is_zero_for_the_dense_path_and_trains(tiny_base, tmp_path)
     assert all("loss_distill" in r and r["loss_distill"] >= 0 for r in steps)
     assert [r["lam_t"] for r in steps] == pytest.approx([0.9, 0.9, 0.7])  # held at --lam-start, then the ramp
     assert json.loads((out / "model" / "dydit_config.json").read_text())["distill"] == 0.5
+
+
+@needs_vae
+def test_max_grad_norm_clips_before_the_update(tiny_base, tmp_path):
+    """--max-grad-norm: clipped to 1e-30, Adam's update (m / (sqrt(v) + 1e-8)) is ~1e-22, so the TD-LoRA's B stays at
+    its zero init; the logged norm is the one before clipping (the same as the unclipped run's first step)."""
+    common = ("--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-2", "--router-bias", "2",
+              "--eval-every", "1000", "--ema-decay", "0", "--log-every", "1")
+    _run(tmp_path / "free", tiny_base, 2, *common)
+    _run(tmp_path / "clipped", tiny_base, 2, *common, "--max-grad-norm", "1e-30")
+    free, clipped = load_dydit(tmp_path / "free" / "model"), load_dydit(tmp_path / "clipped" / "model")
+    moved = lambda m: max(b.abs().max().item() for lora in m.lora for b in lora.B.values())  # noqa: E731
+    assert moved(free) > 1e-4 and moved(clipped) < 1e-12
+    first = lambda d: [r for r in _log(d) if "grad_norm" in r][0]["grad_norm"]  # noqa: E731
+    assert first(tmp_path / "clipped") == pytest.approx(first(tmp_path / "free"), rel=1e-5) and first(tmp_path / "free") > 0

@@ -7,6 +7,10 @@
 #   stepX:     continues STEP_FROM (lambda 0.7) with lambda 0.7 -> X over steps 0..1500, lr LORA_LR, --distill 1
 #   freshX:    distillX without the teacher (the control; call 6 of the twelfth session ran it with RAMP=1000)
 #   r8freshX:  freshX with TD-LoRA rank 8
+#   clipX:     freshX with the global grad norm clipped to CLIP (calls 1-2: norms rose from 0.002 to 10-46, diverged)
+#   slowX:     clipX at lr 3e-4
+# PROBE=1 first times the compiled sliced path's LayerNorm functions alone (bench/dydit_ln_probe.py, before the
+# trainings share the GPU).
 # Usage: LIMIT=400 RUNS="distill0.6 step0.6 r8distill0.6" bash scripts/gpu/dydit_t2i_round13.sh   (carry [".whl"])
 set -uo pipefail
 LIMIT=${LIMIT:-400}
@@ -17,15 +21,21 @@ STEP_FROM=${STEP_FROM:-resume/shapes-dydit-t2i-lam0.7}
 LORA_LR=${LORA_LR:-3e-4}
 FRESH_LR=${FRESH_LR:-1e-3}
 DISTILL=${DISTILL:-1}
+CLIP=${CLIP:-0.25}
+PROBE=${PROBE:-0}
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
 DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
+if [ "$PROBE" = 1 ]; then
+  timeout 150 python3 bench/dydit_ln_probe.py --out "$OUT/dydit_ln_probe.json" > "$OUT/probe.log" 2>&1
+  echo "probe exit $? at $SECONDS s"; grep "variant" "$OUT/probe.log" | cut -c1-200
+fi
 COMMON=(--model weights/shapes-t2i --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999
         --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16
         --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
@@ -38,6 +48,9 @@ for run in $RUNS; do
     r8distill*) extra=("${FRESH[@]}" --lora-rank 8 --distill "$DISTILL") ;;
     fresh*)     extra=("${FRESH[@]}" --lora-rank 4) ;;
     r8fresh*)   extra=("${FRESH[@]}" --lora-rank 8) ;;
+    clip*)      extra=("${FRESH[@]}" --lora-rank 4 --max-grad-norm "$CLIP") ;;
+    slow*)      extra=(--train td-lora --lora-experts 4 --lr 3e-4 --lam-hold 100 --lam-reach "$RAMP" --lora-rank 4
+                       --max-grad-norm "$CLIP") ;;
     step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
     *) echo "unknown run $run"; continue ;;
