@@ -188,6 +188,11 @@ def model_time_grid(objective, grid: int) -> list[float]:
     return torch.linspace(0, top, grid).round().tolist()
 
 
+def _grad_norm(params) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
 def run_loss(objective, net, x0, cond, draws, mode: str, teacher=None):
     """The objective's loss terms with the DyDiT in `mode`, and the DyDiTOutput of that forward. With a `teacher`
     (the frozen dense model) the terms gain `distill`: MSE between the two predictions of the same x_t (the noise /
@@ -368,6 +373,9 @@ def main(args) -> dict:
             torch.manual_seed(args.seed + 1)
             model.add_td_lora(args.lora_rank, args.lora_experts)
     params = [p for p in model.parameters() if p.requires_grad]
+    router_ids = {id(p) for p in model.routers.parameters()}
+    groups = {"routers": [p for p in params if id(p) in router_ids],
+              "rest": [p for p in params if id(p) not in router_ids]}  # TD-LoRA, or the backbone (full)
     data = shapes_data(task, vae, getattr(dit.config, "num_frames", 8), pool=args.pool, seed=args.seed,
                        tokenize=text_encoder.tokenize if text_encoder is not None else None)
     ema = EMAModel(params, decay=args.ema_decay, foreach=True)
@@ -421,6 +429,9 @@ def main(args) -> dict:
                 terms["loss_complete"] = run_loss(objective, net, x0, cond, draws, "complete")[0]["loss"]
         loss = sum(terms.values())
         acc.backward(loss)
+        logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        # Where a rising norm comes from (routers or adapters / backbone): measured before clipping, on log steps.
+        parts = {f"grad_norm_{name}": _grad_norm(group) for name, group in groups.items()} if logging else {}
         grad_norm = float(acc.clip_grad_norm_(params, args.max_grad_norm))  # the norm before clipping
         skip = args.skip_grad_norm is not None and not grad_norm < args.skip_grad_norm  # NaN skips too
         skips.steps += 1
@@ -438,7 +449,7 @@ def main(args) -> dict:
             run.log({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                      "flops_train": dyn.flops_ratio.mean().item(), "lam_t": lam_t, "grad_norm": grad_norm,
                      "lr": sched.get_last_lr()[0], "skipped": skip, "skip_rate": skips.rate,
-                     "stage": 1 if step <= stage1 else 2})
+                     "stage": 1 if step <= stage1 else 2, **parts})
         state = run.end_of_step(step, bar, evaluate)
         if state == "interrupted":
             bar.close()

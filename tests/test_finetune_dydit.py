@@ -276,3 +276,7 @@ def test_max_grad_norm_clips_before_the_update(tiny_base, tmp_path):
     assert moved(free) > 1e-4 and moved(clipped) < 1e-12
     first = lambda d: [r for r in _log(d) if "grad_norm" in r][0]["grad_norm"]  # noqa: E731
     assert first(tmp_path / "clipped") == pytest.approx(first(tmp_path / "free"), rel=1e-5) and first(tmp_path / "free") > 0
+    # the logged parts (routers, adapters) make up the whole norm
+    for r in (r for r in _log(tmp_path / "free") if "grad_norm" in r):
+        assert math.hypot(r["grad_norm_routers"], r["grad_norm_rest"]) == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert r["grad_norm_routers"] > 0 and r["grad_norm_rest"] > 0
