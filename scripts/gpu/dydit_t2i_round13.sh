@@ -9,6 +9,8 @@
 #   r8freshX:  freshX with TD-LoRA rank 8
 #   clipX:     freshX with the global grad norm clipped to CLIP (calls 1-2: norms rose from 0.002 to 10-46, diverged)
 #   slowX:     clipX at lr 3e-4
+#   contX / contlowX: continue CONT_FROM (a TD-LoRA rank-4 folder, carried) at lambda X from the first step, grad norm
+#              clipped to CLIP, lr LORA_LR / CONT2_LR
 # PROBE=1 first times the compiled sliced path's LayerNorm functions alone (bench/dydit_ln_probe.py, before the
 # trainings share the GPU).
 # Usage: LIMIT=400 RUNS="distill0.6 step0.6 r8distill0.6" bash scripts/gpu/dydit_t2i_round13.sh   (carry [".whl"])
@@ -22,13 +24,15 @@ LORA_LR=${LORA_LR:-3e-4}
 FRESH_LR=${FRESH_LR:-1e-3}
 DISTILL=${DISTILL:-1}
 CLIP=${CLIP:-0.25}
+CONT_FROM=${CONT_FROM:-runs/from/model}
+CONT2_LR=${CONT2_LR:-2e-4}
 PROBE=${PROBE:-0}
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
 DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -53,6 +57,10 @@ for run in $RUNS; do
                        --max-grad-norm "$CLIP") ;;
     step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
+    contlow*)   extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$CONT2_LR"
+                       --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
+    cont*)      extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
+                       --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
     *) echo "unknown run $run"; continue ;;
   esac
   OMP_NUM_THREADS=4 python3 scripts/finetune_dydit.py --out "runs/t2i-$run" "${COMMON[@]}" "${extra[@]}" \
