@@ -9,6 +9,7 @@
 #   r8freshX:  freshX with TD-LoRA rank 8
 #   clipX:     freshX with the global grad norm clipped to CLIP (calls 1-2: norms rose from 0.002 to 10-46, diverged)
 #   slowX:     clipX at lr 3e-4
+#   wdX:       clipX with AdamW weight decay WD on routers and adapters (call 4: the adapters' grad norm kept rising)
 #   contX / contlowX: continue CONT_FROM (a TD-LoRA rank-4 folder, carried) at lambda X from the first step, grad norm
 #              clipped to CLIP, lr LORA_LR / CONT2_LR
 # PROBE=1 first times the compiled sliced path's LayerNorm functions alone (bench/dydit_ln_probe.py, before the
@@ -24,6 +25,7 @@ LORA_LR=${LORA_LR:-3e-4}
 FRESH_LR=${FRESH_LR:-1e-3}
 DISTILL=${DISTILL:-1}
 CLIP=${CLIP:-0.25}
+WD=${WD:-0.1}
 CONT_FROM=${CONT_FROM:-runs/from/model}
 CONT2_LR=${CONT2_LR:-2e-4}
 PROBE=${PROBE:-0}
@@ -32,7 +34,7 @@ DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -53,6 +55,7 @@ for run in $RUNS; do
     fresh*)     extra=("${FRESH[@]}" --lora-rank 4) ;;
     r8fresh*)   extra=("${FRESH[@]}" --lora-rank 8) ;;
     clip*)      extra=("${FRESH[@]}" --lora-rank 4 --max-grad-norm "$CLIP") ;;
+    wd*)        extra=("${FRESH[@]}" --lora-rank 4 --max-grad-norm "$CLIP" --weight-decay "$WD") ;;
     slow*)      extra=(--train td-lora --lora-experts 4 --lr 3e-4 --lam-hold 100 --lam-reach "$RAMP" --lora-rank 4
                        --max-grad-norm "$CLIP") ;;
     step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
