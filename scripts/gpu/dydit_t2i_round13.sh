@@ -12,6 +12,9 @@
 #   wdX:       clipX with AdamW weight decay WD on routers and adapters (call 4: the adapters' grad norm kept rising)
 #   contX / contlowX: continue CONT_FROM (a TD-LoRA rank-4 folder, carried) at lambda X from the first step, grad norm
 #              clipped to CLIP, lr LORA_LR / CONT2_LR
+# QK=1: every run on the QK-norm text model instead (resume/shapes-t2i-qknorm's transformer in a copy of the
+# shipped pipeline folder, weights/shapes-t2i-qk, made here on the device only), compared with that model measured
+# in the same call.
 # PROBE=1 first times the compiled sliced path's LayerNorm functions alone (bench/dydit_ln_probe.py, before the
 # trainings share the GPU).
 # Usage: LIMIT=400 RUNS="distill0.6 step0.6 r8distill0.6" bash scripts/gpu/dydit_t2i_round13.sh   (carry [".whl"])
@@ -29,12 +32,21 @@ WD=${WD:-0.1}
 CONT_FROM=${CONT_FROM:-runs/from/model}
 CONT2_LR=${CONT2_LR:-2e-4}
 PROBE=${PROBE:-0}
+QK=${QK:-0}
+MODEL=weights/shapes-t2i
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
 DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+DENSE_ARGS=(--dense-metrics "$DENSE")
+if [ "$QK" = 1 ]; then
+  MODEL=weights/shapes-t2i-qk
+  rm -rf "$MODEL"; cp -r weights/shapes-t2i "$MODEL"; rm -rf "$MODEL/transformer"
+  cp -r resume/shapes-t2i-qknorm/transformer "$MODEL/transformer"
+  DENSE_ARGS=()
+fi
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE QK=$QK RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -42,7 +54,7 @@ if [ "$PROBE" = 1 ]; then
   timeout 150 python3 bench/dydit_ln_probe.py --out "$OUT/dydit_ln_probe.json" > "$OUT/probe.log" 2>&1
   echo "probe exit $? at $SECONDS s"; grep "variant" "$OUT/probe.log" | cut -c1-200
 fi
-COMMON=(--model weights/shapes-t2i --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999
+COMMON=(--model "$MODEL" --steps 40000 --batch-size 256 --pool 20000 --ema-decay 0.999
         --eval-every 100000 --ckpt-every 100000 --eval-n 16 --log-every 50 --mixed-precision bf16
         --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
 FRESH=(--train td-lora --lora-experts 4 --lr "$FRESH_LR" --lam-hold 100 --lam-reach "$RAMP")
@@ -77,7 +89,7 @@ PIDS=()
 for run in $RUNS; do
   d=runs/t2i-$run; [ -d "$d/model" ] || continue
   OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
-    --dense-metrics "$DENSE" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
+    "${DENSE_ARGS[@]}" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
   PIDS+=($!)
 done
 ((${#PIDS[@]})) && wait "${PIDS[@]}"
