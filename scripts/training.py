@@ -114,6 +114,10 @@ class Run:
         if step % args.ckpt_every == 0 and step < args.steps:
             self.checkpoint(step)
         if self.interrupted(step):
+            # Leave together and take the process group down: a process that exits while gloo's threads still
+            # serve the other rank aborts ("terminate called without an active exception", seen in CI).
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
             return "interrupted"
         if self.out_of_time(step):
             # The full state too, so that a later call (a longer --time-limit, same --out) goes on with the
