@@ -12,6 +12,7 @@
 #   wdX:       clipX with AdamW weight decay WD on routers and adapters (call 4: the adapters' grad norm kept rising)
 #   contX / contlowX: continue CONT_FROM (a TD-LoRA rank-4 folder, carried) at lambda X from the first step, grad norm
 #              clipped to CLIP, lr LORA_LR / CONT2_LR
+#   downX:     continue CONT_FROM with lambda DOWN_FROM -> X over DOWN_REACH steps, lr LORA_LR, clipped (fourteenth session)
 # QK=1: every run on the QK-norm text model instead (resume/shapes-t2i-qknorm's transformer in a copy of the
 # shipped pipeline folder, weights/shapes-t2i-qk, made here on the device only), compared with that model measured
 # in the same call.
@@ -32,6 +33,8 @@ WD=${WD:-0.1}
 CONT_FROM=${CONT_FROM:-runs/from/model}
 CONT2_LR=${CONT2_LR:-2e-4}
 PROBE=${PROBE:-0}
+DOWN_FROM=${DOWN_FROM:-0.6}     # downX: CONT_FROM's lambda stepped to X over DOWN_REACH steps
+DOWN_REACH=${DOWN_REACH:-600}
 QK=${QK:-0}
 MODEL=weights/shapes-t2i
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
@@ -45,8 +48,10 @@ if [ "$QK" = 1 ]; then
   rm -rf "$MODEL"; cp -r weights/shapes-t2i "$MODEL"; rm -rf "$MODEL/transformer"
   cp -r resume/shapes-t2i-qknorm/transformer "$MODEL/transformer"
   DENSE_ARGS=()
+  # The QK-norm model's dense numbers, measured once on the device (call 6 of the thirteenth session), when kept.
+  [ -f bench/results/dense_shapes_t2i_qk_cuda_n480.json ] && DENSE_ARGS=(--dense-metrics bench/results/dense_shapes_t2i_qk_cuda_n480.json)
 fi
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR PROBE=$PROBE QK=$QK RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR DOWN_FROM=$DOWN_FROM DOWN_REACH=$DOWN_REACH PROBE=$PROBE QK=$QK RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -74,6 +79,8 @@ for run in $RUNS; do
                        --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
     contlow*)   extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$CONT2_LR"
                        --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
+    down*)      extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
+                       --lam-start "$DOWN_FROM" --lam-hold 0 --lam-reach "$DOWN_REACH" --max-grad-norm "$CLIP") ;;
     cont*)      extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
     *) echo "unknown run $run"; continue ;;
