@@ -36,7 +36,9 @@ Modes of `DyDiT.forward`:
                 groups by how many timesteps keep them on), so a step's active heads / groups are a prefix and its
                 weights are views (`BlockWeights.prefix`), with no copy per step; a mask that is not a prefix of
                 its block's order gets one gathered copy per unique (layer, mask). The MLP runs only on the kept
-                tokens, gathered over the flattened (B*n, D) batch and written back by index_copy.
+                tokens, gathered over the flattened (B*n, D) batch and written back by index_copy. TD-LoRA's
+                mixture also depends only on t, so each step's adapter update is merged into that step's weights
+                (`fold_td_lora`, within a memory budget): no low-rank path runs while sampling.
 `set_sampling_grid(timesteps)` evaluates the routers for a whole sampling run at once (one host sync) so that the
 steps then need none for the width plan (only the token gather's nonzero remains; `use_token_capacity` removes
 that one too: fixed calibrated row counts per block, overflow counted on the device, `token_overflow()`).
@@ -70,6 +72,10 @@ TOKEN_ROUTER_REDUCTION = 16
 # Timesteps over which `block_orders` counts how often each head / group is on (DDPM's 0..999 and flow's t*1000).
 ORDER_GRID = 1001
 BASES = (DiT, PixArtDiT, LatteDiT)
+# Most bytes of TD-LoRA-folded weight copies a DyDiT keeps (`DyDiT.fold_td_lora`): one copy of the active weights per
+# timestep value. The shapes models' 25-step runs need ~40 MB; DiT-XL/2's would need ~1 GB a step, so there only the
+# first steps fold and the rest keep the low-rank path (the outputs are the same either way).
+FOLD_BUDGET_BYTES = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------- gates
@@ -253,6 +259,7 @@ class BlockWeights:
     fc2_wt: Tensor  # (ng * G, D): fc2.weight.T's rows of those groups
     fc2_b: Tensor
     lora: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (A^T (in', K r), B (out', K r))
+    fold_macs: int = 0  # MACs spent merging TD-LoRA into these weights (`folded`), 0 when not folded
 
     @classmethod
     @torch.no_grad()
@@ -277,6 +284,32 @@ class BlockWeights:
             fc1.weight.index_select(0, units), fc1.bias.index_select(0, units),
             fc2.weight.t().index_select(0, units), fc2.bias, factors,
         )
+
+    @torch.no_grad()
+    def folded(self, w: Tensor) -> "BlockWeights":
+        """These weights with the TD-LoRA update of one timestep merged in, `lora` dropped: W + B diag(w) A on each
+        of the four linears, w (K·r,) the mixture's column weights (`BlockTDLoRA.column_weights`) at that timestep.
+        The mixture depends only on t, like the width masks, so a sampling step's update is one matrix per linear:
+        merged once per timestep value, the step runs no low-rank path at all (`DyDiT.fold_td_lora`). Merged in
+        float32, rounded once to the weights' dtype."""
+        if self.lora is None:
+            raise ValueError("these weights carry no TD-LoRA factors to fold")
+        (qa, qb), (pa, pb), (f1a, f1b), (f2a, f2b) = (self.lora[k] for k in ("qkv", "proj", "fc1", "fc2"))
+        w = w.float()
+
+        def merged(base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+            # rows of `base` (out' or in' units) + (left * w) @ right^T, left (rows, K·r), right (cols, K·r)
+            return (base.float() + (left.float() * w) @ right.float().t()).to(base.dtype)
+
+        macs = sum(left.shape[0] * right.shape[0] * w.numel() for left, right in ((qb, qa), (pa, pb), (f1b, f1a),
+                                                                                 (f2a, f2b)))
+        return replace(self, qkv_w=merged(self.qkv_w, qb, qa), proj_wt=merged(self.proj_wt, pa, pb),
+                       fc1_w=merged(self.fc1_w, f1b, f1a), fc2_wt=merged(self.fc2_wt, f2a, f2b), lora=None,
+                       fold_macs=macs)
+
+    def nbytes(self) -> int:
+        """Bytes of the four weight matrices (what a folded copy adds)."""
+        return sum(t.numel() * t.element_size() for t in (self.qkv_w, self.proj_wt, self.fc1_w, self.fc2_wt))
 
     def prefix(self, heads: int, groups: int) -> "BlockWeights":
         """The first `heads` heads and `groups` groups, as views of these tensors (leading rows: contiguous)."""
@@ -515,6 +548,7 @@ class DyDiT(nn.Module):
         self._grid: tuple[Tensor, list[list[BlockWeights]]] | None = None
         self._grid_step = 0
         self._sliced_fns = SLICED_EAGER
+        self._fold_budget = FOLD_BUDGET_BYTES
         self.clear_cache()
 
     @classmethod
@@ -538,6 +572,20 @@ class DyDiT(nn.Module):
         self.clear_cache()
         return self
 
+    def fold_td_lora(self, max_bytes: int = FOLD_BUDGET_BYTES) -> "DyDiT":
+        """Sliced inference merges TD-LoRA into each step's weights (on by default, up to `max_bytes` of copies;
+        0 turns it off). The mixture pi(t) depends only on the timestep, so at one step the adapter is one fixed
+        low-rank update per linear: merged once per timestep value (`BlockWeights.folded`), the step runs the plain
+        sliced matrix products, and the low-rank paths' per-token work (the MacCounter's `adapter` overhead: ~0.07 of
+        the dense MACs on the shapes text model) becomes one weight-sized merge per step, whatever the batch. The
+        price is memory: a copy of the active weights per timestep value, hence the budget; steps past it keep the
+        low-rank path."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._fold_budget = int(max_bytes)
+        self._clear_weight_caches()
+        return self
+
     def frozen_backbone(self) -> "DyDiT":
         """Freeze the base model so that only the routers (and TD-LoRA adapters) train."""
         self.dit.requires_grad_(False)
@@ -559,6 +607,7 @@ class DyDiT(nn.Module):
         self._permuted: dict[int, BlockWeights] = {}
         self._sliced: dict[tuple, BlockWeights] = {}  # gathered copies for masks that are not prefixes
         self._mask_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # sliced blocks' head / group masks
+        self._folded_bytes = 0  # held by TD-LoRA-folded step weights (`fold_td_lora`)
         self._grid = None
 
     def _apply(self, fn, recurse: bool = True):
@@ -831,7 +880,8 @@ class DyDiT(nn.Module):
         qk = None if qk is no_qk_norm else (qk.q.weight, qk.k.weight, qk.q.eps)
         # TD-LoRA's mixture per sequence, expanded to the K·r factor columns and scaled (the sliced functions take
         # plain tensors, so that one compiled graph serves every block and step)
-        lw = None if lora is None else lora.column_weights(pi)
+        folded = lora is not None and w.lora is None  # TD-LoRA merged into this step's weights (fold_td_lora)
+        lw = None if lora is None or folded else lora.column_weights(pi)
         f = w.lora or {}
         # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
         attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w.view(-1, dh, D), w.qkv_b, w.proj_wt,
@@ -862,7 +912,9 @@ class DyDiT(nn.Module):
             ps.counter.dense += ps.batch * sum(ps.costs[-1])
             ps.counter.executed += sum(block_macs(S, n, D, ha * dh, kept, ga * w.group_size, text_tokens))
             ps.counter.router += S * self.routers[layer].macs(n, D)
-            if lora is not None:
+            if folded:  # the merge, counted in every forward though it is made once per timestep value and kept
+                ps.counter.adapter += w.fold_macs
+            elif lora is not None:
                 ps.counter.adapter += _lora_macs(lora, S * n, kept, D, ha * dh, ga * w.group_size)
         return x
 
@@ -930,8 +982,20 @@ class DyDiT(nn.Module):
         """Every routed block's weights at one timestep value (cached by value)."""
         key = float(timestep)
         if key not in self._steps:
-            self._steps[key] = [self.block_weights(layer, h, g) for layer, (h, g) in enumerate(self.width_plan(key))]
+            plan = [self.block_weights(layer, h, g) for layer, (h, g) in enumerate(self.width_plan(key))]
+            self._steps[key] = plan if self.lora is None else self._folded_plan(key, plan)
         return self._steps[key]
+
+    @torch.no_grad()
+    def _folded_plan(self, timestep: float, plan: list[BlockWeights]) -> list[BlockWeights]:
+        """`plan` with TD-LoRA merged at this timestep (`fold_td_lora`), or `plan` itself when over the budget."""
+        extra = sum(w.nbytes() for w in plan)
+        if self._folded_bytes + extra > self._fold_budget:
+            return plan
+        self._folded_bytes += extra
+        dev = self.dit.pos_embed.device
+        t_emb = self.dit.time_embed(torch.tensor([timestep], device=dev, dtype=torch.float32))  # E_t, as forward
+        return [w.folded(lora.column_weights(lora.mixture(t_emb))[0]) for w, lora in zip(plan, self.lora)]
 
     @torch.no_grad()
     def set_sampling_grid(self, timesteps: Tensor) -> None:

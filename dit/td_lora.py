@@ -10,6 +10,10 @@ Per routed block, K rank-r LoRA experts on each of the four linears the width ro
 path on (..., in) inputs with a per-sequence mixture. B starts at zero (so the adapter is exactly zero at init and the
 model equals its base), A is Kaiming-uniform as in LoRA, the mixer starts at zero (uniform mixture).
 
+At inference every sample of a step shares t, so the mixed update is one matrix per linear: DyDiT's sliced path
+merges it into that step's sliced weights once per timestep value (`BlockWeights.folded`, `DyDiT.fold_td_lora`)
+instead of running `low_rank` on every token.
+
 Code names -> symbols: `experts` K, `rank` r, `alpha` alpha, `mixer` the Linear on E_t, `pi` pi(t) (B, K),
 `A` / `B` the stacked A_k / B_k.
 """

@@ -1,6 +1,7 @@
 """TD-LoRA (dit/td_lora.py) inside DyDiT: zero at init (outputs unchanged), changes outputs only through the adapter
 (backbone frozen and bit-identical, zeroing B restores the base outputs), depends on t through its mixture, the
-sliced inference path equals the masked path with the adapter on every family, and save/load round-trips."""
+sliced inference path equals the masked path with the adapter on every family (also with the adapter folded into
+the step weights), and save/load round-trips."""
 from __future__ import annotations
 
 import json
@@ -96,6 +97,44 @@ def test_sliced_equals_masked_with_adapter(family):
             sliced = model(x, t, cond, keep, mode="sliced", counter=counter)
             torch.testing.assert_close(sliced.sample, masked.sample, rtol=ATOL, atol=ATOL)
             assert counter.adapter > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_steps_equal_the_low_rank_path(family):
+    """fold_td_lora: a step's weights with the adapter merged give the low-rank path's output (float32 rounding) at
+    a fraction of its counted MACs; with a budget of one step's copies only the first timestep folds, the others keep
+    the low-rank path, and a sampling grid over both kinds of step still matches."""
+    model = DyDiT.from_dit(base(family)).add_td_lora(rank=2, experts=3).eval()
+    partial_routers_(model)
+    random_lora_(model)
+    x, cond, keep = inputs(family, model.dit, 4, seed=5, cfg=True)
+    steps = (950, 500, 50)
+    with torch.no_grad():
+        model.fold_td_lora(0)
+        low, low_macs = {}, {}
+        for t in steps:
+            counter = MacCounter()
+            low[t] = model(x, t, cond, keep, mode="sliced", counter=counter).sample
+            low_macs[t] = counter.adapter
+            assert all(w.lora is not None for w in model.step_weights(t))
+        model.fold_td_lora()
+        for t in steps:
+            counter = MacCounter()
+            out = model(x, t, cond, keep, mode="sliced", counter=counter).sample
+            torch.testing.assert_close(out, low[t], rtol=ATOL, atol=ATOL)
+            assert all(w.lora is None and w.fold_macs > 0 for w in model.step_weights(t))
+            assert 0 < counter.adapter < low_macs[t]  # the merge costs less than the per-token paths, even here
+            assert counter.adapter == sum(w.fold_macs for w in model.step_weights(t))
+        one_step = sum(w.nbytes() for w in model.step_weights(steps[0]))
+        model.fold_td_lora(one_step)
+        model.set_sampling_grid(torch.tensor(steps))
+        folded = [all(w.lora is None for w in model.step_weights(t)) for t in steps]
+        assert folded == [True, False, False]
+        for t in steps:
+            torch.testing.assert_close(model(x, t, cond, keep, mode="sliced").sample, low[t], rtol=ATOL, atol=ATOL)
+        model.clear_sampling_grid()
+    with pytest.raises(ValueError, match="max_bytes"):
+        model.fold_td_lora(-1)
 
 
 def test_save_load_round_trip(tmp_path):
