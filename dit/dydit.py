@@ -296,16 +296,13 @@ class BlockWeights:
             raise ValueError("these weights carry no TD-LoRA factors to fold")
         (qa, qb), (pa, pb), (f1a, f1b), (f2a, f2b) = (self.lora[k] for k in ("qkv", "proj", "fc1", "fc2"))
         w = w.float()
-
-        def merged(base: Tensor, left: Tensor, right: Tensor) -> Tensor:
-            # rows of `base` (out' or in' units) + (left * w) @ right^T, left (rows, K·r), right (cols, K·r)
-            return (base.float() + (left.float() * w) @ right.float().t()).to(base.dtype)
-
-        macs = sum(left.shape[0] * right.shape[0] * w.numel() for left, right in ((qb, qa), (pa, pb), (f1b, f1a),
-                                                                                 (f2a, f2b)))
-        return replace(self, qkv_w=merged(self.qkv_w, qb, qa), proj_wt=merged(self.proj_wt, pa, pb),
-                       fc1_w=merged(self.fc1_w, f1b, f1a), fc2_wt=merged(self.fc2_wt, f2a, f2b), lora=None,
-                       fold_macs=macs)
+        # field -> (left, right): the field's rows (out' or in' units) gain (left * w) @ right^T, left (rows, K·r),
+        # right (cols, K·r); qkv and fc1 are stored (out', in), proj and fc2 transposed (in', out)
+        pairs = {"qkv_w": (qb, qa), "proj_wt": (pa, pb), "fc1_w": (f1b, f1a), "fc2_wt": (f2a, f2b)}
+        merged = {name: (getattr(self, name).float() + (left.float() * w) @ right.float().t()).to(
+            getattr(self, name).dtype) for name, (left, right) in pairs.items()}
+        macs = sum(left.shape[0] * right.shape[0] * w.numel() for left, right in pairs.values())
+        return replace(self, **merged, lora=None, fold_macs=macs)
 
     def nbytes(self) -> int:
         """Bytes of the four weight matrices (what a folded copy adds)."""
@@ -509,7 +506,6 @@ class _Pass:
     noise: bool
     counter: MacCounter | None
     plan: list[BlockWeights] | None = None  # sliced: this step's weights per routed block
-    pi: list[Tensor] | None = None  # TD-LoRA mixtures per routed block, (B, K)
     masks: list[dict[str, Tensor]] = field(default_factory=list)
     costs: list[tuple[int, int, int]] = field(default_factory=list)  # per block: dense (A, C, M) of one sample
 
@@ -724,8 +720,6 @@ class DyDiT(nn.Module):
         ps = _Pass(mode, t_B.shape[0], t_emb, self.training, counter)
         if mode == "sliced":
             ps.plan = self._plan_for(t_B)
-        if self.lora is not None:
-            ps.pi = [lora.mixture(t_emb) for lora in self.lora]
         return ps
 
     @staticmethod
@@ -821,11 +815,12 @@ class DyDiT(nn.Module):
         H, hidden = block.attn.num_heads, block.mlp.fc1.out_features
         router = self.routers[layer]
         lora = None if self.lora is None else self.lora[layer]
-        pi = None if lora is None else ps.pi[layer].repeat_interleave(rep, dim=0)  # (S, K)
         dense = block_macs(rep, n, D, D, rep * n, hidden, text_tokens)  # one sample
         ps.costs.append(dense)
         if ps.mode == "sliced":
-            return self._block_sliced(layer, block, x, mods, ps, cross, text_tokens, lora, pi)
+            return self._block_sliced(layer, block, x, mods, ps, cross, text_tokens, lora)
+        # TD-LoRA's mixture pi(t) per sequence (S, K)
+        pi = None if lora is None else lora.mixture(ps.t_emb).repeat_interleave(rep, dim=0)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         if ps.mode == "complete":
             head_m = group_m = x.new_ones(ps.batch, H)
@@ -870,7 +865,7 @@ class DyDiT(nn.Module):
                 ps.counter.adapter += _lora_macs(lora, S * n, S * n, D, D, hidden)
         return x
 
-    def _block_sliced(self, layer, block, x, mods, ps: _Pass, cross, text_tokens, lora, pi) -> Tensor:
+    def _block_sliced(self, layer, block, x, mods, ps: _Pass, cross, text_tokens, lora) -> Tensor:
         S, n, D = x.shape
         H = block.attn.num_heads
         w = ps.plan[layer]
@@ -879,9 +874,12 @@ class DyDiT(nn.Module):
         qk = block.attn.qk_norm
         qk = None if qk is no_qk_norm else (qk.q.weight, qk.k.weight, qk.q.eps)
         # TD-LoRA's mixture per sequence, expanded to the K·r factor columns and scaled (the sliced functions take
-        # plain tensors, so that one compiled graph serves every block and step)
-        folded = lora is not None and w.lora is None  # TD-LoRA merged into this step's weights (fold_td_lora)
-        lw = None if lora is None or folded else lora.column_weights(pi)
+        # plain tensors, so that one compiled graph serves every block and step); not needed, so not computed, when
+        # the adapter is merged into this step's weights (fold_td_lora)
+        folded = lora is not None and w.lora is None
+        lw = None
+        if lora is not None and not folded:
+            lw = lora.column_weights(lora.mixture(ps.t_emb).repeat_interleave(S // ps.batch, dim=0))
         f = w.lora or {}
         # contiguous: the patch embedding's output is a transposed view (one stride pattern for the compiled halves)
         attn_args = (shift_a, scale_a, gate_a, block.norm1.eps, w.qkv_w.view(-1, dh, D), w.qkv_b, w.proj_wt,
