@@ -13,6 +13,7 @@
 #   contX / contlowX: continue CONT_FROM (a TD-LoRA rank-4 folder, carried) at lambda X from the first step, grad norm
 #              clipped to CLIP, lr LORA_LR / CONT2_LR
 #   downX:     continue CONT_FROM with lambda DOWN_FROM -> X over DOWN_REACH steps, lr LORA_LR, clipped (fourteenth session)
+#   a run written RUN@FOLDER (cont/contlow/down) continues FOLDER instead of CONT_FROM (fifteenth session)
 # QK=1: every run on the QK-norm text model instead (resume/shapes-t2i-qknorm's transformer in a copy of the
 # shipped pipeline folder, weights/shapes-t2i-qk, made here on the device only), compared with that model measured
 # in the same call.
@@ -64,7 +65,9 @@ COMMON=(--model "$MODEL" --steps 40000 --batch-size 256 --pool 20000 --ema-decay
         --schedule cosine --warmup 100 --anneal-to-time-limit --time-limit "$LIMIT")
 FRESH=(--train td-lora --lora-experts 4 --lr "$FRESH_LR" --lam-hold 100 --lam-reach "$RAMP")
 PIDS=()
-for run in $RUNS; do
+for spec in $RUNS; do
+  run=${spec%%@*}; src=$CONT_FROM          # "cont0.55@resume/x": this run continues resume/x instead of CONT_FROM
+  [ "$spec" != "$run" ] && src=${spec#*@}
   lam=${run##*[a-z]}
   case $run in
     distill*)   extra=("${FRESH[@]}" --lora-rank 4 --distill "$DISTILL") ;;
@@ -77,11 +80,11 @@ for run in $RUNS; do
                        --max-grad-norm "$CLIP") ;;
     step*)      extra=(--init-from "$STEP_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-start 0.7 --lam-hold 0 --lam-reach 1500 --distill "$DISTILL") ;;
-    contlow*)   extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$CONT2_LR"
+    contlow*)   extra=(--init-from "$src" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$CONT2_LR"
                        --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
-    down*)      extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
+    down*)      extra=(--init-from "$src" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-start "$DOWN_FROM" --lam-hold 0 --lam-reach "$DOWN_REACH" --max-grad-norm "$CLIP") ;;
-    cont*)      extra=(--init-from "$CONT_FROM" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
+    cont*)      extra=(--init-from "$src" --train td-lora --lora-rank 4 --lora-experts 4 --lr "$LORA_LR"
                        --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
     *) echo "unknown run $run"; continue ;;
   esac
@@ -93,8 +96,8 @@ done
 echo "trainings done at $SECONDS s"
 left=$((WATCH - 10 - SECONDS))
 PIDS=()
-for run in $RUNS; do
-  d=runs/t2i-$run; [ -d "$d/model" ] || continue
+for spec in $RUNS; do
+  d=runs/t2i-${spec%%@*}; [ -d "$d/model" ] || continue
   OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
     "${DENSE_ARGS[@]}" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
   PIDS+=($!)
