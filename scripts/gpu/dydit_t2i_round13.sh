@@ -88,6 +88,7 @@ for spec in $RUNS; do
                        --lam-hold 0 --lam-reach 0 --max-grad-norm "$CLIP") ;;
     *) echo "unknown run $run"; continue ;;
   esac
+  rm -rf "runs/t2i-$run"   # a warm machine keeps runs/ between calls, and --out would resume the old run
   OMP_NUM_THREADS=4 python3 scripts/finetune_dydit.py --out "runs/t2i-$run" "${COMMON[@]}" "${extra[@]}" \
     --lam "$lam" --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
   PIDS+=($!)
