@@ -37,6 +37,7 @@ PROBE=${PROBE:-0}
 DOWN_FROM=${DOWN_FROM:-0.6}     # downX: CONT_FROM's lambda stepped to X over DOWN_REACH steps
 DOWN_REACH=${DOWN_REACH:-600}
 QK=${QK:-0}
+EXTRA=${EXTRA:-}                # more finetune_dydit.py arguments for every run, e.g. "--stage1-steps 0" (stage 2)
 MODEL=weights/shapes-t2i
 RUNS=${RUNS:-"distill0.6 step0.6 r8distill0.6"}
 DENSE=bench/results/dense_shapes_t2i_cuda_n480.json
@@ -52,7 +53,7 @@ if [ "$QK" = 1 ]; then
   # The QK-norm model's dense numbers, measured once on the device (call 6 of the thirteenth session), when kept.
   [ -f bench/results/dense_shapes_t2i_qk_cuda_n480.json ] && DENSE_ARGS=(--dense-metrics bench/results/dense_shapes_t2i_qk_cuda_n480.json)
 fi
-device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR DOWN_FROM=$DOWN_FROM DOWN_REACH=$DOWN_REACH PROBE=$PROBE QK=$QK RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR DOWN_FROM=$DOWN_FROM DOWN_REACH=$DOWN_REACH PROBE=$PROBE QK=$QK EXTRA=\"$EXTRA\" RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -90,7 +91,7 @@ for spec in $RUNS; do
   esac
   rm -rf "runs/t2i-$run"   # a warm machine keeps runs/ between calls, and --out would resume the old run
   OMP_NUM_THREADS=4 python3 scripts/finetune_dydit.py --out "runs/t2i-$run" "${COMMON[@]}" "${extra[@]}" \
-    --lam "$lam" --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
+    --lam "$lam" $EXTRA --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
   PIDS+=($!)
 done
 ((${#PIDS[@]})) && wait "${PIDS[@]}"
