@@ -6,11 +6,14 @@ Layout:
                          ...extra}
     routers.safetensors the routers' state dict (keys as in `DyDiT.routers.state_dict()`)
     td_lora.safetensors only with TD-LoRA: the adapters' state dict (keys as in `DyDiT.lora.state_dict()`)
-    transformer/        only when "backbone" == "included": the full base model (`save_pretrained`)
+    transformer/        only when "backbone" == "included": the full base model (`save_pretrained`, or int8 linear
+                        weights with per-row scales, `dit.int8_weights`, where the folder must stay small)
 
 "base" is the dense DiT the routers were trained on: a path relative to the folder (e.g. "../shapes-c2i"; a
 pipeline folder or a bare transformer folder), or null when the backbone is included. With a frozen backbone
-(routers-only fine-tuning) only the routers are stored and the backbone is read from "base" on load.
+(routers-only fine-tuning) only the routers are stored and the backbone is read from "base" on load. An included
+backbone with a pipeline "base" is a different dense model on the base's VAE, scheduler and text encoder (the
+shipped text DyDiT: routers and TD-LoRA on the QK-norm text transformer, served with shapes-t2i's components).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .dit import DiT
 from .dydit import DyDiT
+from .int8_weights import INT8_WEIGHTS, load_int8, save_int8
 from .latte import LatteDiT
 from .pixart import PixArtDiT
 
@@ -52,6 +56,8 @@ def load_base_dit(path: str | Path):
     name = json.loads(config.read_text()).get("_class_name")
     if name not in BASE_CLASSES:
         raise ValueError(f"base model {path}: config.json names {name!r}; DyDiT routes {', '.join(BASE_CLASSES)}")
+    if (folder / INT8_WEIGHTS).is_file():
+        return load_int8(BASE_CLASSES[name], folder, torch.float32)
     return BASE_CLASSES[name].from_pretrained(folder, torch_dtype=torch.float32)
 
 
@@ -69,9 +75,10 @@ def _load_state(module, path: Path) -> None:
 
 
 def save_dydit(folder: str | Path, model: DyDiT, *, lam: float, base: str | Path | None = None,
-               include_backbone: bool = False, extra: dict | None = None) -> Path:
+               include_backbone: bool = False, int8_backbone: bool = False, extra: dict | None = None) -> Path:
     """Write `model` to `folder`. `base` is the dense DiT folder the backbone comes from (stored relative to `folder`);
-    without one, or with `include_backbone`, the full DiT weights are written as well."""
+    without one, or with `include_backbone`, the full DiT weights are written as well (`int8_backbone`: its linear
+    weights as int8 with per-row scales, about half the bytes of fp16)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     include_backbone = include_backbone or base is None
@@ -92,7 +99,10 @@ def save_dydit(folder: str | Path, model: DyDiT, *, lam: float, base: str | Path
     if model.lora is not None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.lora.state_dict().items()}
         save_file(state, str(folder / LORA_NAME))
-    if include_backbone:
+    if include_backbone and int8_backbone:
+        save_int8(model.dit, folder / BACKBONE_DIR)
+    elif include_backbone:
+        (folder / BACKBONE_DIR / INT8_WEIGHTS).unlink(missing_ok=True)
         model.dit.save_pretrained(folder / BACKBONE_DIR)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return folder

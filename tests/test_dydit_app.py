@@ -129,3 +129,76 @@ def test_evaluate_writes_the_comparison_into_the_card_and_eval_reruns_it(tmp_pat
     capsys.readouterr()
     assert main(["eval", "--model", str(folder)]) == 0  # `ditstudio eval` re-runs the card's evaluation
     assert "prompt_accuracy" in capsys.readouterr().out
+
+
+@needs_shipped
+def test_included_int8_backbone_is_served_with_the_base_pipelines_components(tmp_path):
+    """A DyDiT trained on another dense transformer (here shapes-t2i's, perturbed) ships that backbone inside its
+    folder, int8 with per-row scales, and borrows only the VAE, scheduler and text encoder of "base" (the shipped
+    text DyDiT's layout, scripts/pack_dydit.py). The served model is the included backbone, not the base's, and
+    it matches the float32 DyDiT within the int8 rounding."""
+    from dit.dydit_io import BACKBONE_DIR, load_base_dit, load_dydit
+    from dit.int8_weights import INT8_WEIGHTS
+
+    dit = load_base_dit(WEIGHTS / "shapes-t2i")
+    with torch.no_grad():
+        dit.blocks[0].mlp.fc1.weight.mul_(1.5)  # another dense model than the base folder's
+    model = DyDiT.from_dit(dit).eval()
+    folder = save_dydit(tmp_path / "dy-own", model, lam=0.5, base=WEIGHTS / "shapes-t2i", include_backbone=True,
+                        int8_backbone=True)
+    config = json.loads((folder / "dydit_config.json").read_text())
+    assert config["backbone"] == "included" and config["base"].endswith("shapes-t2i")
+    assert (folder / BACKBONE_DIR / INT8_WEIGHTS).is_file()
+    assert not list((folder / BACKBONE_DIR).glob("diffusion_pytorch_model*"))
+    dense_bytes = (WEIGHTS / "shapes-t2i" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert (folder / BACKBONE_DIR / INT8_WEIGHTS).stat().st_size < 0.6 * dense_bytes  # fp16 there, int8 here
+
+    loaded = load_dydit(folder)
+    w, w8 = dit.blocks[0].mlp.fc1.weight, loaded.dit.blocks[0].mlp.fc1.weight
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((w8 - w).abs() <= scale * 0.5 + 1e-3).all()  # the perturbed weights, rounded per row
+    base_w = load_base_dit(WEIGHTS / "shapes-t2i").blocks[0].mlp.fc1.weight
+    assert (w8 - base_w).abs().max() > 10 * scale.max()  # ... not the base folder's
+
+    pipe = load_dydit_pipeline(folder)
+    torch.testing.assert_close(pipe.transformer.dydit.dit.blocks[0].mlp.fc1.weight, w8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 8, dit.config.caption_channels, generator=g)
+    for step in (100, 700):  # the sliced path shares one timestep per batch
+        t = torch.tensor([step, step])
+        with torch.no_grad():
+            ref, got = model(x, t, text).sample, loaded(x, t, text).sample
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert 0 < rel < 2e-2
+
+
+@needs_shipped
+def test_pack_dydit_includes_the_backbone_and_keeps_the_routers(tmp_path):
+    """scripts/pack_dydit.py: a routers-only folder repacked with its backbone included (int8) serves the same
+    routers and a backbone within int8 rounding of the original; bad destinations are refused, nothing replaced."""
+    import importlib.util
+
+    from dit.dydit_io import load_dydit
+
+    spec = importlib.util.spec_from_file_location("pack_dydit", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "pack_dydit.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    source = dydit_folder(tmp_path, "shapes-t2i")
+    keep = tmp_path / "not-a-dydit"
+    keep.mkdir()
+    (keep / "file.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        pack.main([str(source), str(keep), "--components", str(WEIGHTS / "shapes-t2i"), "--int8"])
+    assert (keep / "file.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        pack.main([str(source), str(tmp_path / "out"), "--components", str(WEIGHTS / "shapes-vae"), "--int8"])
+    assert pack.main([str(source), str(tmp_path / "out"), "--components", str(WEIGHTS / "shapes-t2i"), "--int8"]) == 0
+    a, b = load_dydit(source), load_dydit(tmp_path / "out")
+    for (k, v), (k2, v2) in zip(a.routers.state_dict().items(), b.routers.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    config = json.loads((tmp_path / "out" / "dydit_config.json").read_text())
+    assert config["backbone"] == "included" and config["trained_on"].endswith("shapes-t2i")
+    w, w8 = a.dit.blocks[1].attn.qkv.weight, b.dit.blocks[1].attn.qkv.weight
+    assert not torch.equal(w, w8) and ((w8 - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-6).all()
