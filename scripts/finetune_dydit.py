@@ -46,8 +46,9 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS  # noqa: E402
 from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target  # noqa: E402
-from dit.dydit_io import load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
+from dit.dydit_io import BACKBONE_DIR, load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
 from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
+from dit.int8_weights import INT8_WEIGHTS  # noqa: E402
 from dit.latte import LATTE_CONFIGS  # noqa: E402
 from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objective  # noqa: E402
 from dit.pixart import PIXART_CONFIGS  # noqa: E402
@@ -141,17 +142,33 @@ def continued_dydit(folder: Path, dit, args) -> DyDiT:
     """The DyDiT saved in `folder`, to train on: its backbone is `dit` (the --model) unless the folder includes one
     (full fine-tuning), and it must have been trained the way this run trains it."""
     config = read_config(folder)
-    held = "full" if config["backbone"] == "included" else ("td-lora" if config.get("td_lora") else "routers")
+    included = config["backbone"] == "included"
+    # An included backbone with TD-LoRA is a packed folder (scripts/pack_dydit.py): a frozen backbone of its own.
+    held = "td-lora" if config.get("td_lora") else ("full" if included else "routers")
+    if included and held == "td-lora" and args.distill > 0:
+        raise ValueError(f"--init-from {folder}: it includes its own backbone, and --distill's teacher would be "
+                         f"--model's transformer instead")
     if held != args.train:
         raise ValueError(f"--init-from {folder}: it holds a {held} fine-tune, this run trains --train {args.train}")
     lora = config.get("td_lora")
     if lora and (lora["rank"], lora["experts"]) != (args.lora_rank, args.lora_experts):
         raise ValueError(f"--init-from {folder}: TD-LoRA rank {lora['rank']} x {lora['experts']} experts, this run "
                          f"asks {args.lora_rank} x {args.lora_experts}")
-    model = load_dydit(folder, backbone=None if held == "full" else dit)
+    model = load_dydit(folder, backbone=None if included else dit)
     for router in model.routers:
         router.gate.tau = args.tau
     return model.train()
+
+
+def packed_backbone(init_from: str | None) -> str | None:
+    """"int8" / "float" when --init-from is a TD-LoRA folder with its own backbone (scripts/pack_dydit.py), whose
+    continuation is saved the same way; None otherwise."""
+    if not init_from:
+        return None
+    config = read_config(init_from)
+    if config["backbone"] != "included" or not config.get("td_lora"):
+        return None
+    return "int8" if (Path(init_from) / BACKBONE_DIR / INT8_WEIGHTS).is_file() else "float"
 
 
 def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -466,7 +483,9 @@ def main(args) -> dict:
         final = unwrapped.float().eval()
         folder = Path(args.save_to) if args.save_to else run.out / "model"
         base = base_reference(args.model)
-        save_dydit(folder, final, lam=args.lam, base=base, include_backbone=args.train == "full",
+        packed = packed_backbone(args.init_from)
+        save_dydit(folder, final, lam=args.lam, base=base, include_backbone=args.train == "full" or packed is not None,
+                   int8_backbone=packed == "int8",
                    extra={"train": args.train, "objective": args.objective, "task": task, "steps": step,
                           "stage1_steps": stage1, "distill": args.distill})
         metrics = evaluate()

@@ -226,6 +226,41 @@ def test_init_from_continues_a_saved_dydit(tiny_base, tmp_path):
             finetune_dydit.continued_dydit(Path(bad.init_from), base, bad)
 
 
+@needs_vae
+def test_init_from_a_packed_folder_trains_its_own_backbone_and_saves_it_packed(tiny_base, tmp_path):
+    """--init-from a TD-LoRA folder that includes its backbone as int8 (scripts/pack_dydit.py's layout): the run
+    routes that backbone (not --model's), keeps it frozen, and saves the continuation in the same layout; --distill
+    is refused there (its teacher would be --model's transformer)."""
+    from dit.dydit_io import BACKBONE_DIR
+    from dit.int8_weights import INT8_WEIGHTS
+
+    first = tmp_path / "first"
+    _run(first, tiny_base, 2, "--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-2",
+         "--router-bias", "2", "--eval-every", "1000", "--ema-decay", "0.5")
+    model = load_dydit(first / "model")
+    with torch.no_grad():
+        model.dit.blocks[0].mlp.fc1.weight.mul_(2.0)  # a backbone other than --model's
+    packed = save_dydit(tmp_path / "packed", model, lam=0.5, base=tiny_base, include_backbone=True,
+                        int8_backbone=True, extra={"train": "td-lora"})
+    common = ["--model", str(tiny_base), "--batch-size", "8", "--pool", "32", "--cpu", "--lam", "0.5", "--lam-hold",
+              "0", "--lam-reach", "0", "--ckpt-every", "1000", "--eval-n", "8", "--flops-grid", "4", "--train",
+              "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-3", "--init-from", str(packed),
+              "--eval-every", "1000"]
+    args = finetune_dydit.parse_args(["--out", str(tmp_path / "second"), "--steps", "2", *common])
+    continued = finetune_dydit.continued_dydit(packed, DiT.from_pretrained(tiny_base), args)
+    torch.testing.assert_close(continued.dit.blocks[0].mlp.fc1.weight, load_dydit(packed).dit.blocks[0].mlp.fc1.weight)
+    finetune_dydit.main(args)
+    out = tmp_path / "second" / "model"
+    config = json.loads((out / "dydit_config.json").read_text())
+    assert config["backbone"] == "included" and config["td_lora"]["rank"] == 2
+    assert (out / BACKBONE_DIR / INT8_WEIGHTS).is_file()
+    a, b = load_dydit(packed).dit.state_dict(), load_dydit(out).dit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # frozen, stored the same way
+    bad = finetune_dydit.parse_args(["--out", str(tmp_path / "bad"), "--steps", "1", *common, "--distill", "1"])
+    with pytest.raises(ValueError, match="includes its own backbone"):
+        finetune_dydit.continued_dydit(packed, DiT.from_pretrained(tiny_base), bad)
+
+
 def test_distill_term_is_zero_for_the_dense_path_and_trains(tiny_base, tmp_path):
     """--distill: the frozen dense base is the teacher. Gates all on and TD-LoRA at its zero init, the dynamic
     prediction is the teacher's, so the term is ~0; moved adapters make it positive; a run logs it."""
