@@ -36,6 +36,9 @@ LORA_NAME = "td_lora.safetensors"
 BASE_CLASSES = {"DiT": DiT, "PixArtDiT": PixArtDiT, "LatteDiT": LatteDiT}
 BACKBONE_DIR = "transformer"
 FORMAT_VERSION = 1
+# The keys `save_dydit` writes itself; anything else in a config came in through `extra` (training details).
+FORMAT_KEYS = frozenset({"format", "version", "tau", "lam", "base", "backbone", "base_class", "hidden_size",
+                         "num_heads", "depth", "td_lora"})
 
 
 def _transformer_folder(path: Path) -> Path:
@@ -119,6 +122,19 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{cfg_path}: format {config.get('format')!r} version {config.get('version')!r}; "
                          f"expected 'dydit' version {FORMAT_VERSION}")
     return config
+
+
+def extra_config(config: dict) -> dict:
+    """The `extra` entries of a DyDiT config (what `save_dydit` did not write itself), to carry into a re-save."""
+    return {k: v for k, v in config.items() if k not in FORMAT_KEYS}
+
+
+def included_backbone(folder: str | Path) -> str | None:
+    """How a DyDiT folder stores an included backbone: "int8" (`dit.int8_weights`), "float" (`save_pretrained`), or
+    None when the backbone is read from "base"."""
+    if read_config(folder)["backbone"] != "included":
+        return None
+    return "int8" if (Path(folder) / BACKBONE_DIR / INT8_WEIGHTS).is_file() else "float"
 
 
 def is_dydit_folder(folder: str | Path) -> bool:

@@ -46,9 +46,8 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS  # noqa: E402
 from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target  # noqa: E402
-from dit.dydit_io import BACKBONE_DIR, load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
+from dit.dydit_io import included_backbone, load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
 from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
-from dit.int8_weights import INT8_WEIGHTS  # noqa: E402
 from dit.latte import LATTE_CONFIGS  # noqa: E402
 from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objective  # noqa: E402
 from dit.pixart import PIXART_CONFIGS  # noqa: E402
@@ -165,10 +164,7 @@ def packed_backbone(init_from: str | None) -> str | None:
     continuation is saved the same way; None otherwise."""
     if not init_from:
         return None
-    config = read_config(init_from)
-    if config["backbone"] != "included" or not config.get("td_lora"):
-        return None
-    return "int8" if (Path(init_from) / BACKBONE_DIR / INT8_WEIGHTS).is_file() else "float"
+    return included_backbone(init_from) if read_config(init_from).get("td_lora") else None
 
 
 def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.dydit_io import CONFIG_NAME, load_dydit, read_config, save_dydit  # noqa: E402
+from dit.dydit_io import CONFIG_NAME, extra_config, load_dydit, read_config, save_dydit  # noqa: E402
 from dit.pipelines import MODEL_INDEX  # noqa: E402
 
 
@@ -39,9 +39,7 @@ def main(argv=None) -> int:
             p.error(f"{dest} exists and is not a DyDiT folder; not replacing it")
         shutil.rmtree(dest)
     model = load_dydit(source)
-    keep = {k: v for k, v in config.items() if k not in {"format", "version", "tau", "lam", "base", "backbone",
-                                                          "base_class", "hidden_size", "num_heads", "depth",
-                                                          "td_lora"}}
+    keep = extra_config(config)
     keep["trained_on"] = config.get("base")  # the dense model it was trained on, as the source folder named it
     save_dydit(dest, model, lam=config["lam"], base=components, include_backbone=True, int8_backbone=args.int8,
                extra=keep)
