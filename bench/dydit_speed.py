@@ -7,7 +7,8 @@ all in one process, timed with CUDA events (warm-up, median of repeats). "sliced
 graph per sampling step (dit/step_graphs.py; rows record the recording time and the difference from the eager
 outputs), so the host's kernel launches leave the timing. "sliced-compiled-graphs" is sliced-cap-graphs with the
 sliced block halves compiled (`DyDiT.compile_sliced`: the elementwise work fused as in the compiled dense model;
-its recording time includes the compilation). "dense-compiled" is the dense model through
+its recording time includes the compilation; on CUDA its kept tokens go through dit/kept_tokens.py's kernels, and
+"sliced-compiled-graphs-plain" is the same with plain torch ops there instead). "dense-compiled" is the dense model through
 `dit.fast.prepare_for_sampling(..., --dense-preset)` (default `cudagraphs`: torch.compile with the whole forward
 replayed as a CUDA graph), the strongest dense baseline; it runs eagerly on a CPU. Reports img/s, speed-up vs dense, the
 dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
@@ -58,6 +59,7 @@ from diffusers import DDIMScheduler
 
 import dit.dit as dit_mod
 import dit.dydit as dydit_mod
+from dit import kept_tokens
 from dit.dit import DiT
 from dit.dydit import DyDiT, MacCounter
 from dit.fast import prepare_for_sampling, restore_eager
@@ -65,12 +67,14 @@ from dit.step_graphs import StepGraphs, dense_step_graphs, dydit_step_graphs
 from bench.sample_dit import kernel_split as sample_dit_kernel_split
 
 SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
+KEPT_TOKEN_MODE = kept_tokens.MODE
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
 VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs",
-            "sliced-compiled-graphs", "masked")
-GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs", "sliced-compiled-graphs")
+            "sliced-compiled-graphs", "sliced-compiled-graphs-plain", "masked")
+COMPILED_VARIANTS = ("sliced-compiled-graphs", "sliced-compiled-graphs-plain")
+GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs") + COMPILED_VARIANTS
 # Variants that run the sliced path with a token capacity (their executed FLOPs are sliced-cap's).
-CAPACITY_VARIANTS = ("sliced-cap", "sliced-cap-graphs", "sliced-compiled-graphs")
+CAPACITY_VARIANTS = ("sliced-cap", "sliced-cap-graphs") + COMPILED_VARIANTS
 GUIDANCE = 4.0
 
 
@@ -537,6 +541,9 @@ def main(argv=None) -> int:
             y_in = torch.cat([yc, torch.full_like(yc, dit.null_class_id)])
             refs = {}  # this cell's eager outputs by variant, for the graph variants' comparisons
             for variant in args.variants:
+                # -plain: the kept tokens gathered and scattered by plain torch ops (compiled by inductor) instead of
+                # dit/kept_tokens.py's kernels, the path before them, for a ratio in the same run
+                kept_tokens.MODE = "off" if variant.endswith("-plain") else KEPT_TOKEN_MODE
                 cache = baselines.get(variant)
                 if cache is not None and B in cache:  # dense does not depend on lambda
                     rows.append({**cache[B], "lam": lam})
@@ -560,7 +567,7 @@ def main(argv=None) -> int:
                         exact = eager_output("sliced")  # exact gather (run before use_token_capacity)
                         dydit.use_token_capacity(margin=args.cap_margin)
                         ref = eager_output("sliced-cap")
-                        if variant == "sliced-compiled-graphs":  # the same, its two block halves compiled
+                        if variant in COMPILED_VARIANTS:  # the same, its two block halves compiled
                             dydit.compile_sliced()
                         graphs = dydit_step_graphs(dydit, sched.timesteps)
                     run = lambda graphs=graphs: sample(graphs, sched, x0, y_in, channels)  # noqa: E731
@@ -612,7 +619,7 @@ def main(argv=None) -> int:
                     row["split_ms"] = split(run, device, dit, dydit, variant)
                 if variant in CAPACITY_VARIANTS:
                     dydit.exact_token_gather()
-                if variant == "sliced-compiled-graphs":
+                if variant in COMPILED_VARIANTS:
                     dydit.eager_sliced()
                 if variant == "dense-compiled":
                     restore_eager(dit)

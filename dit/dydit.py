@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from attention import attention
 
 from .dit import BLOCK_MODULATIONS, DiT, modulate, no_qk_norm
+from . import kept_tokens
 from .epilogue import can_fuse_weights, linear_gelu_tanh
 from .latte import LatteDiT
 from .pixart import PixArtDiT, keep_mask
@@ -410,10 +411,14 @@ def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: 
                      fc2_b: Tensor, capacity: int | None, lora_fc1, lora_fc2, lora_w: Tensor | None
                      ) -> tuple[Tensor, int | Tensor, Tensor]:
     """The sliced block's MLP half: the token router's eval decision, then `token_skip_mlp` over the active channel
-    groups. r*_w / r*_b: the token router's two linears. Returns (x, kept, keep (S, n))."""
+    groups. r*_w / r*_b: the token router's two linears. Returns (x, kept, keep (S, n)).
+
+    On CUDA with a capacity the gather and the scatter are `dit.kept_tokens`' kernels, and x is updated in place (its
+    callers pass a fresh residual stream and keep only the result); elsewhere x is left as it was."""
     S, n, D = x.shape
     padded = None
-    if capacity is not None:
+    kernels = capacity is not None and kept_tokens.kernels_apply(x)
+    if capacity is not None and not kernels:
         # The capacity scatter's padded copy of x, made first and read by everything after: compiled, x is then
         # written into it once rather than written, read and copied (a 4% kernel at batch 32 on the H100).
         padded = torch.cat([x.reshape(S * n, D), x.new_zeros(1, D)])
@@ -436,6 +441,14 @@ def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: 
             o = o + low_rank(a, *lora_fc2, w_K)
         return o
 
+    if kernels:  # the GPU's kept-token kernels (dit/kept_tokens.py): x is updated in place, no padded copy
+        x = x.contiguous()  # a no-op for the callers' fresh streams; a view below, so the in-place write is x's
+        x_flat = x.view(S * n, D)
+        idx, kept = _kept_rows(keep.reshape(-1), capacity, S * n)
+        h = kept_tokens.gather_norm_modulate(x_flat, idx, kept, shift, scale, n, norm_eps)
+        update = mlp(h, (idx // n).clamp_max(S - 1))
+        kept_tokens.scatter_gated_residual_(x_flat, idx, kept, update.contiguous(), gate, n)
+        return x, kept, keep
     norm = lambda t: F.layer_norm(t, (D,), eps=norm_eps)  # noqa: E731  (no affine: DiT's norm2)
     x, kept = token_skip_mlp(x, keep, mlp, norm, shift, scale, gate, capacity=capacity, padded=padded)
     return x, kept, keep

@@ -1,0 +1,134 @@
+"""DyDiT's kept-token MLP on the GPU: two Triton kernels around the MLP's products (inference, sliced path).
+
+The sliced path gathers the tokens a block's token router keeps into `capacity` rows, runs the narrow MLP on them and
+writes them back (`dit.dydit.sliced_token_mlp`). In plain torch, compiled by inductor, that costs (H100, DyDiT-XL/2,
+batch 32, 50 steps; docs/dydit.md, twelfth session): a gather + LayerNorm + modulation kernel of 125 ms that moves
+0.7-0.9 TB/s, and 201 ms of index and scatter work, part of it a full copy of the residual stream per block (the
+capacity scatter writes its spare rows into a scratch row appended to a copy of x, so that no two rows collide).
+Together about a quarter of the run, where the products take half.
+
+Here both become one pass each over the kept rows only:
+- `gather_norm_modulate`: row i of the output is LayerNorm(x[idx[i]]) * (1 + scale[s]) + shift[s], s = idx[i] // N
+  (the token's sequence), computed in float32 and rounded once; rows past the kept count are zeros.
+- `scatter_gated_residual_`: x[idx[i]] += gate[s] * update[i] for the kept rows only, in place: the spare rows are
+  masked out, so no scratch row and no copy of x are needed.
+
+Why by hand: no library op gathers rows, normalises and modulates them in one pass, and torch's scatter needs either
+atomics (index_add: 17% of a compiled run) or a padded copy (index_copy). Both are opaque custom ops with fake
+implementations (`torch.library.custom_op`, as dit/epilogue.py's fused product): torch.compile keeps them as single
+calls in its graph (there is nothing left around them to fuse), and CUDA graphs capture them. On the CPU the Triton interpreter runs them
+(TRITON_INTERPRET=1, tests/test_kept_tokens.py); the model's CPU path stays plain torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton ships with torch's Linux wheels; elsewhere the sliced path keeps its plain-torch gather and scatter
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+# "auto": the kernels on CUDA (half or float32, rows up to MAX_WIDTH wide); "off": never (plain torch everywhere,
+# e.g. to compare the two paths on the GPU); "on": on every device, the CPU included, which needs the Triton
+# interpreter (TRITON_INTERPRET=1 set before triton is imported: the tests' way of running the kernels here).
+MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
+MAX_WIDTH = 8192
+
+
+def kernels_apply(x: Tensor) -> bool:
+    """Whether the sliced path should use these kernels for x (S, n, D)."""
+    if MODE not in ("auto", "off", "on"):
+        raise ValueError(f"DITSTUDIO_KEPT_TOKEN_KERNELS={MODE!r}: expected auto, off or on")
+    return (MODE != "off" and triton is not None and (x.is_cuda or MODE == "on") and x.shape[-1] <= MAX_WIDTH
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+if triton is not None:
+    @triton.jit
+    def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr,
+                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        valid = row < tl.load(count_ptr)
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < width
+        mask = in_row & valid
+        src = tl.load(idx_ptr + row).to(tl.int64)
+        x = tl.load(x_ptr + src * width + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / width
+        centred = tl.where(in_row, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
+        seq = src // tokens_per_seq
+        scale = tl.load(scale_ptr + seq * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + seq * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, centred * rstd * (1.0 + scale) + shift, 0.0)
+        tl.store(out_ptr + row * width + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
+
+    @triton.jit
+    def _scatter_gated_residual_kernel(x_ptr, idx_ptr, count_ptr, update_ptr, gate_ptr, mod_stride, tokens_per_seq,
+                                       width, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        valid = row < tl.load(count_ptr)
+        cols = tl.arange(0, BLOCK)
+        mask = (cols < width) & valid
+        dst = tl.load(idx_ptr + row).to(tl.int64)
+        gate = tl.load(gate_ptr + (dst // tokens_per_seq) * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        update = tl.load(update_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + dst * width + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + dst * width + cols, (x + gate * update).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(width: int) -> dict:
+    block = triton.next_power_of_2(width)
+    return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
+
+
+def _check(x: Tensor, idx: Tensor, count: Tensor, *mods: Tensor) -> None:
+    if x.ndim != 2 or not x.is_contiguous():
+        raise ValueError(f"kept-token kernels: x must be a contiguous (rows, width) tensor, got {tuple(x.shape)}")
+    if idx.ndim != 1 or count.numel() != 1:
+        raise ValueError("kept-token kernels: idx must be 1-d and count one element")
+    for m in mods:
+        if m.ndim != 2 or m.shape[1] != x.shape[1] or m.stride(1) != 1:
+            raise ValueError(f"kept-token kernels: a modulation must be (sequences, {x.shape[1]}) with unit column "
+                             f"stride, got {tuple(m.shape)} strides {m.stride()}")
+
+
+@torch.library.custom_op("ditstudio::gather_norm_modulate", mutates_args=())
+def gather_norm_modulate(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int,
+                         eps: float) -> Tensor:
+    """(capacity, D): LayerNorm(x[idx[i]]) * (1 + scale[idx[i] // tokens_per_seq]) + shift[...] for i < count, zeros
+    after. x (rows, D) contiguous; idx (capacity,) row indices (entries past count are not read); count a 1-element
+    tensor (count > capacity: every row is kept); shift / scale (sequences, D) with unit column stride (views of the
+    adaLN output's chunks are fine)."""
+    _check(x, idx, count, shift, scale)
+    out = x.new_empty(idx.shape[0], x.shape[1])
+    _gather_norm_modulate_kernel[(idx.shape[0],)](
+        x, idx, count, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, **_launch(x.shape[1]))
+    return out
+
+
+@gather_norm_modulate.register_fake
+def _(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, eps: float) -> Tensor:
+    return x.new_empty(idx.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("ditstudio::scatter_gated_residual_", mutates_args={"x"})
+def scatter_gated_residual_(x: Tensor, idx: Tensor, count: Tensor, update: Tensor, gate: Tensor,
+                            tokens_per_seq: int) -> None:
+    """x[idx[i]] += gate[idx[i] // tokens_per_seq] * update[i] for i < count, in place (rows past count untouched).
+    The indices below count must be distinct (they are: `torch.nonzero_static` of the keep mask)."""
+    _check(x, idx, count, gate)
+    if update.shape != (idx.shape[0], x.shape[1]) or not update.is_contiguous():
+        raise ValueError(f"kept-token kernels: update must be contiguous ({idx.shape[0]}, {x.shape[1]}), "
+                         f"got {tuple(update.shape)}")
+    _scatter_gated_residual_kernel[(idx.shape[0],)](
+        x, idx, count, update, gate, gate.stride(0), tokens_per_seq, x.shape[1], **_launch(x.shape[1]))
+
+
+@scatter_gated_residual_.register_fake
+def _(x: Tensor, idx: Tensor, count: Tensor, update: Tensor, gate: Tensor, tokens_per_seq: int) -> None:
+    return None
