@@ -6,8 +6,9 @@ the compiled path fuses, under the ways it could be compiled:
 - `ln-mod`: LayerNorm + adaLN modulation of the whole stream (before attention);
 - `gather-ln-mod`: gather of the kept tokens (capacity rows, one scratch row), LayerNorm, modulation read per row
   through token // 256 (before the MLP).
-Each with the modulations as contiguous (S, D) tensors or as chunks of the (S, 6D) adaLN output (what the model
-passes), compiled static (every size known) or the way `DyDiT.compile_sliced` does it (`_compiled_dynamic`:
+Sixteenth session: dit/kept_tokens.py's Triton kernels for both (and the MLP's gated scatter, against the plain
+path's padded copy + index_copy), on CUDA. Each with the modulations as contiguous (S, D) tensors or as chunks of
+the (S, 6D) adaLN output (what the model passes), compiled static (every size known) or the way `DyDiT.compile_sliced` does it (`_compiled_dynamic`:
 symbolic leading sizes, the rest static). Eager rows for reference. CUDA events, median of --reps.
 
     python bench/dydit_ln_probe.py --out bench/results/dydit_ln_probe.json          # H100
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dit.dydit import _compiled_dynamic  # noqa: E402
+from dit import kept_tokens  # noqa: E402
+from dit.dydit import _compiled_dynamic, _kept_rows  # noqa: E402
 
 
 def ln_mod(x, shift, scale):
@@ -125,6 +127,30 @@ def main(argv=None) -> dict:
             (padded, keep, shift, scale), bytes_gather)
         add(f"gather-ln-mod dynamic rows, {mods_name}", _compiled_dynamic(gather_fn, None),
             (padded, keep, shift, scale), bytes_gather)
+    if dev == "cuda" or kept_tokens.MODE == "on":  # dit/kept_tokens.py's kernels, same shapes and bytes
+        kernel_gather = lambda xf, k, sh, sc: kept_tokens.gather_norm_modulate(  # noqa: E731
+            xf, *_kept_rows(k, capacity, rows), sh, sc, n, 1e-6)
+        kernel_ln = lambda xx, sh, sc: kept_tokens.norm_modulate(xx.view(rows, D), sh, sc, n, 1e-6)  # noqa: E731
+        x_flat = x.reshape(rows, D)
+        update = torch.randn(capacity, D, device=dev, dtype=dt, generator=g)
+        kernel_scatter = lambda xf, k, u, gt: kept_tokens.scatter_gated_residual_(  # noqa: E731
+            xf, *_kept_rows(k, capacity, rows), u, gt, n)
+
+        def index_copy_scatter(xf, k, u, gt):  # the plain path's scatter: a padded copy of x, then index_copy
+            idx, _ = _kept_rows(k, capacity, rows)
+            p_ = torch.cat([xf, xf.new_zeros(1, D)])
+            sample = (idx // n).clamp_max(S - 1)
+            return p_.index_copy_(0, idx, p_.index_select(0, idx) + gt.index_select(0, sample) * u)[:rows]
+
+        for mods_name, (shift, scale, gate) in (("chunks", chunks[:3]),):
+            add(f"ln-mod kernel, {mods_name}", kernel_ln, (x, shift, scale), bytes_ln)
+            add(f"gather-ln-mod kernel (nonzero included), {mods_name}", kernel_gather, (x_flat, keep, shift, scale),
+                bytes_gather)
+            add(f"scatter kernel (in place), {mods_name}", kernel_scatter, (x_flat.clone(), keep, update, gate),
+                3 * capacity * D * elt)
+            torch._dynamo.reset()
+            add(f"index_copy scatter, padded copy, compiled dynamic rows, {mods_name}",
+                _compiled_dynamic(index_copy_scatter, None), (x_flat, keep, update, gate), 3 * capacity * D * elt)
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(sys.argv), "shapes": {"seqs": S, "tokens": n, "width": D,

@@ -7,8 +7,9 @@ all in one process, timed with CUDA events (warm-up, median of repeats). "sliced
 graph per sampling step (dit/step_graphs.py; rows record the recording time and the difference from the eager
 outputs), so the host's kernel launches leave the timing. "sliced-compiled-graphs" is sliced-cap-graphs with the
 sliced block halves compiled (`DyDiT.compile_sliced`: the elementwise work fused as in the compiled dense model;
-its recording time includes the compilation; on CUDA its kept tokens go through dit/kept_tokens.py's kernels, and
-"sliced-compiled-graphs-plain" is the same with plain torch ops there instead). "dense-compiled" is the dense model through
+its recording time includes the compilation; on CUDA its kept tokens and the attention half's norm go through
+dit/kept_tokens.py's kernels; "sliced-compiled-graphs-mlp" uses only the MLP half's kernels and
+"sliced-compiled-graphs-plain" none, plain torch ops there instead). "dense-compiled" is the dense model through
 `dit.fast.prepare_for_sampling(..., --dense-preset)` (default `cudagraphs`: torch.compile with the whole forward
 replayed as a CUDA graph), the strongest dense baseline; it runs eagerly on a CPU. Reports img/s, speed-up vs dense, the
 dense/executed FLOPs ratio (MacCounter over the whole sampling loop), speed-up / FLOPs ratio (target >= 0.9) and a
@@ -70,8 +71,8 @@ SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
 KEPT_TOKEN_MODE = kept_tokens.MODE
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
 VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs",
-            "sliced-compiled-graphs", "sliced-compiled-graphs-plain", "masked")
-COMPILED_VARIANTS = ("sliced-compiled-graphs", "sliced-compiled-graphs-plain")
+            "sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain", "masked")
+COMPILED_VARIANTS = ("sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain")
 GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs") + COMPILED_VARIANTS
 # Variants that run the sliced path with a token capacity (their executed FLOPs are sliced-cap's).
 CAPACITY_VARIANTS = ("sliced-cap", "sliced-cap-graphs") + COMPILED_VARIANTS
@@ -542,8 +543,9 @@ def main(argv=None) -> int:
             refs = {}  # this cell's eager outputs by variant, for the graph variants' comparisons
             for variant in args.variants:
                 # -plain: the kept tokens gathered and scattered by plain torch ops (compiled by inductor) instead of
-                # dit/kept_tokens.py's kernels, the path before them, for a ratio in the same run
-                kept_tokens.MODE = "off" if variant.endswith("-plain") else KEPT_TOKEN_MODE
+                # dit/kept_tokens.py's kernels, the path before them, for a ratio in the same run; -mlp: the kernels
+                # for the MLP half only (the attention half's LayerNorm + modulation left to inductor)
+                kept_tokens.MODE = {"plain": "off", "mlp": "mlp"}.get(variant.rsplit("-", 1)[-1], KEPT_TOKEN_MODE)
                 cache = baselines.get(variant)
                 if cache is not None and B in cache:  # dense does not depend on lambda
                     rows.append({**cache[B], "lam": lam})

@@ -392,7 +392,10 @@ def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor,
     S, n, D = x.shape
     ha, head_dim = qkv_w.shape[0] // 3, qkv_w.shape[1]
     qkv_w = qkv_w.reshape(-1, D)
-    h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
+    if kept_tokens.kernels_apply(x, "norm"):  # one Triton pass (dit/kept_tokens.py)
+        h = kept_tokens.norm_modulate(x.reshape(S * n, D), shift, scale, n, norm_eps).view(S, n, D)
+    else:
+        h = modulate(F.layer_norm(x, (D,), eps=norm_eps), shift, scale)
     qkv = F.linear(h, qkv_w, qkv_b)
     if lora_qkv is not None:
         qkv = qkv + low_rank(h, *lora_qkv, lora_w)

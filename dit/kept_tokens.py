@@ -7,7 +7,8 @@ batch 32, 50 steps; docs/dydit.md, twelfth session): a gather + LayerNorm + modu
 capacity scatter writes its spare rows into a scratch row appended to a copy of x, so that no two rows collide).
 Together about a quarter of the run, where the products take half.
 
-Here both become one pass each over the kept rows only:
+Here both become one pass each over the kept rows only (and the attention half's LayerNorm + modulation of the
+whole stream is the gather kernel without the gather, `norm_modulate`):
 - `gather_norm_modulate`: row i of the output is LayerNorm(x[idx[i]]) * (1 + scale[s]) + shift[s], s = idx[i] // N
   (the token's sequence), computed in float32 and rounded once; rows past the kept count are zeros.
 - `scatter_gated_residual_`: x[idx[i]] += gate[s] * update[i] for the kept rows only, in place: the spare rows are
@@ -32,31 +33,41 @@ try:  # triton ships with torch's Linux wheels; elsewhere the sliced path keeps 
 except ImportError:  # pragma: no cover
     triton = None
 
-# "auto": the kernels on CUDA (half or float32, rows up to MAX_WIDTH wide); "off": never (plain torch everywhere,
-# e.g. to compare the two paths on the GPU); "on": on every device, the CPU included, which needs the Triton
-# interpreter (TRITON_INTERPRET=1 set before triton is imported: the tests' way of running the kernels here).
+# "auto": the kernels on CUDA (half or float32, rows up to MAX_WIDTH wide); "mlp": only the MLP's gather and scatter
+# (the attention half's LayerNorm left to inductor); "off": never (plain torch everywhere; with "mlp", to compare the
+# paths on the GPU in one run: bench/dydit_speed.py's -plain and -mlp variants); "on": on every device, the CPU
+# included, which needs the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported: the tests' way of
+# running the kernels here).
 MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
+MODES = ("auto", "mlp", "off", "on")
 MAX_WIDTH = 8192
 
 
-def kernels_apply(x: Tensor) -> bool:
-    """Whether the sliced path should use these kernels for x (S, n, D)."""
-    if MODE not in ("auto", "off", "on"):
-        raise ValueError(f"DITSTUDIO_KEPT_TOKEN_KERNELS={MODE!r}: expected auto, off or on")
-    return (MODE != "off" and triton is not None and (x.is_cuda or MODE == "on") and x.shape[-1] <= MAX_WIDTH
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
+    """Whether the sliced path should use these kernels for x (S, n, D): part "mlp" (gather and scatter) or "norm"
+    (the attention half's LayerNorm + modulation)."""
+    if MODE not in MODES:
+        raise ValueError(f"DITSTUDIO_KEPT_TOKEN_KERNELS={MODE!r}: expected one of {', '.join(MODES)}")
+    if MODE == "off" or (MODE == "mlp" and part != "mlp") or (MODE != "on" and not x.is_cuda):
+        return False
+    return triton is not None and x.shape[-1] <= MAX_WIDTH and x.dtype in (torch.bfloat16, torch.float16,
+                                                                           torch.float32)
 
 
 if triton is not None:
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr,
-                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr):
+                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr):
         row = tl.program_id(0)
-        valid = row < tl.load(count_ptr)
         cols = tl.arange(0, BLOCK)
         in_row = cols < width
+        if GATHER:  # row i reads kept row idx[i]; rows past the count are zeros
+            valid = row < tl.load(count_ptr)
+            src = tl.load(idx_ptr + row).to(tl.int64)
+        else:  # every row in place (the attention half's norm)
+            valid = row >= 0
+            src = row.to(tl.int64)
         mask = in_row & valid
-        src = tl.load(idx_ptr + row).to(tl.int64)
         x = tl.load(x_ptr + src * width + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=0) / width
         centred = tl.where(in_row, x - mean, 0.0)
@@ -86,10 +97,10 @@ def _launch(width: int) -> dict:
     return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
 
 
-def _check(x: Tensor, idx: Tensor, count: Tensor, *mods: Tensor) -> None:
+def _check(x: Tensor, idx: Tensor | None, count: Tensor | None, *mods: Tensor) -> None:
     if x.ndim != 2 or not x.is_contiguous():
         raise ValueError(f"kept-token kernels: x must be a contiguous (rows, width) tensor, got {tuple(x.shape)}")
-    if idx.ndim != 1 or count.numel() != 1:
+    if idx is not None and (idx.ndim != 1 or count.numel() != 1):
         raise ValueError("kept-token kernels: idx must be 1-d and count one element")
     for m in mods:
         if m.ndim != 2 or m.shape[1] != x.shape[1] or m.stride(1) != 1:
@@ -107,13 +118,31 @@ def gather_norm_modulate(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, s
     _check(x, idx, count, shift, scale)
     out = x.new_empty(idx.shape[0], x.shape[1])
     _gather_norm_modulate_kernel[(idx.shape[0],)](
-        x, idx, count, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, **_launch(x.shape[1]))
+        x, idx, count, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, GATHER=True,
+        **_launch(x.shape[1]))
     return out
 
 
 @gather_norm_modulate.register_fake
 def _(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, eps: float) -> Tensor:
     return x.new_empty(idx.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("ditstudio::norm_modulate", mutates_args=())
+def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, eps: float) -> Tensor:
+    """(rows, D): LayerNorm(x[r]) * (1 + scale[r // tokens_per_seq]) + shift[...] for every row: the same kernel
+    without the gather (the attention half's norm of the whole stream)."""
+    _check(x, None, None, shift, scale)
+    out = torch.empty_like(x)
+    _gather_norm_modulate_kernel[(x.shape[0],)](
+        x, x, x, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, GATHER=False,
+        **_launch(x.shape[1]))
+    return out
+
+
+@norm_modulate.register_fake
+def _(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, eps: float) -> Tensor:
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("ditstudio::scatter_gated_residual_", mutates_args={"x"})

@@ -57,6 +57,12 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
             untouched[rows] = False
             assert torch.equal(got[untouched], x[untouched])  # the other rows (and no scratch row) as they were
             print("ok", cap, int(count))
+        # the same kernel without the gather: every row, in order (the attention half's norm)
+        from dit.kept_tokens import norm_modulate
+        full = norm_modulate(x, shift, scale, n, 1e-6)
+        seq = torch.arange(S * n) // n
+        torch.testing.assert_close(full, F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[seq]) + shift[seq],
+                                   rtol=1e-5, atol=1e-5)
         # half precision: one rounding at the end, so within bf16 rounding of the float32 result
         xb = x.bfloat16()
         hb = gather_norm_modulate(xb, idx, count, shift.bfloat16(), scale.bfloat16(), n, 1e-6)
@@ -76,36 +82,10 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
 
 
 def test_sliced_sampling_with_the_kernels_equals_plain_torch_in_the_interpreter():
-    """A planned DyDiT (per-step widths, calibrated capacities, TD-LoRA) through a guided DDIM run, kernels on against
-    the plain-torch gather and scatter; the kernels update x in place, the plain path does not."""
-    out = interpreted("""
-        import torch
-        from dit import kept_tokens
-        from test_dydit_compiled import planned_dydit
-        from test_step_graphs import ddim, scheduler
-        model, x0, y = planned_dydit(lora=True)
-        sched = scheduler()
-        calls = []
-        gather = kept_tokens.gather_norm_modulate
-        kept_tokens.gather_norm_modulate = lambda *a: calls.append(1) or gather(*a)
-        runs = {}
-        for mode in ("off", "on"):
-            kept_tokens.MODE = mode
-            assert len(calls) == 0  # the plain path does not call the kernels
-            model.set_sampling_grid(sched.timesteps)
-            runs[mode] = ddim(lambda i, *a: model(*a, mode="sliced").sample, sched, x0, y)
-        assert model.token_overflow() == 0
-        assert len(calls) == 3 * len(sched.timesteps) * 1, len(calls)  # every block of every step (one call each)
-        err = float((runs["on"] - runs["off"]).abs().max() / runs["off"].abs().max())
-        assert err < 1e-5, err
-        print("max relative difference", err)
-    """)
-    assert "max relative difference" in out, out
-
-
-def test_compiled_sliced_path_with_the_kernels_in_the_interpreter():
-    """`compile_sliced` (inductor) keeps the kernels as single calls (fake implementations), the scatter in place in
-    the block's residual buffer: the same latents as the eager plain-torch run, still at most two graphs."""
+    """A planned DyDiT (per-step widths, calibrated capacities, TD-LoRA) through a guided DDIM run: kernels on, eager
+    and compiled (`compile_sliced`: inductor keeps them as single calls through their fake implementations, the
+    scatter in place in the block's residual buffer), against the plain-torch gather and scatter. The kernels update
+    x in place; the plain path does not."""
     out = interpreted("""
         import torch
         from torch._dynamo.utils import counters
@@ -114,20 +94,33 @@ def test_compiled_sliced_path_with_the_kernels_in_the_interpreter():
         from test_step_graphs import ddim, scheduler
         model, x0, y = planned_dydit(lora=True)
         sched = scheduler()
-        kept_tokens.MODE = "off"
-        model.set_sampling_grid(sched.timesteps)
-        ref = ddim(lambda i, *a: model(*a, mode="sliced").sample, sched, x0, y)
-        kept_tokens.MODE = "on"
+        calls = []
+        gather, norm = kept_tokens.gather_norm_modulate, kept_tokens.norm_modulate
+        kept_tokens.gather_norm_modulate = lambda *a: calls.append("gather") or gather(*a)
+        kept_tokens.norm_modulate = lambda *a: calls.append("norm") or norm(*a)
+        runs = {}
+        for mode in ("off", "on"):
+            kept_tokens.MODE = mode
+            assert len(calls) == 0  # the plain path does not call the kernels
+            model.set_sampling_grid(sched.timesteps)
+            runs[mode] = ddim(lambda i, *a: model(*a, mode="sliced").sample, sched, x0, y)
+        assert model.token_overflow() == 0
+        for part in ("gather", "norm"):  # every block of every step, one call each
+            assert calls.count(part) == 3 * len(sched.timesteps), calls
+        err = float((runs["on"] - runs["off"]).abs().max() / runs["off"].abs().max())
+        assert err < 1e-5, err
+        print("eager", err)
+        kept_tokens.gather_norm_modulate, kept_tokens.norm_modulate = gather, norm
         model.compile_sliced()
         counters.clear()
         model.set_sampling_grid(sched.timesteps)
         got = ddim(lambda i, *a: model(*a, mode="sliced").sample, sched, x0, y)
-        err = float((got - ref).abs().max() / ref.abs().max())
+        err = float((got - runs["off"]).abs().max() / runs["off"].abs().max())
         assert err < 1e-4, err
         assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
         print("compiled", err)
     """)
-    assert out.startswith("compiled"), out
+    assert [line.split()[0] for line in out.splitlines()] == ["eager", "compiled"], out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

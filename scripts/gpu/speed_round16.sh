@@ -3,24 +3,26 @@
 # modulation and the gated scatter as Triton kernels, no padded copy of the stream) against the plain-torch gather and
 # scatter of the twelfth session, in the same run, against the strongest dense baseline (issue 8), in priority order,
 # each step under its own timeout (its cap, or what is left of TOTAL if less; skipped below its minimum):
+#   probe:  bench/dydit_ln_probe.py: the kernels alone against inductor's LayerNorm / gather / scatter (CUDA graphs)
 #   tests:  the kernels against plain torch on CUDA (eager and compiled), the compiled sliced path's step graphs
-#   dydit:  DyDiT-XL/2 lambda 0.5, 50 DDIM steps, guided, bf16: dense-compiled, sliced-compiled-graphs (kernels) and
-#           sliced-compiled-graphs-plain, batch 32, 8, 1, kernel split
-# Usage: TOTAL=540 bash scripts/gpu/speed_round16.sh   (carry [".whl"]). SMOKE=1: tiny DyDiT on the CPU.
+#   dydit:  DyDiT-XL/2 lambda 0.5, 50 DDIM steps, guided, bf16: dense-compiled, sliced-compiled-graphs (all kernels),
+#           -mlp (the MLP half's only) and -plain (none), batch 32, 8, 1 (a step cut off keeps its rows), kernel split
+# Usage: TOTAL=560 bash scripts/gpu/speed_round16.sh   (carry [".whl"]). SMOKE=1: tiny DyDiT on the CPU.
 set -uo pipefail
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 LOG="$OUT/speed_round16.log"
-TOTAL=${TOTAL:-540}
-STEPS=${STEPS:-"tests dydit"}
+TOTAL=${TOTAL:-560}
+STEPS=${STEPS:-"probe tests dydit"}
 BATCHES=${BATCHES:-"32 8 1"}
 if [[ -n "${SMOKE:-}" ]]; then SIZE="tiny --device cpu --steps 3"; else SIZE="XL --steps 50"; fi
 device_header "STEPS=\"$STEPS\" BATCHES=\"$BATCHES\" TOTAL=$TOTAL bash scripts/gpu/speed_round16.sh" > "$LOG"
-capped_step tests 150 40 python3 -m pytest -q -p no:cacheprovider tests/test_kept_tokens.py tests/test_dydit_compiled.py \
-  tests/test_step_graphs.py -rs
-capped_step dydit 420 120 python3 bench/dydit_speed.py --size $SIZE --batches $BATCHES --lams 0.5 --repeats 3 \
-  --no-split --kernel-split --variants dense-compiled sliced-compiled-graphs sliced-compiled-graphs-plain \
-  --out "$OUT/dydit_speed_round16.json"
+capped_step probe 70 30 python3 bench/dydit_ln_probe.py --reps 10 --out "$OUT/dydit_ln_probe_round16.json"
+capped_step tests 100 40 python3 -m pytest -q -p no:cacheprovider tests/test_kept_tokens.py tests/test_dydit_compiled.py \
+  -k cuda -rs
+capped_step dydit 480 120 python3 bench/dydit_speed.py --size $SIZE --batches $BATCHES --lams 0.5 --repeats 3 \
+  --no-split --kernel-split --variants dense-compiled sliced-compiled-graphs sliced-compiled-graphs-mlp \
+  sliced-compiled-graphs-plain --out "$OUT/dydit_speed_round16.json"
 echo "== done at $SECONDS s" | tee -a "$LOG"
 grep -E "^== |^exit|Error|passed|failed|^\| |B=|SKIP" "$LOG" | cut -c1-400
 ls -la "$OUT"
