@@ -570,6 +570,9 @@ def main(argv=None) -> int:
                         dydit.use_token_capacity(margin=args.cap_margin)
                         ref = eager_output("sliced-cap")
                         if variant in COMPILED_VARIANTS:  # the same, its two block halves compiled
+                            # afresh: the kernels' mode is a guard of the compiled halves, and switching it per
+                            # variant would spend dynamo's recompile limit (the sixteenth session's first call)
+                            torch._dynamo.reset()
                             dydit.compile_sliced()
                         graphs = dydit_step_graphs(dydit, sched.timesteps)
                     run = lambda graphs=graphs: sample(graphs, sched, x0, y_in, channels)  # noqa: E731

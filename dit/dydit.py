@@ -411,10 +411,12 @@ def sliced_self_attention(x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor,
 
 def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: Tensor, shift: Tensor,
                      scale: Tensor, gate: Tensor, norm_eps: float, fc1_w: Tensor, fc1_b: Tensor, fc2_wt: Tensor,
-                     fc2_b: Tensor, capacity: int | None, lora_fc1, lora_fc2, lora_w: Tensor | None
-                     ) -> tuple[Tensor, int | Tensor, Tensor]:
+                     fc2_b: Tensor, capacity: int | None, lora_fc1, lora_fc2, lora_w: Tensor | None,
+                     overflow: Tensor | None = None) -> tuple[Tensor, int | Tensor, Tensor]:
     """The sliced block's MLP half: the token router's eval decision, then `token_skip_mlp` over the active channel
-    groups. r*_w / r*_b: the token router's two linears. Returns (x, kept, keep (S, n)).
+    groups. r*_w / r*_b: the token router's two linears. Returns (x, kept, keep (S, n) as 0/1 in x's dtype).
+    `overflow`: with a capacity, the device counter that a block step whose kept tokens exceed it adds one to (here,
+    inside the compiled graph, rather than as separate kernels after it).
 
     On CUDA with a capacity the gather and the scatter are `dit.kept_tokens`' kernels, and x is updated in place (its
     callers pass a fresh residual stream and keep only the result); elsewhere x is left as it was."""
@@ -447,14 +449,16 @@ def sliced_token_mlp(x: Tensor, r1_w: Tensor, r1_b: Tensor, r2_w: Tensor, r2_b: 
     if kernels:  # the GPU's kept-token kernels (dit/kept_tokens.py): x is updated in place, no padded copy
         x = x.contiguous()  # a no-op for the callers' fresh streams; a view below, so the in-place write is x's
         x_flat = x.view(S * n, D)
-        idx, kept = _kept_rows(keep.reshape(-1), capacity, S * n)
+        idx, kept = kept_tokens.kept_rows(keep.reshape(-1), capacity, S * n)
         h = kept_tokens.gather_norm_modulate(x_flat, idx, kept, shift, scale, n, norm_eps)
         update = mlp(h, (idx // n).clamp_max(S - 1))
         kept_tokens.scatter_gated_residual_(x_flat, idx, kept, update.contiguous(), gate, n)
-        return x, kept, keep
-    norm = lambda t: F.layer_norm(t, (D,), eps=norm_eps)  # noqa: E731  (no affine: DiT's norm2)
-    x, kept = token_skip_mlp(x, keep, mlp, norm, shift, scale, gate, capacity=capacity, padded=padded)
-    return x, kept, keep
+    else:
+        norm = lambda t: F.layer_norm(t, (D,), eps=norm_eps)  # noqa: E731  (no affine: DiT's norm2)
+        x, kept = token_skip_mlp(x, keep, mlp, norm, shift, scale, gate, capacity=capacity, padded=padded)
+    if overflow is not None and capacity is not None:
+        overflow.add_((kept > capacity).to(overflow.dtype))
+    return x, kept, keep.to(x.dtype)
 
 
 def sliced_block(x: Tensor, attn_args: tuple, mlp_args: tuple) -> tuple[Tensor, int | Tensor, Tensor]:
@@ -904,7 +908,8 @@ class DyDiT(nn.Module):
         cap = self._capacity_for(layer, rows)
         tr = self.routers[layer].token_router
         mlp_args = (tr[0].weight, tr[0].bias, tr[2].weight, tr[2].bias, shift_m, scale_m, gate_m, block.norm2.eps,
-                    w.fc1_w, w.fc1_b, w.fc2_wt, w.fc2_b, cap, f.get("fc1"), f.get("fc2"), lw)
+                    w.fc1_w, w.fc1_b, w.fc2_wt, w.fc2_b, cap, f.get("fc1"), f.get("fc2"), lw,
+                    None if cap is None else self._overflow_counter(x.device))
         attn_fn, mlp_fn, block_fn = self._sliced_fns
         if cap is None:  # the exact gather has a data-dependent row count: its MLP half stays eager
             mlp_fn = block_fn = None
@@ -917,11 +922,10 @@ class DyDiT(nn.Module):
             x, kept, keep = (mlp_fn or sliced_token_mlp)(x, *mlp_args)
         if cap is None:  # kept is known on the host (nonzero): remember the most this block kept (calibration)
             self._kept_frac[layer] = max(self._kept_frac.get(layer, 0.0), kept / rows)
-        else:  # no sync: overflows are counted on the device, read by token_overflow()
-            self._overflow_counter(x.device).add_((kept > cap).to(torch.int32))
+        else:  # no sync: overflows were counted on the device (sliced_token_mlp), read by token_overflow()
             kept = cap  # the rows the MLP ran on (spare rows included): the executed work
         head_m, group_m = self._unit_masks(layer, w.heads, w.groups, H, ps.batch, x)
-        ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1).to(x.dtype)})
+        ps.masks.append({"head": head_m, "channel": group_m, "token": keep.reshape(ps.batch, -1)})
         if ps.counter is not None:  # from the shapes run above
             ps.counter.dense += ps.batch * sum(ps.costs[-1])
             ps.counter.executed += sum(block_macs(S, n, D, ha * dh, kept, ga * w.group_size, text_tokens))

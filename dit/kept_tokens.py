@@ -8,7 +8,8 @@ capacity scatter writes its spare rows into a scratch row appended to a copy of 
 Together about a quarter of the run, where the products take half.
 
 Here both become one pass each over the kept rows only (and the attention half's LayerNorm + modulation of the
-whole stream is the gather kernel without the gather, `norm_modulate`):
+whole stream is the gather kernel without the gather, `norm_modulate`; `kept_rows` lists the kept rows in one launch,
+where torch.nonzero_static takes several):
 - `gather_norm_modulate`: row i of the output is LayerNorm(x[idx[i]]) * (1 + scale[s]) + shift[s], s = idx[i] // N
   (the token's sequence), computed in float32 and rounded once; rows past the kept count are zeros.
 - `scatter_gated_residual_`: x[idx[i]] += gate[s] * update[i] for the kept rows only, in place: the spare rows are
@@ -54,7 +55,33 @@ def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
                                                                            torch.float32)
 
 
+def _tuned(kernel, restore: tuple[str, ...] = ()):
+    """Triton's autotuner over the warp count, keyed on the row width: it times each choice on the device at the first
+    launch (before any CUDA graph capture: the step graphs warm every step up first). An in-place kernel restores its
+    output between trials. The interpreter runs the plain kernel (with the launch's own warp count)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel
+    return triton.autotune([triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)], key=["width"],
+                           restore_value=list(restore))(kernel)
+
+
 if triton is not None:
+    @triton.jit
+    def _kept_rows_kernel(keep_ptr, idx_ptr, count_ptr, rows, capacity, fill, BLOCK: tl.constexpr):
+        # One program walks the keep mask in blocks, carrying the running count: the kept rows' indices in order,
+        # then `fill` up to the capacity (torch.nonzero_static's result, in one launch instead of cub's several).
+        offset = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+        for start in range(0, rows, BLOCK):
+            r = start + tl.arange(0, BLOCK)
+            keep = tl.load(keep_ptr + r, mask=r < rows, other=0).to(tl.int32)
+            pos = offset + tl.cumsum(keep, axis=0) - 1
+            tl.store(idx_ptr + pos, r.to(tl.int64), mask=(keep > 0) & (pos < capacity))
+            offset += tl.sum(keep, axis=0)
+        tl.store(count_ptr, offset.to(tl.int64))
+        for start in range(0, capacity, BLOCK):
+            c = start + tl.arange(0, BLOCK)
+            tl.store(idx_ptr + c, tl.full([BLOCK], fill, tl.int64), mask=(c < capacity) & (c >= offset))
+
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr,
                                      tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr):
@@ -92,9 +119,33 @@ if triton is not None:
         tl.store(x_ptr + dst * width + cols, (x + gate * update).to(x_ptr.dtype.element_ty), mask=mask)
 
 
+    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel)
+    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
+
+
 def _launch(width: int) -> dict:
     block = triton.next_power_of_2(width)
-    return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"BLOCK": block, "num_warps": 4}
+    return {"BLOCK": block}  # the warp count is the autotuner's
+
+
+@torch.library.custom_op("ditstudio::kept_rows", mutates_args=())
+def kept_rows(keep: Tensor, capacity: int, fill: int) -> tuple[Tensor, Tensor]:
+    """(idx (capacity,), count ()): torch.nonzero_static(keep, size=capacity, fill_value=fill) and keep.sum() for a
+    1-d bool mask, in one launch (kept rows past the capacity are counted, not listed)."""
+    if keep.ndim != 1 or keep.dtype != torch.bool:
+        raise ValueError(f"kept_rows: keep must be a 1-d bool mask, got {keep.dtype} {tuple(keep.shape)}")
+    idx = torch.empty(capacity, dtype=torch.long, device=keep.device)
+    count = torch.empty((), dtype=torch.long, device=keep.device)
+    block = min(triton.next_power_of_2(max(keep.shape[0], 16)), 4096)
+    _kept_rows_kernel[(1,)](keep, idx, count, keep.shape[0], capacity, fill, BLOCK=block, num_warps=8)
+    return idx, count
+
+
+@kept_rows.register_fake
+def _(keep: Tensor, capacity: int, fill: int) -> tuple[Tensor, Tensor]:
+    return keep.new_empty(capacity, dtype=torch.long), keep.new_empty((), dtype=torch.long)
 
 
 def _check(x: Tensor, idx: Tensor | None, count: Tensor | None, *mods: Tensor) -> None:

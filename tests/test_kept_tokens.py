@@ -68,17 +68,25 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
         hb = gather_norm_modulate(xb, idx, count, shift.bfloat16(), scale.bfloat16(), n, 1e-6)
         h32 = gather_norm_modulate(xb.float(), idx, count, shift.bfloat16().float(), scale.bfloat16().float(), n, 1e-6)
         torch.testing.assert_close(hb.float(), h32, rtol=1e-2, atol=1e-2)
+        # the kept rows listed in one launch: torch.nonzero_static and the count, spare rows filled
+        from dit.kept_tokens import kept_rows
+        for rows, cap, p in [(5000, 3000, 0.5), (5000, 2000, 0.5), (9, 4, 0.0), (7, 7, 1.0)]:
+            keep = torch.rand(rows) < p
+            idx, c = kept_rows(keep, cap, rows)
+            assert torch.equal(idx, torch.nonzero_static(keep, size=cap, fill_value=rows).squeeze(1))
+            assert int(c) == int(keep.sum())
         # bad input: a clear error, nothing written
         for bad in [lambda: gather_norm_modulate(x.t(), idx, count, shift, scale, n, 1e-6),
                     lambda: gather_norm_modulate(x, idx, count, shift[:, :5], scale, n, 1e-6),
-                    lambda: scatter_gated_residual_(x, idx, count, torch.randn(cap + 1, D), gate, n)]:
+                    lambda: scatter_gated_residual_(x, idx, count, torch.randn(cap + 1, D), gate, n),
+                    lambda: kept_rows(keep.float(), cap, rows)]:
             try:
                 bad()
             except ValueError as e:
                 print("refused:", str(e)[:60])
     """)
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == ["ok", "ok", "refused:", "refused:", "refused:"], out
+    assert [line.split()[0] for line in lines] == ["ok", "ok"] + ["refused:"] * 4, out
 
 
 def test_sliced_sampling_with_the_kernels_equals_plain_torch_in_the_interpreter():
