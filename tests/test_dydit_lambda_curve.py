@@ -34,3 +34,20 @@ def test_refuses_mixed_references_and_text_comparisons(tmp_path):
     (tmp_path / "text.json").write_text(json.dumps(dict(src, kind="text")))
     with pytest.raises(ValueError, match="class"):
         curve.load_points({0.5: str(tmp_path / "text.json")})
+
+
+def test_text_curve_reads_runs_of_device_results(tmp_path):
+    out = tmp_path / "curve.json"
+    assert curve.main(["--task", "text", "--out", str(out), "--plot", ""]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["lam"] for r in rows] == sorted(curve.TEXT_POINTS)
+    for r in rows:
+        file, run = r["source"].split("#")
+        c = json.loads((curve.ROOT / file).read_text())["runs"][run]["comparison"]
+        assert r["accuracy"] == c["dydit"]["one_object_accuracy"] and r["flops"] == c["sampling_flops_ratio"]
+        assert r["n"] == 480 and abs(r["flops"] - r["lam"]) < 0.03
+    assert {r["dense_accuracy"] for r in rows} == {0.91875}
+    with pytest.raises(ValueError, match="no comparison for run"):
+        curve.read_comparison(curve.TEXT_POINTS[0.3].replace("cont0.3", "cont0.4"))
+    with pytest.raises(ValueError, match="text model"):  # a class comparison in the text curve
+        curve.load_points({0.5: curve.DEFAULT_POINTS[0.5]}, "text")

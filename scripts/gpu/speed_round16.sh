@@ -15,14 +15,14 @@ LOG="$OUT/speed_round16.log"
 TOTAL=${TOTAL:-560}
 STEPS=${STEPS:-"probe tests dydit"}
 BATCHES=${BATCHES:-"32 8 1"}
+VARIANTS=${VARIANTS:-"dense-compiled sliced-compiled-graphs sliced-compiled-graphs-mlp sliced-compiled-graphs-plain"}
 if [[ -n "${SMOKE:-}" ]]; then SIZE="tiny --device cpu --steps 3"; else SIZE="XL --steps 50"; fi
-device_header "STEPS=\"$STEPS\" BATCHES=\"$BATCHES\" TOTAL=$TOTAL bash scripts/gpu/speed_round16.sh" > "$LOG"
+device_header "STEPS=\"$STEPS\" BATCHES=\"$BATCHES\" VARIANTS=\"$VARIANTS\" TOTAL=$TOTAL bash scripts/gpu/speed_round16.sh" > "$LOG"
 capped_step probe 70 30 python3 bench/dydit_ln_probe.py --reps 10 --out "$OUT/dydit_ln_probe_round16.json"
 capped_step tests 100 40 python3 -m pytest -q -p no:cacheprovider tests/test_kept_tokens.py tests/test_dydit_compiled.py \
   -k cuda -rs
 capped_step dydit 480 120 python3 bench/dydit_speed.py --size $SIZE --batches $BATCHES --lams 0.5 --repeats 3 \
-  --no-split --kernel-split --variants dense-compiled sliced-compiled-graphs sliced-compiled-graphs-mlp \
-  sliced-compiled-graphs-plain --out "$OUT/dydit_speed_round16.json"
+  --no-split --kernel-split --variants $VARIANTS --out "$OUT/dydit_speed_round16.json"
 echo "== done at $SECONDS s" | tee -a "$LOG"
 grep -E "^== |^exit|Error|passed|failed|^\| |B=|SKIP" "$LOG" | cut -c1-400
 ls -la "$OUT"
