@@ -36,7 +36,8 @@ Modes of `DyDiT.forward`:
                 groups by how many timesteps keep them on), so a step's active heads / groups are a prefix and its
                 weights are views (`BlockWeights.prefix`), with no copy per step; a mask that is not a prefix of
                 its block's order gets one gathered copy per unique (layer, mask). The MLP runs only on the kept
-                tokens, gathered over the flattened (B*n, D) batch and written back by index_copy. TD-LoRA's
+                tokens, gathered over the flattened (B*n, D) batch and written back by index_copy (on CUDA with
+                a token capacity: dit/kept_tokens.py's Triton kernels, the scatter in place). TD-LoRA's
                 mixture also depends only on t, so each step's adapter update is merged into that step's weights
                 (`fold_td_lora`, within a memory budget): no low-rank path runs while sampling.
 `set_sampling_grid(timesteps)` evaluates the routers for a whole sampling run at once (one host sync) so that the
