@@ -1,25 +1,28 @@
-"""DyDiT's kept-token MLP on the GPU: two Triton kernels around the MLP's products (inference, sliced path).
+"""DyDiT's kept-token MLP on the GPU: Triton kernels around the MLP's products (inference, sliced path).
 
 The sliced path gathers the tokens a block's token router keeps into `capacity` rows, runs the narrow MLP on them and
-writes them back (`dit.dydit.sliced_token_mlp`). In plain torch, compiled by inductor, that costs (H100, DyDiT-XL/2,
-batch 32, 50 steps; docs/dydit.md, twelfth session): a gather + LayerNorm + modulation kernel of 125 ms that moves
-0.7-0.9 TB/s, and 201 ms of index and scatter work, part of it a full copy of the residual stream per block (the
-capacity scatter writes its spare rows into a scratch row appended to a copy of x, so that no two rows collide).
-Together about a quarter of the run, where the products take half.
+writes them back (`dit.dydit.sliced_token_mlp`). In plain torch, compiled by inductor, that cost (H100, DyDiT-XL/2,
+batch 32, 50 steps; docs/dydit.md, twelfth session): a gather + LayerNorm + modulation kernel of 125 ms at 0.7-0.9
+TB/s, and 201 ms of index and scatter work, part of it a full copy of the residual stream per block (the capacity
+scatter writes its spare rows into a scratch row appended to a copy of x, so that no two rows collide). Together
+about a quarter of the run, where the products take half.
 
-Here both become one pass each over the kept rows only (and the attention half's LayerNorm + modulation of the
-whole stream is the gather kernel without the gather, `norm_modulate`; `kept_rows` lists the kept rows in one launch,
-where torch.nonzero_static takes several):
+Here, one pass each, over the kept rows only where they are the point:
+- `kept_rows`: the kept rows' indices (torch.nonzero_static's result) and their count, in one launch where
+  nonzero_static takes several (cub's select and memsets).
 - `gather_norm_modulate`: row i of the output is LayerNorm(x[idx[i]]) * (1 + scale[s]) + shift[s], s = idx[i] // N
   (the token's sequence), computed in float32 and rounded once; rows past the kept count are zeros.
 - `scatter_gated_residual_`: x[idx[i]] += gate[s] * update[i] for the kept rows only, in place: the spare rows are
   masked out, so no scratch row and no copy of x are needed.
+- `norm_modulate`: the attention half's LayerNorm + modulation of the whole stream (the gather kernel without the
+  gather).
+Measured (sixteenth session, docs/dydit.md): 1.09-1.27x faster sampling than the plain-torch path in the same run.
 
 Why by hand: no library op gathers rows, normalises and modulates them in one pass, and torch's scatter needs either
-atomics (index_add: 17% of a compiled run) or a padded copy (index_copy). Both are opaque custom ops with fake
-implementations (`torch.library.custom_op`, as dit/epilogue.py's fused product): torch.compile keeps them as single
-calls in its graph (there is nothing left around them to fuse), and CUDA graphs capture them. On the CPU the Triton interpreter runs them
-(TRITON_INTERPRET=1, tests/test_kept_tokens.py); the model's CPU path stays plain torch.
+atomics (index_add: 17% of a compiled run) or a padded copy (index_copy). All are opaque custom ops with fake
+implementations (`torch.library.custom_op`, as dit/epilogue.py's fused product): torch.compile keeps each as one call
+in its graph (there is nothing left around them to fuse), and CUDA graphs capture them. On the CPU the Triton
+interpreter runs them (TRITON_INTERPRET=1, tests/test_kept_tokens.py); the model's CPU path stays plain torch.
 """
 from __future__ import annotations
 
