@@ -45,13 +45,14 @@ source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
 DENSE_ARGS=(--dense-metrics "$DENSE")
+[ "$EVAL_N" = 480 ] || DENSE_ARGS=()   # the kept dense numbers are for 480 captions: other sizes measure dense again
 if [ "$QK" = 1 ]; then
   MODEL=weights/shapes-t2i-qk
   rm -rf "$MODEL"; cp -r weights/shapes-t2i "$MODEL"; rm -rf "$MODEL/transformer"
   cp -r resume/shapes-t2i-qknorm/transformer "$MODEL/transformer"
   DENSE_ARGS=()
   # The QK-norm model's dense numbers, measured once on the device (call 6 of the thirteenth session), when kept.
-  [ -f bench/results/dense_shapes_t2i_qk_cuda_n480.json ] && DENSE_ARGS=(--dense-metrics bench/results/dense_shapes_t2i_qk_cuda_n480.json)
+  [ -f bench/results/dense_shapes_t2i_qk_cuda_n480.json ] && [ "$EVAL_N" = 480 ] && DENSE_ARGS=(--dense-metrics bench/results/dense_shapes_t2i_qk_cuda_n480.json)
 fi
 device_header "LIMIT=$LIMIT WATCH=$WATCH RAMP=$RAMP STEP_FROM=$STEP_FROM LORA_LR=$LORA_LR FRESH_LR=$FRESH_LR DISTILL=$DISTILL CLIP=$CLIP WD=$WD CONT_FROM=$CONT_FROM CONT2_LR=$CONT2_LR DOWN_FROM=$DOWN_FROM DOWN_REACH=$DOWN_REACH PROBE=$PROBE QK=$QK EXTRA=\"$EXTRA\" RUNS=\"$RUNS\" EVAL_N=$EVAL_N bash scripts/gpu/dydit_t2i_round13.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
