@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover
 # included, which needs the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported: the tests' way of
 # running the kernels here).
 MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
+# Read once, as triton.jit does when it wraps the kernels below: the interpreter is chosen at import, not per launch.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MODES = ("auto", "mlp", "off", "on")
 MAX_WIDTH = 8192
 
@@ -62,7 +64,7 @@ def _tuned(kernel, restore: tuple[str, ...] = ()):
     """Triton's autotuner over the warp count, keyed on the row width: it times each choice on the device at the first
     launch (before any CUDA graph capture: the step graphs warm every step up first). An in-place kernel restores its
     output between trials. The interpreter runs the plain kernel (with the launch's own warp count)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         return kernel
     return triton.autotune([triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)], key=["width"],
                            restore_value=list(restore))(kernel)
@@ -128,7 +130,7 @@ if triton is not None:
 
 def _launch(width: int) -> dict:
     block = triton.next_power_of_2(width)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         return {"BLOCK": block, "num_warps": 4}
     return {"BLOCK": block}  # the warp count is the autotuner's
 
