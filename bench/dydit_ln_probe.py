@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=1152)
     p.add_argument("--keep", type=float, default=0.5, help="share of tokens kept for the MLP")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--products", action="store_true", help="also time the proj / fc2 products' weight layouts")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev, dt = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -146,11 +147,46 @@ def main(argv=None) -> dict:
             add(f"ln-mod kernel, {mods_name}", kernel_ln, (x, shift, scale), bytes_ln)
             add(f"gather-ln-mod kernel (nonzero included), {mods_name}", kernel_gather, (x_flat, keep, shift, scale),
                 bytes_gather)
+            idx_k, count_k = kept_tokens.kept_rows(keep, capacity, rows)
+            add(f"gather-ln-mod kernel alone (indices made before), {mods_name}",
+                lambda xf, i, c, sh, sc: kept_tokens.gather_norm_modulate(xf, i, c, sh, sc, n, 1e-6),
+                (x_flat, idx_k, count_k, shift, scale), bytes_gather)
+            add("kept_rows kernel (bytes: the mask and the indices)", lambda k: kept_tokens.kept_rows(k, capacity, rows),
+                (keep,), rows + 8 * capacity)
             add(f"scatter kernel (in place), {mods_name}", kernel_scatter, (x_flat.clone(), keep, update, gate),
                 3 * capacity * D * elt)
             torch._dynamo.reset()
             add(f"index_copy scatter, padded copy, compiled dynamic rows, {mods_name}",
                 _compiled_dynamic(index_copy_scatter, None), (x_flat, keep, update, gate), 3 * capacity * D * elt)
+    if dev == "cuda" and args.products:
+        # Seventeenth session: the sliced path's proj and fc2 products read their weights as row prefixes of the
+        # transposed weight (`BlockWeights`: contiguous at every width) and cuBLAS runs them "NN"; the dense model's
+        # F.linear runs "TN". At batch 32 the sliced fc2 ran at ~450 TFLOP/s (sixteenth session). Each layout at the
+        # sliced shapes (half the heads / groups), and the dense shape for reference.
+        def product(name, M, K, N, layout):
+            w = torch.randn(N, 2 * K if layout == "TN column prefix" else K, device=dev, dtype=dt, generator=g)
+            a = torch.randn(M, K, device=dev, dtype=dt, generator=g)
+            b = torch.randn(N, device=dev, dtype=dt, generator=g)
+            if layout == "NN row prefix":  # (2K, N) transposed weight, its first K rows
+                wt = torch.randn(2 * K, N, device=dev, dtype=dt, generator=g)[:K]
+                fn, fargs = (lambda a_, w_, b_: torch.addmm(b_, a_, w_)), (a, wt, b)
+            elif layout == "TN column prefix":  # (N, 2K) weight, its first K columns: lda 2K
+                fn, fargs = (lambda a_, w_, b_: F.linear(a_, w_, b_)), (a, w[:, :K], b)
+            else:  # "TN contiguous": a copy of the slice
+                fn, fargs = (lambda a_, w_, b_: F.linear(a_, w_, b_)), (a, w, b)
+            try:
+                us = timed(fn, fargs, args.reps, dev)
+                results.append({"variant": f"product {name}, {layout}", "M": M, "K": K, "N": N, "us": round(us, 2),
+                                "TFLOP_per_s": round(2 * M * K * N / us / 1e6, 1)})
+            except Exception as e:
+                results.append({"variant": f"product {name}, {layout}", "error": f"{type(e).__name__}: {e}"[:300]})
+            print(results[-1], flush=True)
+
+        for layout in ("NN row prefix", "TN column prefix", "TN contiguous"):
+            product("fc2 sliced (kept rows, half the groups)", capacity, 4 * D // 2, D, layout)
+            product("proj sliced (half the heads)", rows, D // 2, D, layout)
+        product("fc2 dense", rows, 4 * D, D, "TN contiguous")
+        product("proj dense", rows, D, D, "TN contiguous")
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(sys.argv), "shapes": {"seqs": S, "tokens": n, "width": D,

@@ -60,14 +60,19 @@ def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
                                                                            torch.float32)
 
 
-def _tuned(kernel, restore: tuple[str, ...] = ()):
-    """Triton's autotuner over the warp count, keyed on the row width: it times each choice on the device at the first
-    launch (before any CUDA graph capture: the step graphs warm every step up first). An in-place kernel restores its
-    output between trials. The interpreter runs the plain kernel (with the launch's own warp count)."""
+def _tuned(kernel, key: tuple[str, ...] = ("width",), restore: tuple[str, ...] = ()):
+    """Triton's autotuner over rows per program and warps, keyed on the row width (and the kernel's mode): it times each choice on the device
+    at the first launch (before any CUDA graph capture: the step graphs warm every step up first). An in-place kernel
+    restores its output between trials. The interpreter runs the plain kernel (two rows per program, so that the
+    tests cover a last program with a row past the end).
+
+    Several rows per program (sixteenth session: one row each ran at 1.2-2.2 TB/s on the H100, against about 3 TB/s
+    a plain copy reaches): a program's loads of a 1152-wide bf16 row are 2.3 KB, too little in flight to hide the
+    index load before them and the memory latency of the row itself."""
     if INTERPRETED:
         return kernel
-    return triton.autotune([triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)], key=["width"],
-                           restore_value=list(restore))(kernel)
+    configs = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
+    return triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
 
 
 if triton is not None:
@@ -88,51 +93,61 @@ if triton is not None:
             tl.store(idx_ptr + c, tl.full([BLOCK], fill, tl.int64), mask=(c < capacity) & (c >= offset))
 
     @triton.jit
-    def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr,
-                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr):
-        row = tl.program_id(0)
+    def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr, n_out,
+                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr,
+                                     ROWS: tl.constexpr):
+        # A (ROWS, BLOCK) tile: ROWS output rows of one row each.
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         in_row = cols < width
+        out_ok = row < n_out
         if GATHER:  # row i reads kept row idx[i]; rows past the count are zeros
-            valid = row < tl.load(count_ptr)
-            src = tl.load(idx_ptr + row).to(tl.int64)
+            valid = out_ok & (row < tl.load(count_ptr))
+            src = tl.load(idx_ptr + row, mask=out_ok, other=0).to(tl.int64)
         else:  # every row in place (the attention half's norm)
-            valid = row >= 0
+            valid = out_ok
             src = row.to(tl.int64)
-        mask = in_row & valid
-        x = tl.load(x_ptr + src * width + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / width
-        centred = tl.where(in_row, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
-        seq = src // tokens_per_seq
-        scale = tl.load(scale_ptr + seq * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + seq * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.where(mask, centred * rstd * (1.0 + scale) + shift, 0.0)
-        tl.store(out_ptr + row * width + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
+        mask = valid[:, None] & in_row[None, :]
+        x = tl.load(x_ptr + src[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / width
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+        mod = (src // tokens_per_seq)[:, None] * mod_stride + cols[None, :]
+        scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, centred * rstd[:, None] * (1.0 + scale) + shift, 0.0)
+        tl.store(out_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & in_row[None, :])
 
     @triton.jit
-    def _scatter_gated_residual_kernel(x_ptr, idx_ptr, count_ptr, update_ptr, gate_ptr, mod_stride, tokens_per_seq,
-                                       width, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        valid = row < tl.load(count_ptr)
+    def _scatter_gated_residual_kernel(x_ptr, idx_ptr, count_ptr, update_ptr, gate_ptr, mod_stride, n_rows,
+                                       tokens_per_seq, width, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        valid = (row < n_rows) & (row < tl.load(count_ptr))
         cols = tl.arange(0, BLOCK)
-        mask = (cols < width) & valid
-        dst = tl.load(idx_ptr + row).to(tl.int64)
-        gate = tl.load(gate_ptr + (dst // tokens_per_seq) * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        update = tl.load(update_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + dst * width + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + dst * width + cols, (x + gate * update).to(x_ptr.dtype.element_ty), mask=mask)
+        mask = valid[:, None] & (cols < width)[None, :]
+        dst = tl.load(idx_ptr + row, mask=valid, other=0).to(tl.int64)
+        gate = tl.load(gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+        update = tl.load(update_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + dst[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + dst[:, None] * width + cols[None, :], (x + gate * update).to(x_ptr.dtype.element_ty),
+                 mask=mask)
 
-
-    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel)
+    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "GATHER"))
     _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
+
+
+def _grid(n_rows: int):
+    return lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
 
 
 def _launch(width: int) -> dict:
     block = triton.next_power_of_2(width)
     if INTERPRETED:
-        return {"BLOCK": block, "num_warps": 4}
-    return {"BLOCK": block}  # the warp count is the autotuner's
+        return {"BLOCK": block, "ROWS": 2, "num_warps": 4}
+    return {"BLOCK": block}  # rows per program and warps are the autotuner's
 
 
 @torch.library.custom_op("ditstudio::kept_rows", mutates_args=())
@@ -143,8 +158,10 @@ def kept_rows(keep: Tensor, capacity: int, fill: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"kept_rows: keep must be a 1-d bool mask, got {keep.dtype} {tuple(keep.shape)}")
     idx = torch.empty(capacity, dtype=torch.long, device=keep.device)
     count = torch.empty((), dtype=torch.long, device=keep.device)
-    block = min(triton.next_power_of_2(max(keep.shape[0], 16)), 4096)
-    _kept_rows_kernel[(1,)](keep, idx, count, keep.shape[0], capacity, fill, BLOCK=block, num_warps=8)
+    # One block of up to 16384 rows (DiT-XL/2 at batch 32 guided: the whole mask in one pass, no carried count).
+    block = min(triton.next_power_of_2(max(keep.shape[0], 16)), 16384)
+    _kept_rows_kernel[(1,)](keep, idx, count, keep.shape[0], capacity, fill, BLOCK=block,
+                            num_warps=16 if block >= 8192 else 8)
     return idx, count
 
 
@@ -173,8 +190,8 @@ def gather_norm_modulate(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, s
     adaLN output's chunks are fine)."""
     _check(x, idx, count, shift, scale)
     out = x.new_empty(idx.shape[0], x.shape[1])
-    _gather_norm_modulate_kernel[(idx.shape[0],)](
-        x, idx, count, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, GATHER=True,
+    _gather_norm_modulate_kernel[_grid(idx.shape[0])](
+        x, idx, count, shift, scale, shift.stride(0), out, idx.shape[0], tokens_per_seq, x.shape[1], eps, GATHER=True,
         **_launch(x.shape[1]))
     return out
 
@@ -190,8 +207,8 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, 
     without the gather (the attention half's norm of the whole stream)."""
     _check(x, None, None, shift, scale)
     out = torch.empty_like(x)
-    _gather_norm_modulate_kernel[(x.shape[0],)](
-        x, x, x, shift, scale, shift.stride(0), out, tokens_per_seq, x.shape[1], eps, GATHER=False,
+    _gather_norm_modulate_kernel[_grid(x.shape[0])](
+        x, x, x, shift, scale, shift.stride(0), out, x.shape[0], tokens_per_seq, x.shape[1], eps, GATHER=False,
         **_launch(x.shape[1]))
     return out
 
@@ -210,8 +227,8 @@ def scatter_gated_residual_(x: Tensor, idx: Tensor, count: Tensor, update: Tenso
     if update.shape != (idx.shape[0], x.shape[1]) or not update.is_contiguous():
         raise ValueError(f"kept-token kernels: update must be contiguous ({idx.shape[0]}, {x.shape[1]}), "
                          f"got {tuple(update.shape)}")
-    _scatter_gated_residual_kernel[(idx.shape[0],)](
-        x, idx, count, update, gate, gate.stride(0), tokens_per_seq, x.shape[1], **_launch(x.shape[1]))
+    _scatter_gated_residual_kernel[_grid(idx.shape[0])](
+        x, idx, count, update, gate, gate.stride(0), idx.shape[0], tokens_per_seq, x.shape[1], **_launch(x.shape[1]))
 
 
 @scatter_gated_residual_.register_fake
