@@ -774,8 +774,9 @@ class DyDiT(nn.Module):
         t_emb = dit.time_embed(t_B)  # E_t: (B, D)
         c = t_emb + dit.label_embed(class_labels)
         ps = self._begin(mode, t_B, t_emb, counter)
+        silu_c = F.silu(c)  # once per forward, not per block: 28 fewer kernels a step at XL (it is not compiled here)
         for layer, block in enumerate(dit.blocks):
-            mods = block.modulation(F.silu(c)).chunk(BLOCK_MODULATIONS, dim=1)
+            mods = block.modulation(silu_c).chunk(BLOCK_MODULATIONS, dim=1)
             x = self._block(layer, block, x, mods, ps)
         return self._end(dit.head(x, c, Hs, Ws), ps)
 

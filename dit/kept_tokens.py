@@ -92,14 +92,17 @@ if triton is not None:
             c = start + tl.arange(0, BLOCK)
             tl.store(idx_ptr + c, tl.full([BLOCK], fill, tl.int64), mask=(c < capacity) & (c >= offset))
 
+    # A row is read as a BLOCK-wide head and a TAIL-wide rest (`_launch`): BLOCK the largest power of two within the
+    # width, TAIL the smallest power of two covering the rest (tl.arange takes powers of two). DiT-XL/2's 1152 is
+    # 1024 + 128 with no column masked, where one 2048-wide block masks 896: 44% of its registers and lanes idle,
+    # which with several rows per program is the difference between a tile that fits the registers and one that
+    # spills. A width that is a power of two has TAIL 1, a column past the end, masked.
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr, n_out,
-                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr,
-                                     ROWS: tl.constexpr):
-        # A (ROWS, BLOCK) tile: ROWS output rows of one row each.
+                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+                                     GATHER: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS output rows, each one row of x: (ROWS, BLOCK) and (ROWS, TAIL) tiles
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        in_row = cols < width
         out_ok = row < n_out
         if GATHER:  # row i reads kept row idx[i]; rows past the count are zeros
             valid = out_ok & (row < tl.load(count_ptr))
@@ -107,33 +110,46 @@ if triton is not None:
         else:  # every row in place (the attention half's norm)
             valid = out_ok
             src = row.to(tl.int64)
-        mask = valid[:, None] & in_row[None, :]
-        x = tl.load(x_ptr + src[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / width
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
-        mod = (src // tokens_per_seq)[:, None] * mod_stride + cols[None, :]
-        scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-        y = tl.where(mask, centred * rstd[:, None] * (1.0 + scale) + shift, 0.0)
-        tl.store(out_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=out_ok[:, None] & in_row[None, :])
+        head = tl.arange(0, BLOCK)[None, :]
+        rest = BLOCK + tl.arange(0, TAIL)[None, :]
+        in_rest = rest < width
+        m_head, m_rest = valid[:, None], valid[:, None] & in_rest
+        x_row = x_ptr + src[:, None] * width
+        xa = tl.load(x_row + head, mask=m_head, other=0.0).to(tl.float32)
+        xb = tl.load(x_row + rest, mask=m_rest, other=0.0).to(tl.float32)
+        mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / width
+        ca = tl.where(m_head, xa - mean[:, None], 0.0)
+        cb = tl.where(m_rest, xb - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(ca * ca, axis=1) + tl.sum(cb * cb, axis=1)) / width + eps)
+        mod_row = (src // tokens_per_seq)[:, None] * mod_stride
+        out_row = out_ptr + row.to(tl.int64)[:, None] * width
+        ya = ca * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)) \
+            + tl.load(shift_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)
+        tl.store(out_row + head, tl.where(m_head, ya, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None])
+        yb = cb * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)) \
+            + tl.load(shift_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)
+        tl.store(out_row + rest, tl.where(m_rest, yb, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & in_rest)
+
+    @triton.jit
+    def _gated_add(x_row, gate_row, update_row, cols, mask):
+        gate = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
+        update = tl.load(update_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_row + cols, (x + gate * update).to(x_row.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scatter_gated_residual_kernel(x_ptr, idx_ptr, count_ptr, update_ptr, gate_ptr, mod_stride, n_rows,
-                                       tokens_per_seq, width, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                                       tokens_per_seq, width, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+                                       ROWS: tl.constexpr):
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         valid = (row < n_rows) & (row < tl.load(count_ptr))
-        cols = tl.arange(0, BLOCK)
-        mask = valid[:, None] & (cols < width)[None, :]
         dst = tl.load(idx_ptr + row, mask=valid, other=0).to(tl.int64)
-        gate = tl.load(gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride + cols[None, :], mask=mask,
-                       other=0.0).to(tl.float32)
-        update = tl.load(update_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + dst[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + dst[:, None] * width + cols[None, :], (x + gate * update).to(x_ptr.dtype.element_ty),
-                 mask=mask)
+        x_row = x_ptr + dst[:, None] * width
+        gate_row = gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride
+        update_row = update_ptr + row.to(tl.int64)[:, None] * width
+        _gated_add(x_row, gate_row, update_row, tl.arange(0, BLOCK)[None, :], valid[:, None])  # the head
+        rest = BLOCK + tl.arange(0, TAIL)[None, :]
+        _gated_add(x_row, gate_row, update_row, rest, valid[:, None] & (rest < width))  # the rest
 
     _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "GATHER"))
     _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
@@ -144,10 +160,11 @@ def _grid(n_rows: int):
 
 
 def _launch(width: int) -> dict:
-    block = triton.next_power_of_2(width)
+    block = 1 << (width.bit_length() - 1)  # the largest power of two within the width
+    tail = triton.next_power_of_2(width - block) if width > block else 1
     if INTERPRETED:
-        return {"BLOCK": block, "ROWS": 2, "num_warps": 4}
-    return {"BLOCK": block}  # rows per program and warps are the autotuner's
+        return {"BLOCK": block, "TAIL": tail, "ROWS": 2, "num_warps": 4}
+    return {"BLOCK": block, "TAIL": tail}  # rows per program and warps are the autotuner's
 
 
 @torch.library.custom_op("ditstudio::kept_rows", mutates_args=())

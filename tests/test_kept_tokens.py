@@ -63,6 +63,26 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
         seq = torch.arange(S * n) // n
         torch.testing.assert_close(full, F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[seq]) + shift[seq],
                                    rtol=1e-5, atol=1e-5)
+        # other widths: a row is read as a power-of-two head and a power-of-two rest (40 = 32 + 8 above); 45 = 32 + 13
+        # (the rest masked to 13 of 16), 32 (no rest: one masked column)
+        for D2 in (45, 32):
+            x2, ada2 = torch.randn(S * n, D2), torch.randn(S, 3 * D2)
+            sh2, sc2, gt2 = ada2[:, :D2], ada2[:, D2:2 * D2], ada2[:, 2 * D2:]
+            seq2 = torch.arange(S * n) // n
+            torch.testing.assert_close(norm_modulate(x2, sh2, sc2, n, 1e-6), F.layer_norm(x2, (D2,), eps=1e-6)
+                                       * (1 + sc2[seq2]) + sh2[seq2], rtol=1e-5, atol=1e-5)
+            keep2 = torch.rand(S * n) < 0.5
+            idx2, count2 = torch.nonzero_static(keep2, size=11, fill_value=S * n).squeeze(1), keep2.sum()
+            k2 = min(int(count2), 11)
+            r2, s2 = idx2[:k2], idx2[:k2] // n
+            h2 = gather_norm_modulate(x2, idx2, count2, sh2, sc2, n, 1e-6)
+            torch.testing.assert_close(h2[:k2], F.layer_norm(x2[r2], (D2,), eps=1e-6) * (1 + sc2[s2]) + sh2[s2],
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.equal(h2[k2:], torch.zeros(11 - k2, D2))
+            u2, got2, ref2 = torch.randn(11, D2), x2.clone(), x2.clone()
+            scatter_gated_residual_(got2, idx2, count2, u2, gt2, n)
+            ref2[r2] += gt2[s2] * u2[:k2]
+            torch.testing.assert_close(got2, ref2, rtol=1e-6, atol=1e-6)
         # half precision: one rounding at the end, so within bf16 rounding of the float32 result
         xb = x.bfloat16()
         hb = gather_norm_modulate(xb, idx, count, shift.bfloat16(), scale.bfloat16(), n, 1e-6)
