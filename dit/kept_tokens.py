@@ -47,6 +47,9 @@ MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MODES = ("auto", "mlp", "off", "on")
 MAX_WIDTH = 8192
+# A row read as a power-of-two head + rest (True), or as one power-of-two block (False). Read at every launch (the ops
+# are opaque to torch.compile), so a benchmark can compare both in one process: bench/dydit_speed.py's -oneblock.
+SPLIT = os.environ.get("DITSTUDIO_KEPT_TOKEN_SPLIT", "1") == "1"
 
 
 def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
@@ -94,9 +97,8 @@ if triton is not None:
 
     # A row is read as a BLOCK-wide head and a TAIL-wide rest (`_launch`): BLOCK the largest power of two within the
     # width, TAIL the smallest power of two covering the rest (tl.arange takes powers of two). DiT-XL/2's 1152 is
-    # 1024 + 128 with no column masked, where one 2048-wide block masks 896: 44% of its registers and lanes idle,
-    # which with several rows per program is the difference between a tile that fits the registers and one that
-    # spills. A width that is a power of two has TAIL 1, a column past the end, masked.
+    # 1024 + 128 with no column masked, where one 2048-wide block masks 896: 44% of its registers and lanes idle.
+    # A width that is a power of two has TAIL 1, a column past the end, masked. SPLIT off: one block, as before.
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr, n_out,
                                      tokens_per_seq, width, eps, BLOCK: tl.constexpr, TAIL: tl.constexpr,
@@ -112,8 +114,8 @@ if triton is not None:
             src = row.to(tl.int64)
         head = tl.arange(0, BLOCK)[None, :]
         rest = BLOCK + tl.arange(0, TAIL)[None, :]
-        in_rest = rest < width
-        m_head, m_rest = valid[:, None], valid[:, None] & in_rest
+        in_head, in_rest = head < width, rest < width  # (the head is all in the row unless SPLIT is off)
+        m_head, m_rest = valid[:, None] & in_head, valid[:, None] & in_rest
         x_row = x_ptr + src[:, None] * width
         xa = tl.load(x_row + head, mask=m_head, other=0.0).to(tl.float32)
         xb = tl.load(x_row + rest, mask=m_rest, other=0.0).to(tl.float32)
@@ -125,7 +127,7 @@ if triton is not None:
         out_row = out_ptr + row.to(tl.int64)[:, None] * width
         ya = ca * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)) \
             + tl.load(shift_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)
-        tl.store(out_row + head, tl.where(m_head, ya, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None])
+        tl.store(out_row + head, tl.where(m_head, ya, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & in_head)
         yb = cb * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)) \
             + tl.load(shift_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)
         tl.store(out_row + rest, tl.where(m_rest, yb, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & in_rest)
@@ -147,12 +149,13 @@ if triton is not None:
         x_row = x_ptr + dst[:, None] * width
         gate_row = gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride
         update_row = update_ptr + row.to(tl.int64)[:, None] * width
-        _gated_add(x_row, gate_row, update_row, tl.arange(0, BLOCK)[None, :], valid[:, None])  # the head
+        head = tl.arange(0, BLOCK)[None, :]
+        _gated_add(x_row, gate_row, update_row, head, valid[:, None] & (head < width))  # the head
         rest = BLOCK + tl.arange(0, TAIL)[None, :]
         _gated_add(x_row, gate_row, update_row, rest, valid[:, None] & (rest < width))  # the rest
 
-    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "GATHER"))
-    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
+    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "BLOCK", "GATHER"))
+    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, key=("width", "BLOCK"), restore=("x_ptr",))
 
 
 def _grid(n_rows: int):
@@ -160,8 +163,11 @@ def _grid(n_rows: int):
 
 
 def _launch(width: int) -> dict:
-    block = 1 << (width.bit_length() - 1)  # the largest power of two within the width
-    tail = triton.next_power_of_2(width - block) if width > block else 1
+    if SPLIT:
+        block = 1 << (width.bit_length() - 1)  # the largest power of two within the width
+        tail = triton.next_power_of_2(width - block) if width > block else 1
+    else:  # one power-of-two block over the row, its columns past the width masked (the rest: one masked column)
+        block, tail = triton.next_power_of_2(width), 1
     if INTERPRETED:
         return {"BLOCK": block, "TAIL": tail, "ROWS": 2, "num_warps": 4}
     return {"BLOCK": block, "TAIL": tail}  # rows per program and warps are the autotuner's
@@ -251,3 +257,12 @@ def scatter_gated_residual_(x: Tensor, idx: Tensor, count: Tensor, update: Tenso
 @scatter_gated_residual_.register_fake
 def _(x: Tensor, idx: Tensor, count: Tensor, update: Tensor, gate: Tensor, tokens_per_seq: int) -> None:
     return None
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choice per kernel and key (rows per program, warps), for the benchmark's record."""
+    if triton is None or INTERPRETED:
+        return {}
+    return {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+            for name, kernel in (("gather_norm_modulate", _gather_norm_modulate_kernel),
+                                 ("scatter_gated_residual", _scatter_gated_residual_kernel))}

@@ -65,7 +65,7 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
                                    rtol=1e-5, atol=1e-5)
         # other widths: a row is read as a power-of-two head and a power-of-two rest (40 = 32 + 8 above); 45 = 32 + 13
         # (the rest masked to 13 of 16), 32 (no rest: one masked column)
-        for D2 in (45, 32):
+        for D2 in (32, 45):  # (45 last: the SPLIT-off check below reuses it)
             x2, ada2 = torch.randn(S * n, D2), torch.randn(S, 3 * D2)
             sh2, sc2, gt2 = ada2[:, :D2], ada2[:, D2:2 * D2], ada2[:, 2 * D2:]
             seq2 = torch.arange(S * n) // n
@@ -83,6 +83,15 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
             scatter_gated_residual_(got2, idx2, count2, u2, gt2, n)
             ref2[r2] += gt2[s2] * u2[:k2]
             torch.testing.assert_close(got2, ref2, rtol=1e-6, atol=1e-6)
+        # SPLIT off (bench/dydit_speed.py's -oneblock): one power-of-two block per row, the same results
+        import dit.kept_tokens as kt
+        kt.SPLIT = False
+        torch.testing.assert_close(norm_modulate(x2, sh2, sc2, n, 1e-6), F.layer_norm(x2, (D2,), eps=1e-6)
+                                   * (1 + sc2[seq2]) + sh2[seq2], rtol=1e-5, atol=1e-5)
+        got3 = x2.clone()
+        scatter_gated_residual_(got3, idx2, count2, u2, gt2, n)
+        torch.testing.assert_close(got3, ref2, rtol=1e-6, atol=1e-6)
+        kt.SPLIT = True
         # half precision: one rounding at the end, so within bf16 rounding of the float32 result
         xb = x.bfloat16()
         hb = gather_norm_modulate(xb, idx, count, shift.bfloat16(), scale.bfloat16(), n, 1e-6)
