@@ -37,7 +37,7 @@ T16 = "bench/results/gpu_round16"
 TEXT_POINTS = {
     0.3: f"{T16}/lambda_curve/results.json#cont0.3",
     0.5: f"{T16}/lambda_curve/results.json#cont0.5",
-    0.55: f"{T16}/call3/results.json#contlow0.55",  # = weights/shapes-dydit-t2i
+    0.55: f"{T16}/call3/results.json#contlow0.55",  # the sixteenth session's shipped state (replaced in the 17th)
     0.7: f"{T16}/lambda_curve/results.json#cont0.7",
     0.9: f"{T16}/lambda_curve/results.json#cont0.9",
 }
