@@ -549,8 +549,8 @@ def main(argv=None) -> int:
                 # dit/kept_tokens.py's kernels, the path before them, for a ratio in the same run; -mlp: the kernels
                 # for the MLP half only (the attention half's LayerNorm + modulation left to inductor)
                 kept_tokens.MODE = {"plain": "off", "mlp": "mlp"}.get(variant.rsplit("-", 1)[-1], KEPT_TOKEN_MODE)
-                # -oneblock: the kernels reading a row as one power-of-two block, not as head + rest (seventeenth
-                # session: the split measured faster alone, slower inside the run; both in one run here)
+                # -oneblock: the kernels reading a row as one power-of-two block even where
+                # DITSTUDIO_KEPT_TOKEN_SPLIT=1 asks for head + rest (seventeenth session: both in one run)
                 kept_tokens.SPLIT = KEPT_TOKEN_SPLIT and not variant.endswith("-oneblock")
                 cache = baselines.get(variant)
                 if cache is not None and B in cache:  # dense does not depend on lambda

@@ -47,9 +47,12 @@ MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MODES = ("auto", "mlp", "off", "on")
 MAX_WIDTH = 8192
-# A row read as a power-of-two head + rest (True), or as one power-of-two block (False). Read at every launch (the ops
-# are opaque to torch.compile), so a benchmark can compare both in one process: bench/dydit_speed.py's -oneblock.
-SPLIT = os.environ.get("DITSTUDIO_KEPT_TOKEN_SPLIT", "1") == "1"
+# A row read as a power-of-two head + rest (True), or as one power-of-two block (False, the default). Read at every
+# launch (the ops are opaque to torch.compile), so a benchmark can compare both in one process. Measured in one run on
+# the H100 (seventeenth session, bench/dydit_speed.py's -oneblock, DyDiT-XL/2 batch 32): the split was faster alone on
+# repeated inputs (bench/dydit_ln_probe.py) but slower inside the sampling run -- gather + norm 154 against 95 ms,
+# scatter 56 against 42 ms, 1.42x against 1.48x dense -- so one block it is; the split stays as the measured option.
+SPLIT = os.environ.get("DITSTUDIO_KEPT_TOKEN_SPLIT", "0") == "1"
 
 
 def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
@@ -97,8 +100,9 @@ if triton is not None:
 
     # A row is read as a BLOCK-wide head and a TAIL-wide rest (`_launch`): BLOCK the largest power of two within the
     # width, TAIL the smallest power of two covering the rest (tl.arange takes powers of two). DiT-XL/2's 1152 is
-    # 1024 + 128 with no column masked, where one 2048-wide block masks 896: 44% of its registers and lanes idle.
-    # A width that is a power of two has TAIL 1, a column past the end, masked. SPLIT off: one block, as before.
+    # 1024 + 128 with no column masked, where one 2048-wide block masks 896 (44% of its lanes idle). A width that is a
+    # power of two has TAIL 1, a column past the end, masked. SPLIT off (the default, measured faster in the run):
+    # one power-of-two block with its columns past the width masked, and the rest a single masked column.
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr, n_out,
                                      tokens_per_seq, width, eps, BLOCK: tl.constexpr, TAIL: tl.constexpr,

@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--save-to", default=None, help="the DyDiT folder to write (default: --out/model)")
     p.add_argument("--evaluate", default=None, metavar="FOLDER",
                    help="only measure a saved DyDiT folder against its base (--final-eval-n prompts) and update its card")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="with --evaluate: the seed of the prompts and noise (another seed: another sample set)")
     p.add_argument("--dense-metrics", default=None, metavar="JSON",
                    help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
@@ -327,7 +329,7 @@ def update_card(folder: Path, comparison: dict) -> None:
             f"| executed / dense block MACs over the sampling runs | 1 | {comparison['sampling_flops_ratio']:.4f} |\n"
             f"| ... with router and adapter overheads | 1 | {comparison['sampling_flops_ratio_with_overheads']:.4f} |\n"
             f"\nMeasured with `python scripts/finetune_dydit.py --evaluate {_shown(folder)} --final-eval-n "
-            f"{comparison['dydit']['n']}` (the dense numbers: the same call of dit.evaluation.evaluate_pipeline on the "
+            f"{comparison['dydit']['n']}{'' if not comparison['dydit']['seed'] else ' --eval-seed ' + str(comparison['dydit']['seed'])}` (the dense numbers: the same call of dit.evaluation.evaluate_pipeline on the "
             f"base pipeline).\n")
     readme = folder / "README.md"
     old = readme.read_text() if readme.is_file() else f"# {folder.name}\n"
@@ -346,7 +348,7 @@ def main(args) -> dict:
         if not args.final_eval_n:
             raise ValueError("--evaluate needs --final-eval-n (the number of prompts)")
         dense = json.loads(Path(args.dense_metrics).read_text()) if args.dense_metrics else None
-        comparison = compare_with_dense(Path(args.evaluate), args.final_eval_n, dense_metrics=dense)
+        comparison = compare_with_dense(Path(args.evaluate), args.final_eval_n, seed=args.eval_seed, dense_metrics=dense)
         update_card(Path(args.evaluate), comparison)
         print(json.dumps(comparison, indent=2))
         return comparison

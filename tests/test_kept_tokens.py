@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def interpreted(code: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DITSTUDIO_KEPT_TOKEN_KERNELS": "on",
+def interpreted(code: str, **env_extra: str) -> str:
+    env = {**os.environ, **env_extra, "TRITON_INTERPRET": "1", "DITSTUDIO_KEPT_TOKEN_KERNELS": "on",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
@@ -27,7 +27,8 @@ def interpreted(code: str) -> str:
     return done.stdout
 
 
-def test_kernels_equal_plain_torch_in_the_interpreter():
+@pytest.mark.parametrize("split", ["0", "1"])  # a row as one block (default) or as head + rest (dit/kept_tokens.py)
+def test_kernels_equal_plain_torch_in_the_interpreter(split):
     out = interpreted("""
         import torch, torch.nn.functional as F
         from dit.kept_tokens import gather_norm_modulate, scatter_gated_residual_
@@ -63,9 +64,9 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
         seq = torch.arange(S * n) // n
         torch.testing.assert_close(full, F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[seq]) + shift[seq],
                                    rtol=1e-5, atol=1e-5)
-        # other widths: a row is read as a power-of-two head and a power-of-two rest (40 = 32 + 8 above); 45 = 32 + 13
+        # other widths; split, a row is a power-of-two head and a power-of-two rest (40 = 32 + 8 above): 45 = 32 + 13
         # (the rest masked to 13 of 16), 32 (no rest: one masked column)
-        for D2 in (32, 45):  # (45 last: the SPLIT-off check below reuses it)
+        for D2 in (32, 45):
             x2, ada2 = torch.randn(S * n, D2), torch.randn(S, 3 * D2)
             sh2, sc2, gt2 = ada2[:, :D2], ada2[:, D2:2 * D2], ada2[:, 2 * D2:]
             seq2 = torch.arange(S * n) // n
@@ -83,15 +84,6 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
             scatter_gated_residual_(got2, idx2, count2, u2, gt2, n)
             ref2[r2] += gt2[s2] * u2[:k2]
             torch.testing.assert_close(got2, ref2, rtol=1e-6, atol=1e-6)
-        # SPLIT off (bench/dydit_speed.py's -oneblock): one power-of-two block per row, the same results
-        import dit.kept_tokens as kt
-        kt.SPLIT = False
-        torch.testing.assert_close(norm_modulate(x2, sh2, sc2, n, 1e-6), F.layer_norm(x2, (D2,), eps=1e-6)
-                                   * (1 + sc2[seq2]) + sh2[seq2], rtol=1e-5, atol=1e-5)
-        got3 = x2.clone()
-        scatter_gated_residual_(got3, idx2, count2, u2, gt2, n)
-        torch.testing.assert_close(got3, ref2, rtol=1e-6, atol=1e-6)
-        kt.SPLIT = True
         # half precision: one rounding at the end, so within bf16 rounding of the float32 result
         xb = x.bfloat16()
         hb = gather_norm_modulate(xb, idx, count, shift.bfloat16(), scale.bfloat16(), n, 1e-6)
@@ -113,7 +105,7 @@ def test_kernels_equal_plain_torch_in_the_interpreter():
                 bad()
             except ValueError as e:
                 print("refused:", str(e)[:60])
-    """)
+    """, DITSTUDIO_KEPT_TOKEN_SPLIT=split)
     lines = out.splitlines()
     assert [line.split()[0] for line in lines] == ["ok", "ok"] + ["refused:"] * 4, out
 
