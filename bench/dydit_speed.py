@@ -71,11 +71,8 @@ SIZES = {"XL": "DiT-XL/2", "tiny": "DiT-T/2"}
 KEPT_TOKEN_MODE = kept_tokens.MODE
 # *-graphs: the same model calls replayed from one CUDA graph per sampling step (dit/step_graphs.py; eager on a CPU)
 VARIANTS = ("dense", "dense-graphs", "dense-compiled", "sliced", "sliced-cap", "sliced-cap-graphs",
-            "sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain",
-            "sliced-compiled-graphs-oneblock", "masked")
-COMPILED_VARIANTS = ("sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain",
-                     "sliced-compiled-graphs-oneblock")
-KEPT_TOKEN_SPLIT = kept_tokens.SPLIT
+            "sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain", "masked")
+COMPILED_VARIANTS = ("sliced-compiled-graphs", "sliced-compiled-graphs-mlp", "sliced-compiled-graphs-plain")
 GRAPH_VARIANTS = ("dense-graphs", "sliced-cap-graphs") + COMPILED_VARIANTS
 # Variants that run the sliced path with a token capacity (their executed FLOPs are sliced-cap's).
 CAPACITY_VARIANTS = ("sliced-cap", "sliced-cap-graphs") + COMPILED_VARIANTS
@@ -549,9 +546,6 @@ def main(argv=None) -> int:
                 # dit/kept_tokens.py's kernels, the path before them, for a ratio in the same run; -mlp: the kernels
                 # for the MLP half only (the attention half's LayerNorm + modulation left to inductor)
                 kept_tokens.MODE = {"plain": "off", "mlp": "mlp"}.get(variant.rsplit("-", 1)[-1], KEPT_TOKEN_MODE)
-                # -oneblock: the kernels reading a row as one power-of-two block even where
-                # DITSTUDIO_KEPT_TOKEN_SPLIT=1 asks for head + rest (seventeenth session: both in one run)
-                kept_tokens.SPLIT = KEPT_TOKEN_SPLIT and not variant.endswith("-oneblock")
                 cache = baselines.get(variant)
                 if cache is not None and B in cache:  # dense does not depend on lambda
                     rows.append({**cache[B], "lam": lam})
@@ -621,7 +615,7 @@ def main(argv=None) -> int:
                        "mask_flops_ratio": 1.0 if dense else est}
                 row.update(extra)
                 if variant in COMPILED_VARIANTS and kept_tokens.MODE != "off":
-                    row["kept_token_kernels"] = {"split": kept_tokens.SPLIT, "tuned": kept_tokens.tuned_configs()}
+                    row["kept_token_kernels"] = {"tuned": kept_tokens.tuned_configs()}
                 if args.kernel_split and (graphs is not None or variant == "dense-compiled"):
                     row["kernel_split_ms"] = kernel_split(run, device)
                 if not args.no_split and (graphs is not None or variant == "dense-compiled"):

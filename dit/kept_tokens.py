@@ -47,12 +47,7 @@ MODE = os.environ.get("DITSTUDIO_KEPT_TOKEN_KERNELS", "auto")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MODES = ("auto", "mlp", "off", "on")
 MAX_WIDTH = 8192
-# A row read as a power-of-two head + rest (True), or as one power-of-two block (False, the default). Read at every
-# launch (the ops are opaque to torch.compile), so a benchmark can compare both in one process. Measured in one run on
-# the H100 (seventeenth session, bench/dydit_speed.py's -oneblock, DyDiT-XL/2 batch 32): the split was faster alone on
-# repeated inputs (bench/dydit_ln_probe.py) but slower inside the sampling run -- gather + norm 154 against 95 ms,
-# scatter 56 against 42 ms, 1.42x against 1.48x dense -- so one block it is; the split stays as the measured option.
-SPLIT = os.environ.get("DITSTUDIO_KEPT_TOKEN_SPLIT", "0") == "1"
+
 
 
 def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
@@ -67,9 +62,9 @@ def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
 
 
 def _tuned(kernel, key: tuple[str, ...] = ("width",), restore: tuple[str, ...] = ()):
-    """Triton's autotuner over rows per program and warps, keyed on the row width (and the kernel's mode): it times each choice on the device
-    at the first launch (before any CUDA graph capture: the step graphs warm every step up first). An in-place kernel
-    restores its output between trials. The interpreter runs the plain kernel (two rows per program, so that the
+    """Triton's autotuner over rows per program and warps, keyed on the row width (and the kernel's mode): it times
+    each choice on the device at the first launch (before any CUDA graph capture: the step graphs warm every step up
+    first). An in-place kernel restores its output between trials. The interpreter runs the plain kernel (two rows per program, so that the
     tests cover a last program with a row past the end).
 
     Several rows per program (sixteenth session: one row each ran at 1.2-2.2 TB/s on the H100, against about 3 TB/s
@@ -98,17 +93,18 @@ if triton is not None:
             c = start + tl.arange(0, BLOCK)
             tl.store(idx_ptr + c, tl.full([BLOCK], fill, tl.int64), mask=(c < capacity) & (c >= offset))
 
-    # A row is read as a BLOCK-wide head and a TAIL-wide rest (`_launch`): BLOCK the largest power of two within the
-    # width, TAIL the smallest power of two covering the rest (tl.arange takes powers of two). DiT-XL/2's 1152 is
-    # 1024 + 128 with no column masked, where one 2048-wide block masks 896 (44% of its lanes idle). A width that is a
-    # power of two has TAIL 1, a column past the end, masked. SPLIT off (the default, measured faster in the run):
-    # one power-of-two block with its columns past the width masked, and the rest a single masked column.
+    # A row is one power-of-two block, its columns past the width masked. (Seventeenth session: a row read as a
+    # power-of-two head + rest, 1152 = 1024 + 128 with no masked column, was faster alone but slower inside the
+    # sampling run on the H100 -- gather + norm 154 against 95 ms, scatter 56 against 42 ms at batch 32 -- so it was
+    # dropped; docs/dydit.md.)
     @triton.jit
     def _gather_norm_modulate_kernel(x_ptr, idx_ptr, count_ptr, shift_ptr, scale_ptr, mod_stride, out_ptr, n_out,
-                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-                                     GATHER: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS output rows, each one row of x: (ROWS, BLOCK) and (ROWS, TAIL) tiles
+                                     tokens_per_seq, width, eps, BLOCK: tl.constexpr, GATHER: tl.constexpr,
+                                     ROWS: tl.constexpr):
+        # A (ROWS, BLOCK) tile: ROWS output rows of one row each.
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < width
         out_ok = row < n_out
         if GATHER:  # row i reads kept row idx[i]; rows past the count are zeros
             valid = out_ok & (row < tl.load(count_ptr))
@@ -116,50 +112,36 @@ if triton is not None:
         else:  # every row in place (the attention half's norm)
             valid = out_ok
             src = row.to(tl.int64)
-        head = tl.arange(0, BLOCK)[None, :]
-        rest = BLOCK + tl.arange(0, TAIL)[None, :]
-        in_head, in_rest = head < width, rest < width  # (the head is all in the row unless SPLIT is off)
-        m_head, m_rest = valid[:, None] & in_head, valid[:, None] & in_rest
-        x_row = x_ptr + src[:, None] * width
-        xa = tl.load(x_row + head, mask=m_head, other=0.0).to(tl.float32)
-        xb = tl.load(x_row + rest, mask=m_rest, other=0.0).to(tl.float32)
-        mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / width
-        ca = tl.where(m_head, xa - mean[:, None], 0.0)
-        cb = tl.where(m_rest, xb - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(ca * ca, axis=1) + tl.sum(cb * cb, axis=1)) / width + eps)
-        mod_row = (src // tokens_per_seq)[:, None] * mod_stride
-        out_row = out_ptr + row.to(tl.int64)[:, None] * width
-        ya = ca * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)) \
-            + tl.load(shift_ptr + mod_row + head, mask=m_head, other=0.0).to(tl.float32)
-        tl.store(out_row + head, tl.where(m_head, ya, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & in_head)
-        yb = cb * rstd[:, None] * (1.0 + tl.load(scale_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)) \
-            + tl.load(shift_ptr + mod_row + rest, mask=m_rest, other=0.0).to(tl.float32)
-        tl.store(out_row + rest, tl.where(m_rest, yb, 0.0).to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & in_rest)
-
-    @triton.jit
-    def _gated_add(x_row, gate_row, update_row, cols, mask):
-        gate = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
-        update = tl.load(update_row + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_row + cols, (x + gate * update).to(x_row.dtype.element_ty), mask=mask)
+        mask = valid[:, None] & in_row[None, :]
+        x = tl.load(x_ptr + src[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / width
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+        mod = (src // tokens_per_seq)[:, None] * mod_stride + cols[None, :]
+        scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, centred * rstd[:, None] * (1.0 + scale) + shift, 0.0)
+        tl.store(out_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & in_row[None, :])
 
     @triton.jit
     def _scatter_gated_residual_kernel(x_ptr, idx_ptr, count_ptr, update_ptr, gate_ptr, mod_stride, n_rows,
-                                       tokens_per_seq, width, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-                                       ROWS: tl.constexpr):
+                                       tokens_per_seq, width, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         valid = (row < n_rows) & (row < tl.load(count_ptr))
+        cols = tl.arange(0, BLOCK)
+        mask = valid[:, None] & (cols < width)[None, :]
         dst = tl.load(idx_ptr + row, mask=valid, other=0).to(tl.int64)
-        x_row = x_ptr + dst[:, None] * width
-        gate_row = gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride
-        update_row = update_ptr + row.to(tl.int64)[:, None] * width
-        head = tl.arange(0, BLOCK)[None, :]
-        _gated_add(x_row, gate_row, update_row, head, valid[:, None] & (head < width))  # the head
-        rest = BLOCK + tl.arange(0, TAIL)[None, :]
-        _gated_add(x_row, gate_row, update_row, rest, valid[:, None] & (rest < width))  # the rest
+        gate = tl.load(gate_ptr + (dst // tokens_per_seq)[:, None] * mod_stride + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+        update = tl.load(update_ptr + row.to(tl.int64)[:, None] * width + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + dst[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + dst[:, None] * width + cols[None, :], (x + gate * update).to(x_ptr.dtype.element_ty),
+                 mask=mask)
 
-    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "BLOCK", "GATHER"))
-    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, key=("width", "BLOCK"), restore=("x_ptr",))
+    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "GATHER"))
+    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
 
 
 def _grid(n_rows: int):
@@ -167,14 +149,10 @@ def _grid(n_rows: int):
 
 
 def _launch(width: int) -> dict:
-    if SPLIT:
-        block = 1 << (width.bit_length() - 1)  # the largest power of two within the width
-        tail = triton.next_power_of_2(width - block) if width > block else 1
-    else:  # one power-of-two block over the row, its columns past the width masked (the rest: one masked column)
-        block, tail = triton.next_power_of_2(width), 1
+    block = triton.next_power_of_2(width)
     if INTERPRETED:
-        return {"BLOCK": block, "TAIL": tail, "ROWS": 2, "num_warps": 4}
-    return {"BLOCK": block, "TAIL": tail}  # rows per program and warps are the autotuner's
+        return {"BLOCK": block, "ROWS": 2, "num_warps": 4}
+    return {"BLOCK": block}  # rows per program and warps are the autotuner's
 
 
 @torch.library.custom_op("ditstudio::kept_rows", mutates_args=())
