@@ -106,6 +106,8 @@ def parse_args(argv=None):
                    help="only measure a saved DyDiT folder against its base (--final-eval-n prompts) and update its card")
     p.add_argument("--eval-seed", type=int, default=0,
                    help="with --evaluate: the seed of the prompts and noise (another seed: another sample set)")
+    p.add_argument("--no-card", action="store_true",
+                   help="with --evaluate: only print the comparison; leave the folder's card and README as they are")
     p.add_argument("--dense-metrics", default=None, metavar="JSON",
                    help="with --evaluate: the base's evaluate_pipeline result for the same n and seed (not re-measured)")
     p.add_argument("--log-every", type=int, default=10)
@@ -323,13 +325,14 @@ def update_card(folder: Path, comparison: dict) -> None:
     card_path.write_text(json.dumps(card, indent=2))
     task_keys = [k for k in comparison["dydit"] if k.endswith("accuracy")]
     rows = "\n".join(f"| {k} | {comparison['dense'][k]:.4f} | {comparison['dydit'][k]:.4f} |" for k in task_keys)
+    seed_arg = f" --eval-seed {comparison['dydit']['seed']}" if comparison["dydit"]["seed"] else ""
     text = (f"\n## Dense vs DyDiT (dit.evaluation, {comparison['dydit']['n']} seeded prompts, "
             f"{comparison['dydit']['steps']} {comparison['dydit']['sampler']} steps, cfg {comparison['dydit']['cfg']})\n\n"
             f"| metric | dense | DyDiT |\n|---|---|---|\n{rows}\n"
             f"| executed / dense block MACs over the sampling runs | 1 | {comparison['sampling_flops_ratio']:.4f} |\n"
             f"| ... with router and adapter overheads | 1 | {comparison['sampling_flops_ratio_with_overheads']:.4f} |\n"
             f"\nMeasured with `python scripts/finetune_dydit.py --evaluate {_shown(folder)} --final-eval-n "
-            f"{comparison['dydit']['n']}{'' if not comparison['dydit']['seed'] else ' --eval-seed ' + str(comparison['dydit']['seed'])}` (the dense numbers: the same call of dit.evaluation.evaluate_pipeline on the "
+            f"{comparison['dydit']['n']}{seed_arg}` (the dense numbers: the same call of dit.evaluation.evaluate_pipeline on the "
             f"base pipeline).\n")
     readme = folder / "README.md"
     old = readme.read_text() if readme.is_file() else f"# {folder.name}\n"
@@ -349,7 +352,8 @@ def main(args) -> dict:
             raise ValueError("--evaluate needs --final-eval-n (the number of prompts)")
         dense = json.loads(Path(args.dense_metrics).read_text()) if args.dense_metrics else None
         comparison = compare_with_dense(Path(args.evaluate), args.final_eval_n, seed=args.eval_seed, dense_metrics=dense)
-        update_card(Path(args.evaluate), comparison)
+        if not args.no_card:
+            update_card(Path(args.evaluate), comparison)
         print(json.dumps(comparison, indent=2))
         return comparison
     if not 0 < args.lam <= 1:
