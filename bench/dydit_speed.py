@@ -262,10 +262,13 @@ def sample(fn, sched: DDIMScheduler, x0, y_in, channels: int, dydit: DyDiT | Non
     if dydit is not None:
         dydit.set_sampling_grid(sched.timesteps)
     latents = x0
-    for i, t in enumerate(sched.timesteps):
+    # As dit.pipelines.denoise: the scheduler steps on CPU timesteps (its tables are on the CPU, and a GPU t would
+    # make every step wait for the forward), the model takes a slice of one device copy.
+    t_model = sched.timesteps.to(x0.device)
+    for i, t in enumerate(sched.timesteps.cpu()):
         x_in = sched.scale_model_input(latents, t)
         x_in = torch.cat([x_in, x_in])
-        args = (x_in, t.expand(x_in.shape[0]), y_in)
+        args = (x_in, t_model[i].expand(x_in.shape[0]), y_in)
         out = fn(i, *args) if isinstance(fn, StepGraphs) else fn(*args)
         eps_c, eps_u = out[:, :channels].chunk(2)
         eps = eps_u + GUIDANCE * (eps_c - eps_u)

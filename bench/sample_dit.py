@@ -363,17 +363,20 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
     with torch.no_grad():
         eager_out = call_forward("ours", ours, *forward_inputs(w, "ours", b0, device, dtype))
     parity["eager_bf16_vs_fp32"] = rel(eager_out, ref)
-    if args.fp8:  # our model with e4m3 block linears (dit/fp8.py), against the bf16 and float32 outputs
+    for variant in args.fp8:  # our model with e4m3 block linears (dit/fp8.py), against the bf16 and float32 outputs
         import copy
 
         from dit.fp8 import fp8_supported, quantize_linears
 
-        models["ours-fp8"] = copy.deepcopy(ours)
-        quantize_linears(models["ours-fp8"])
+        impl = "ours-fp8" + ("-fast" if variant == "fast" else "")
+        models[impl] = copy.deepcopy(ours)
+        quantize_linears(models[impl], fast_accum=variant == "fast")
         with torch.no_grad():
-            fp8_out = call_forward("ours-fp8", models["ours-fp8"], *forward_inputs(w, "ours", b0, device, dtype))
-        parity.update(fp8_vs_bf16=rel(fp8_out, eager_out), fp8_vs_fp32=rel(fp8_out, ref),
-                      fp8_tensor_cores=fp8_supported(device))
+            fp8_out = call_forward(impl, models[impl], *forward_inputs(w, "ours", b0, device, dtype))
+        parity[f"{impl}_vs_bf16"] = rel(fp8_out, eager_out)
+        parity[f"{impl}_vs_fp32"] = rel(fp8_out, ref)
+        parity["fp8_tensor_cores"] = fp8_supported(device)
+        parity["fp8_bias_in_kernel"] = next(m.kernel_bias for m in models[impl].modules() if hasattr(m, "kernel_bias"))
 
     # Our eager forward under each attention backend (what `auto` picks is one of them), at the largest batch.
     if args.attention_backends:
@@ -501,7 +504,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backends", default=None,
                    help="comma list of attention backends to time our eager forward under (e.g. "
                         "sdpa_cudnn,sdpa_flash,sdpa_efficient,flex)")
-    p.add_argument("--fp8", action="store_true", help="also time our model with FP8 block linears (dit/fp8.py)")
+    p.add_argument("--fp8", nargs="?", const="accurate", default="",
+                   help="also time our model with FP8 block linears (dit/fp8.py): comma list of 'accurate' (fp32 "
+                        "promotion of the partial sums) and 'fast' (use_fast_accum); bare --fp8 = accurate")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -517,6 +522,9 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown preset(s) {bad}; valid: {', '.join(PRESETS)}")
     args.diffusers_presets = args.diffusers_presets.split(",")
+    args.fp8 = [v for v in args.fp8.split(",") if v]
+    if set(args.fp8) - {"accurate", "fast"}:
+        p.error(f"--fp8 takes accurate and/or fast, got {','.join(args.fp8)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     out = Path(args.out)
     result = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": []}

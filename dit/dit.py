@@ -170,6 +170,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(inner, hidden_size)
 
     def forward(self, x_BND: Tensor) -> Tensor:
+        if getattr(self.fc2, "takes_gelu", False):  # an FP8 fc2 applies the GELU as it quantises (dit/fp8.py)
+            return self.fc2(self.fc1(x_BND))
         if can_fuse(x_BND, self.fc1):  # GPU inference: bias + GELU in the product's epilogue (dit/epilogue.py)
             return self.fc2(linear_gelu_tanh(x_BND, self.fc1.weight, self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x_BND), approximate="tanh"))

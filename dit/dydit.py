@@ -1025,7 +1025,10 @@ class DyDiT(nn.Module):
         missing = [v for v in dict.fromkeys(values) if v not in self._masks_by_t]
         if missing:
             self._masks_by_t.update(zip(missing, self._width_masks(missing)))
-        self._grid = (timesteps.detach(), [self.step_weights(v) for v in values])
+        # The grid lives on the model's device whatever the scheduler's (the pipelines' loop keeps the scheduler's
+        # timesteps on the CPU): each block compares t with it on the device, and a CPU grid would copy per block.
+        device = next(self.parameters()).device
+        self._grid = (timesteps.detach().to(device), [self.step_weights(v) for v in values])
         self._grid_step = 0
 
     def clear_sampling_grid(self) -> None:

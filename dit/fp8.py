@@ -17,13 +17,20 @@ not a dependency here; `torch._scaled_mm` is the kernel they call.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 # Linears inside the blocks of DiT / PixArtDiT / LatteDiT, by the last part of their name.
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2", "q", "kv")
+# Linears whose input comes from a kernel inductor cannot fuse the quantisation into (cuDNN attention, the FP8 fc1):
+# their input is quantised by `fp8_quantize_rows` (fc2's with the MLP's GELU applied on the way).
+OWN_QUANTISATION = ("proj", "fc2")
+MAX_KERNEL_WIDTH = 16384  # a row is held in registers
 
 
 def fp8_supported(device: torch.device | str) -> bool:
@@ -40,49 +47,168 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-class FP8Linear(nn.Module):
-    """A frozen linear layer with e4m3 weights (per output channel scales) and per-token e4m3 activations."""
+_BIAS_IN_KERNEL: dict = {}  # (device type, index) -> whether _scaled_mm takes a bias with per-row scales there
 
-    def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype):
+
+def bias_in_kernel(device: torch.device) -> bool:
+    """Whether this torch's `_scaled_mm` adds a bf16 bias inside the product with per-row scales on `device` (probed
+    once per device with a 16×16 product). Where it does, the bias costs nothing; where not, a separate add reads
+    and writes the whole output again (for qkv at DiT-XL/2 batch 32: 113 MB each way, per block)."""
+    key = (device.type, device.index)
+    if key not in _BIAS_IN_KERNEL:
+        a = torch.ones(16, 16, device=device).to(E4M3)
+        ones = torch.ones(16, 1, device=device)
+        bias = torch.full((16,), 0.5, device=device, dtype=torch.bfloat16)
+        try:
+            y = torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t(), bias=bias, out_dtype=torch.bfloat16)
+            _BIAS_IN_KERNEL[key] = bool((y.float() == 16.5).all())
+        except (RuntimeError, NotImplementedError):
+            _BIAS_IN_KERNEL[key] = False
+    return _BIAS_IN_KERNEL[key]
+
+
+# ----------------------------------------------------------------------------------------------- row quantisation
+# The inputs of `proj` (the attention's output) and `fc2` (GELU of fc1's output) come from kernels inductor cannot
+# fuse into (cuDNN attention, the FP8 product), so their quantisation is a pass of its own. Inductor's version of it
+# (amax over the row, then the scaled cast) reads each row twice and ran at ~1 TB/s on the H100: GELU + quantise of
+# fc1's output took 9.0 of a 30.4 ms DiT-XL/2 forward (bench/results/gpu_round18/call1). This kernel holds whole
+# rows in registers, so it reads them once: GELU (optional, tanh form, in float32), row amax, scale, e4m3 cast.
+# Why by hand: no library op quantises rows with a fused GELU in one read; `torch.library.custom_op` keeps it one
+# call inside compiled graphs and CUDA graphs (as dit/epilogue.py and dit/kept_tokens.py).
+try:  # triton ships with torch's Linux wheels; without it the traced torch quantisation is used everywhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, rows, width, GELU: tl.constexpr, BLOCK: tl.constexpr,
+                              ROWS: tl.constexpr):
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        ok = row < rows
+        mask = ok[:, None] & (cols < width)[None, :]
+        offs = row.to(tl.int64)[:, None] * width + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GELU:  # 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1)  (saturates correctly at both ends)
+            u = tl.minimum(0.7978845608028654 * (x + 0.044715 * x * x * x), 20.0)  # tanh(20) is 1 in float32
+            x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.where(amax > 0, amax / 448.0, 1.0)
+        q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale, mask=ok)
+
+    if os.environ.get("TRITON_INTERPRET") != "1":  # rows per program and warps, timed on the device per width
+        _quantize_rows_kernel = triton.autotune(
+            [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4) for w in (4, 8, 16)],
+            key=["width", "GELU"])(_quantize_rows_kernel)
+
+
+def launch_quantize_rows(x: Tensor, gelu: bool, out_dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """Run the kernel on a contiguous (M, K) tensor; `out_dtype` float32 returns the scaled values before the cast
+    (the CPU interpreter's e4m3 cast is not exact, so its tests check those)."""
+    rows, width = x.shape
+    q = torch.empty(rows, width, dtype=out_dtype, device=x.device)
+    s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(width)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _quantize_rows_kernel[(triton.cdiv(rows, 2),)](x, q, s, rows, width, GELU=gelu, BLOCK=block, ROWS=2)
+    else:
+        _quantize_rows_kernel[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](x, q, s, rows, width, GELU=gelu,
+                                                                                 BLOCK=block)
+    return q, s
+
+
+@torch.library.custom_op("ditstudio::fp8_quantize_rows", mutates_args=())
+def fp8_quantize_rows(x: Tensor, gelu: bool) -> tuple[Tensor, Tensor]:
+    """quantize_rows(gelu_tanh(x) if gelu else x) for a contiguous (M, K) tensor: the kernel on CUDA, torch elsewhere."""
+    if x.is_cuda and triton is not None and x.shape[-1] <= MAX_KERNEL_WIDTH:
+        return launch_quantize_rows(x.contiguous(), gelu)
+    return quantize_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
+
+
+@fp8_quantize_rows.register_fake
+def _(x: Tensor, gelu: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+class FP8Linear(nn.Module):
+    """A frozen linear layer with e4m3 weights (per output channel scales) and per-token e4m3 activations.
+
+    `fast_accum`: Hopper's FP8 tensor cores accumulate in reduced precision unless the kernel promotes the partial
+    sums to fp32 at intervals; `use_fast_accum=True` skips that promotion (faster, less exact). Off by default; the
+    benchmark measures both."""
+
+    def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                 fast_accum: bool = False):
         super().__init__()
         out_features, in_features = weight_q.shape
         if in_features % 16 or out_features % 16:
             # _scaled_mm's layout rule; the emulation would run, but a model should not silently differ by device
             raise ValueError(f"FP8Linear needs in and out features divisible by 16, got {in_features}, {out_features}")
         self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        self.fast_accum = fast_accum
         self.register_buffer("weight_q", weight_q)  # (N, K) e4m3, row-major: its .t() is the column-major B
-        self.register_buffer("weight_scale", weight_scale)  # (N, 1) float32
+        self.register_buffer("weight_scale", weight_scale.reshape(1, out_features).contiguous())  # (1, N) float32
         self.register_buffer("bias", bias)
+        # Whether the GPU product takes the bias (set by `prepare_kernel` once the layer sits on its GPU; a plain
+        # attribute, so that torch.compile reads it as a constant).
+        self.kernel_bias = False
+        # Set by `quantize_linears`: quantise the input with `fp8_quantize_rows` on CUDA (own_quantisation), and apply
+        # the MLP's tanh GELU to it first (takes_gelu: the MLP then hands fc2 fc1's output as it is, dit.dit.MLP).
+        self.own_quantisation = False
+        self.takes_gelu = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = False) -> "FP8Linear":
         w = linear.weight.detach()
         q, scale = quantize_rows(w)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        return cls(q, scale, bias, dtype)
+        layer = cls(q, scale, bias, dtype, fast_accum)
+        layer.prepare_kernel()
+        return layer
+
+    def prepare_kernel(self) -> None:
+        """Decide, on the layer's current device, whether the product adds the bias (call again after moving it)."""
+        device = self.weight_q.device
+        self.kernel_bias = (self.bias is not None and fp8_supported(device) and bias_in_kernel(device))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_rows(x2)  # (M, K), (M, 1)
+        if self.own_quantisation and x.is_cuda:
+            xq, xs = fp8_quantize_rows(x2.contiguous(), self.takes_gelu)
+        else:  # (M, K), (M, 1); under torch.compile this fuses into the producer's kernel (a LayerNorm's, say)
+            xq, xs = quantize_rows(F.gelu(x2, approximate="tanh") if self.takes_gelu else x2)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.out_dtype
         if x.is_cuda and fp8_supported(x.device) and out_dtype in (torch.bfloat16, torch.float16):
-            y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale.t(), out_dtype=out_dtype)
-            if self.bias is not None:  # (row-wise scaling does not take a bias in every torch version)
-                y = y + self.bias.to(out_dtype)
+            y = self.product(xq, xs, out_dtype)
         else:  # emulation: the same quantised operands, dequantised, product in float32
-            y = (xq.float() * xs) @ (self.weight_q.float() * self.weight_scale).t()
+            y = (xq.float() * xs) @ (self.weight_q.float() * self.weight_scale.t()).t()
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def product(self, xq: Tensor, xs: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """The FP8 tensor-core product of quantised rows `xq` (M, K) with scales `xs` (M, 1), bias added."""
+        bias = self.bias.to(out_dtype) if self.kernel_bias and out_dtype == torch.bfloat16 else None
+        y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale, bias=bias,
+                             out_dtype=out_dtype, use_fast_accum=self.fast_accum)
+        if self.bias is not None and bias is None:
+            y = y + self.bias.to(out_dtype)
+        return y
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, per-row scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, e4m3, per-row scales"
+                + (", fast accumulation" if self.fast_accum else ""))
 
 
-def quantize_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, blocks_only: bool = True) -> list[str]:
+def quantize_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, blocks_only: bool = True,
+                     fast_accum: bool = False) -> list[str]:
     """Replace, in place, every `nn.Linear` whose own name is in `names` (and, with `blocks_only`, that sits inside
     a `blocks` / `spatial_blocks` / `temporal_blocks` list) by an `FP8Linear`; returns the replaced paths."""
     replaced = []
@@ -93,7 +219,11 @@ def quantize_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, b
                 continue
             if blocks_only and not any(part.endswith("blocks") for part in full.split(".")):
                 continue
-            setattr(module, child_name, FP8Linear.from_linear(child))
+            layer = FP8Linear.from_linear(child, fast_accum)
+            layer.own_quantisation = child_name in OWN_QUANTISATION
+            # An MLP (fc1, GELU, fc2) lets fc2 apply the GELU while quantising its input: one read of fc1's output.
+            layer.takes_gelu = child_name == "fc2" and type(module).__name__ == "MLP"
+            setattr(module, child_name, layer)
             replaced.append(full)
     if not replaced:
         raise ValueError(f"no linear layer named {', '.join(names)} found in {type(model).__name__}'s blocks")
