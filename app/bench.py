@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", default=None,
                    help="compile the transformers for sampling with a dit.fast preset (eager, default, cudagraphs, "
                         "max-autotune, fused); default: eager")
+    p.add_argument("--fp8", action="store_true",
+                   help="the transformers' block linears in FP8 (dit/fp8.py; tensor cores on Hopper / Ada GPUs)")
     p.add_argument("--models-dir", dest="models_dir", default=None, help="a folder of model folders to look in too")
     p.add_argument("--variant", action="append", default=None,
                    help="reserved for efficiency methods (none available yet: giving it is an error)")
@@ -163,7 +165,7 @@ def _random_dit_pipeline(info: dict, device: str, dtype: str):
 
 def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, device: str | None = None,
               dtype: str = "float32", repeats: int = 3, variants=None, models_dir=None, progress=None,
-              compile: str | None = None) -> dict:
+              compile: str | None = None, fp8: bool = False) -> dict:
     """Benchmark `models` (names or folders) side by side; -> {"device", "torch", "date", "settings", "rows"}.
 
     Everything is checked before any model loads: ValueError for an unknown or non-generator model, a `size` that
@@ -219,6 +221,10 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
             else:
                 pipe = load_pipeline(folder, device, dtype)
                 pipe.scheduler = make_sampler(folder, None)[0]
+            if fp8:  # the block linears in FP8 (dit/fp8.py); put back below, as the compilation is
+                from dit.fp8 import quantize_linears
+
+                quantize_linears(pipe.transformer)
             if compile is not None:
                 from dit.fast import prepare_for_sampling
 
@@ -247,11 +253,16 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
                "frames_per_s": round(batch * frames / seconds, 4) if info["frames"] else None,
                "gflops": round(transformer_flops["flops"] / batch / 1e9, 4),
                "pipeline_gflops": round(whole.get_total_flops() / batch / 1e9, 4),
-               "peak_mem_mb": round(peak_mb, 1), "peak_mem_kind": peak_kind, "compile": compile or "eager"}
+               "peak_mem_mb": round(peak_mb, 1), "peak_mem_kind": peak_kind, "compile": compile or "eager",
+               "fp8": bool(fp8)}
         if compile is not None:  # the loaded pipeline is cached for the UI: hand it back uncompiled
             from dit.fast import restore_eager
 
             restore_eager(pipe.transformer)
+        if fp8:
+            from dit.fp8 import restore_linears
+
+            restore_linears(pipe.transformer)
         rows.append(row)
     for row in rows:
         row["speedup"] = round(rows[0]["s_per_img"] / row["s_per_img"], 3)
@@ -260,7 +271,7 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": "run_bench(" + ", ".join(f"{k}={v!r}" for k, v in dict(
                 models=models, steps=steps, batch=batch, size=size, device=device, dtype=dtype,
-                repeats=repeats, compile=compile).items()) + ")",
+                repeats=repeats, compile=compile, fp8=fp8).items()) + ")",
             "settings": {"steps": steps, "batch": batch, "cfg": CFG, "sampler": "saved with each model",
                          "dtype": dtype, "repeats": repeats, "size": size, "output_type": "np"},
             "rows": rows}
@@ -311,6 +322,8 @@ def _command(args) -> str:
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "fp8", False):
+        argv.append("--fp8")
     return shlex.join(argv)
 
 
@@ -321,7 +334,8 @@ def run(args) -> int:
     result = run_bench(args.model, steps=args.steps, batch=args.batch,
                        size=None if args.size is None else args.size, device=args.device, dtype=args.dtype,
                        repeats=args.repeats, variants=args.variant, models_dir=args.models_dir,
-                       progress=lambda msg: print(msg, file=sys.stderr, flush=True), compile=args.compile)
+                       progress=lambda msg: print(msg, file=sys.stderr, flush=True), compile=args.compile,
+                       fp8=args.fp8)
     result["command"] = _command(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

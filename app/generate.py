@@ -88,6 +88,10 @@ def add_parser(sub) -> None:
                    help="diffusion models: compile the transformer with a dit.fast preset (eager, default, "
                         "cudagraphs, max-autotune, fused; default: eager). The first batch pays the compilation; "
                         "worth it on a GPU for many batches (ditstudio bench --compile measures it)")
+    p.add_argument("--fp8", action="store_true",
+                   help="diffusion models: the transformer's block linears in FP8 (e4m3, per-row scales; dit/fp8.py): "
+                        "tensor cores on Hopper / Ada GPUs, an exact emulation elsewhere (slower there). Measured on "
+                        "an H100 with DiT-XL/2: docs/benchmarks.md")
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
                    help="VAR models on --device cuda: replay the transformer as one CUDA graph per scale (recorded on "
                         "the first batch; the same tokens as without). Measured on an H100: VAR-d30 at batch 1 in "
@@ -338,9 +342,29 @@ def _use_preset(pipe, folder: Path, preset: str) -> None:
     prepare_for_sampling(model, preset)
 
 
-def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype, compile=None):
+def _use_fp8(pipe, folder: Path, fp8: bool) -> None:
+    """Give the (cached, shared) pipeline's transformer FP8 block linears (dit/fp8.py) or its float ones back. Done
+    with the transformer eager: a compiled graph would keep the layers it was traced with."""
+    from dit.fast import preset_of, restore_eager
+    from dit.fp8 import is_quantized, quantize_linears, restore_linears
+
+    model = pipe.transformer
+    if fp8 and getattr(model, "counter", None) is not None:
+        raise ValueError(f"model {folder.name} is a DyDiT model: --fp8 applies to dense transformers only")
+    if fp8 == is_quantized(model):
+        return
+    if preset_of(model) != "eager":
+        restore_eager(model)
+    if fp8:
+        quantize_linears(model)
+    else:
+        restore_linears(model)
+
+
+def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype, compile=None, fp8: bool = False):
     """The checks every generate_* runs, then (folder, pipeline, fresh scheduler, sampler name, device); the
-    pipeline's transformer is left in the `compile` preset (dit.fast; None: eager)."""
+    pipeline's transformer is left with FP8 block linears or not (`fp8`) and in the `compile` preset (dit.fast;
+    None: eager)."""
     _check_numbers(steps, cfg, seed, num)
     device = check_device(device)
     check_dtype(dtype)
@@ -352,6 +376,7 @@ def _prepare(model, kind: str, steps, cfg, seed, num, sampler, device, dtype, co
     scheduler, sampler_name = make_sampler(folder, sampler)
     pipe = load_pipeline(folder, device, dtype)
     with _GENERATE_LOCK:
+        _use_fp8(pipe, folder, bool(fp8))
         _use_preset(pipe, folder, preset)
     return folder, pipe, scheduler, sampler_name, device
 
@@ -387,25 +412,26 @@ def _settings(folder: Path, kind: str, steps, cfg, sampler_name, seed, device, d
             "sampler": sampler_name, "seed": seed, "device": device, "dtype": dtype, "seconds": seconds}
 
 
-def _compiled(compile: str | None) -> dict:
-    """The settings entry of a compiled run (nothing for eager, so eager settings stay as they were)."""
-    return {} if check_compile(compile) == "eager" else {"compile": compile}
+def _compiled(compile: str | None, fp8: bool = False) -> dict:
+    """The settings entries of a compiled or FP8 run (nothing otherwise, so plain settings stay as they were)."""
+    return ({} if check_compile(compile) == "eager" else {"compile": compile}) | ({"fp8": True} if fp8 else {})
 
 
 def generate_class_images(model: str | Path, labels: int | str | list[int | str], steps: int = 50, cfg: float = 4.0,
                           sampler: str | None = None, seed: int = 0, num: int = 1, device: str | None = None,
                           dtype: str = "float32", callback=None,
-                          compile: str | None = None) -> list[tuple[PIL.Image.Image, dict]]:
+                          compile: str | None = None, fp8: bool = False) -> list[tuple[PIL.Image.Image, dict]]:
     """`num` images per label, in one batch (label 0 x num, label 1 x num, ...), as (image, settings) pairs.
 
     The batch is what diffusers' `DiTPipeline` would get as `class_labels`, with
     `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, label, index (position in the
     batch), size, steps, cfg, sampler, seed, device, dtype, seconds (the batch's wall time).
     `callback(step, t, latents)` runs after every scheduler step. `compile`: a dit.fast preset for the transformer
-    (None: eager; recorded in the settings).
+    (None: eager; recorded in the settings). `fp8`: the transformer's block linears in FP8 (dit/fp8.py: e4m3 tensor
+    cores on Hopper / Ada GPUs, an exact emulation elsewhere; recorded in the settings).
     """
     folder, pipe, scheduler, sampler_name, device = _prepare(model, CLASS, steps, cfg, seed, num, sampler, device,
-                                                             dtype, compile)
+                                                             dtype, compile, fp8)
     labels = list(labels) if isinstance(labels, (list, tuple)) else [labels]
     if not labels:
         raise ValueError("no class label given")
@@ -415,7 +441,7 @@ def generate_class_images(model: str | Path, labels: int | str | list[int | str]
         batch, num_inference_steps=steps, guidance_scale=float(cfg), generator=generator, output_type="pil",
         callback=callback).images)
     return [(image, _settings(folder, CLASS, steps, cfg, sampler_name, seed, device, dtype, seconds, label=y,
-                              index=i, size=list(image.size), **flops, **_compiled(compile)))
+                              index=i, size=list(image.size), **flops, **_compiled(compile, fp8)))
             for i, (image, y) in enumerate(zip(images, batch))]
 
 
@@ -433,10 +459,10 @@ def _check_prompts(prompts, negative_prompt) -> tuple[list[str], str]:
 
 
 def _generate_text(kind: str, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype,
-                   callback, compile=None):
+                   callback, compile=None, fp8=False):
     prompts, negative_prompt = _check_prompts(prompts, negative_prompt)
     folder, pipe, scheduler, sampler_name, device = _prepare(model, kind, steps, cfg, seed, num, sampler, device,
-                                                             dtype, compile)
+                                                             dtype, compile, fp8)
     output = _sample(pipe, scheduler, device, seed, lambda generator: pipe(
         prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=float(cfg),
         generator=generator, output_type="pil", callback=callback, num_images_per_prompt=num))
@@ -447,30 +473,32 @@ def _generate_text(kind: str, model, prompts, steps, cfg, seed, num, sampler, ne
 def generate_text_images(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5,
                          seed: int = 0, num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
                          device: str | None = None, dtype: str = "float32",
-                         callback=None, compile: str | None = None) -> list[tuple[PIL.Image.Image, dict]]:
+                         callback=None, compile: str | None = None,
+                         fp8: bool = False) -> list[tuple[PIL.Image.Image, dict]]:
     """`num` images per prompt, in one batch (prompt-major), as (image, settings) pairs: `TextToImagePipeline` with
     `generator=torch.Generator(device).manual_seed(seed)`; settings: model, task, prompt, negative_prompt, index,
     size, steps, cfg, sampler, seed, device, dtype, seconds."""
     folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
-        TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile)
+        TEXT, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile, fp8)
     return [(image, _settings(folder, TEXT, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
                               negative_prompt=negative, index=i, size=list(image.size), **flops,
-                              **_compiled(compile)))
+                              **_compiled(compile, fp8)))
             for i, (image, prompt) in enumerate(zip(output.images, batch))]
 
 
 def generate_videos(model: str | Path, prompts: str | list[str], steps: int = 20, cfg: float = 4.5, seed: int = 0,
                     num: int = 1, sampler: str | None = None, negative_prompt: str | None = None,
                     device: str | None = None, dtype: str = "float32",
-                    callback=None, compile: str | None = None) -> list[tuple[list[PIL.Image.Image], dict]]:
+                    callback=None, compile: str | None = None,
+                    fp8: bool = False) -> list[tuple[list[PIL.Image.Image], dict]]:
     """`num` videos per prompt, as (frames, settings) pairs, frames a list of F PIL images: `TextToVideoPipeline`
     with `generator=torch.Generator(device).manual_seed(seed)`; settings as `generate_text_images`' plus
     num_frames."""
     folder, (output, seconds, flops), batch, negative, sampler_name, device = _generate_text(
-        VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile)
+        VIDEO, model, prompts, steps, cfg, seed, num, sampler, negative_prompt, device, dtype, callback, compile, fp8)
     return [(frames, _settings(folder, VIDEO, steps, cfg, sampler_name, seed, device, dtype, seconds, prompt=prompt,
                                negative_prompt=negative, index=i, size=list(frames[0].size),
-                               num_frames=len(frames), **flops, **_compiled(compile)))
+                               num_frames=len(frames), **flops, **_compiled(compile, fp8)))
             for i, (frames, prompt) in enumerate(zip(output.frames, batch))]
 
 
@@ -597,7 +625,8 @@ def _check_flags(args, kind: str, name: str, var: bool = False) -> None:
     if var:
         wrong = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),
                                           ("--negative-prompt", args.negative_prompt),
-                                          ("--compile", getattr(args, "compile", None))) if value is not None]
+                                          ("--compile", getattr(args, "compile", None)),
+                                          ("--fp8", getattr(args, "fp8", False) or None)) if value is not None]
         if wrong:
             raise ValueError(f"model {name} is a VAR (next-scale) model: it samples one step per scale and takes "
                              f"no {' / '.join(wrong)} (its options: --cfg, --top-k, --top-p)")
@@ -672,7 +701,7 @@ def run(args) -> int:
     else:
         steps = _parse(int, "steps", str(DEFAULT_STEPS) if args.steps is None else args.steps)
         common = dict(sampler=args.sampler, device=args.device, dtype=args.dtype, steps=steps,
-                      compile=check_compile(args.compile), **numbers_)
+                      compile=check_compile(args.compile), fp8=args.fp8, **numbers_)
         if kind == CLASS:
             labels = args.class_label if len(args.class_label) > 1 else args.class_label[0]
             results = generate_class_images(args.model, labels, **common)

@@ -211,7 +211,9 @@ def quantize_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, b
                      fast_accum: bool = False) -> list[str]:
     """Replace, in place, every `nn.Linear` whose own name is in `names` (and, with `blocks_only`, that sits inside
     a `blocks` / `spatial_blocks` / `temporal_blocks` list) by an `FP8Linear`; returns the replaced paths."""
-    replaced = []
+    if is_quantized(model):
+        raise ValueError(f"{type(model).__name__} already has FP8 linears (restore_linears first)")
+    replaced, originals = [], []
     for path, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{path}.{child_name}" if path else child_name
@@ -224,7 +226,23 @@ def quantize_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, b
             # An MLP (fc1, GELU, fc2) lets fc2 apply the GELU while quantising its input: one read of fc1's output.
             layer.takes_gelu = child_name == "fc2" and type(module).__name__ == "MLP"
             setattr(module, child_name, layer)
+            originals.append((module, child_name, child))
             replaced.append(full)
     if not replaced:
         raise ValueError(f"no linear layer named {', '.join(names)} found in {type(model).__name__}'s blocks")
+    # The float layers, kept (outside the module tree, so they are neither parameters nor saved) for restore_linears:
+    # a pipeline cached by the app serves the next request in float again.
+    model.__dict__["_fp8_originals"] = originals
     return replaced
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(model.__dict__.get("_fp8_originals"))
+
+
+def restore_linears(model: nn.Module) -> int:
+    """Undo `quantize_linears`: the original float layers back in place; returns how many."""
+    originals = model.__dict__.pop("_fp8_originals", [])
+    for module, name, linear in originals:
+        setattr(module, name, linear)
+    return len(originals)

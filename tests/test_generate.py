@@ -170,3 +170,24 @@ def test_compile_preset_gives_the_eager_image_and_is_recorded(folder, tmp_path, 
     again, plain = generate_class_images(folder, 3, steps=STEPS, seed=SEED)[0]
     assert "compile" not in plain and np.array_equal(np.asarray(again).astype(int), eager)
     assert preset_of(load_pipeline(folder.resolve(), "cpu", "float32").transformer) == "eager"
+
+
+def test_fp8_linears_are_applied_recorded_and_undone(folder, tmp_path, capsys):
+    # `fp8=True` / `--fp8` swaps the cached transformer's block linears for dit.fp8's (on the CPU their exact
+    # emulation): the image moves by about e4m3's error and no more, the PNG records it, and the next plain call gets
+    # the float layers back (the same image as before, bit for bit)
+    from dit.fp8 import FP8Linear, is_quantized
+
+    eager = np.asarray(generate_class_images(folder, 3, steps=STEPS, seed=SEED)[0][0]).astype(int)
+    image, settings = generate_class_images(folder, 3, steps=STEPS, seed=SEED, fp8=True)[0]
+    transformer = load_pipeline(folder.resolve(), "cpu", "float32").transformer
+    assert settings["fp8"] is True and is_quantized(transformer)
+    assert isinstance(transformer.blocks[0].mlp.fc2, FP8Linear)
+    diff = np.abs(np.asarray(image).astype(int) - eager)
+    assert diff.mean() < 8 and diff.max() < 128, (diff.mean(), diff.max())
+    assert main(generate(folder, tmp_path / "out", "--class-label", "3", "--fp8")) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["settings"]["fp8"] is True and read_settings(record["path"])["fp8"] is True
+    again, plain = generate_class_images(folder, 3, steps=STEPS, seed=SEED)[0]
+    assert "fp8" not in plain and np.array_equal(np.asarray(again).astype(int), eager)
+    assert not is_quantized(transformer) and type(transformer.blocks[0].mlp.fc2) is torch.nn.Linear

@@ -182,5 +182,8 @@ def test_bench_a_named_dit_size_with_random_weights():
     assert row["tokens"] == 64 and row["gflops"] > 0 and row["img_per_s"] > 0
     with pytest.raises(ValueError, match="unknown preset"):
         run_bench(["DiT-T/2"], steps=2, device="cpu", compile="turbo")
+    # --fp8: the same row with FP8 block linears (the CPU's emulation), recorded; same FLOPs
+    fp8 = run_bench(["DiT-T/2"], steps=2, batch=2, device="cpu", repeats=1, fp8=True)["rows"][0]
+    assert fp8["fp8"] is True and row["fp8"] is False and fp8["gflops"] == pytest.approx(row["gflops"], rel=0.01)
     with pytest.raises(ValueError, match="--size 128: DiT-XL/2 generates 256 px only"):
         run_bench(["DiT-XL/2"], size=128, device="cpu")
