@@ -11,8 +11,10 @@ On a GPU with FP8 tensor cores (compute capability ≥ 8.9) the product is `torc
 output in the activation dtype, bias fused); elsewhere the same quantised operands are dequantised and multiplied
 in float32 — bit-for-bit the quantisation error, not its speed — which is what the CPU tests check.
 
-Why by hand: torchao's float8 recipes target training (dynamic scaling of both operands and the gradients) and are
-not a dependency here; `torch._scaled_mm` is the kernel they call.
+Why by hand: torchao has the same recipe for inference (dynamic per-row float8 activations and weights), but it
+is not a dependency here and not on the GPU machine, whose torch it would have to match. Its product is this one,
+`torch._scaled_mm`. What is ours is the row-quantisation kernel below, which quantises proj's and fc2's inputs in
+one read, GELU included, and the MLP hand-over that lets fc2 take the GELU.
 """
 
 from __future__ import annotations
