@@ -225,15 +225,17 @@ def run_bench(models, steps: int = 25, batch: int = 1, size: int | None = None, 
                 from dit.fp8 import quantize_linears
 
                 quantize_linears(pipe.transformer)
+            rss_before = _peak_rss_mb()
+            # One untimed sample to count FLOPs, before any compilation: torch.compile does not run under a dispatch
+            # mode (FlopCounterMode). On torch 2.11 the compiled DiT-XL/2 then ran at its eager speed in the timed
+            # samples (11.6 img/s against the benchmark's 20.5, H100, eighteenth session); on 2.14 fullgraph raises.
+            with _count_transformer_flops(pipe) as transformer_flops, FlopCounterMode(display=False) as whole:
+                _sample(pipe, task, steps, batch, 0, device)
             if compile is not None:
                 from dit.fast import prepare_for_sampling
 
                 prepare_for_sampling(pipe.transformer, compile)
-            rss_before = _peak_rss_mb()
-            _sample(pipe, task, steps, batch, 0, device)  # the warm-up sample (first calls tune and allocate)
-            # One more, untimed, to count FLOPs (under a dispatch mode, kernels run slower and may differ).
-            with _count_transformer_flops(pipe) as transformer_flops, FlopCounterMode(display=False) as whole:
-                _sample(pipe, task, steps, batch, 0, device)
+            _sample(pipe, task, steps, batch, 0, device)  # the warm-up sample (compiles, tunes, allocates)
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)

@@ -182,6 +182,10 @@ def test_bench_a_named_dit_size_with_random_weights():
     assert row["tokens"] == 64 and row["gflops"] > 0 and row["img_per_s"] > 0
     with pytest.raises(ValueError, match="unknown preset"):
         run_bench(["DiT-T/2"], steps=2, device="cpu", compile="turbo")
+    # --compile: counted before compiling (torch.compile does not run under FlopCounterMode), so the FLOPs are the
+    # eager row's and the timed samples run the compiled model
+    compiled = run_bench(["DiT-T/2"], steps=2, batch=2, device="cpu", repeats=1, compile="default")["rows"][0]
+    assert compiled["compile"] == "default" and compiled["gflops"] == pytest.approx(row["gflops"], rel=1e-6)
     # --fp8: the same row with FP8 block linears (the CPU's emulation), recorded; same FLOPs
     fp8 = run_bench(["DiT-T/2"], steps=2, batch=2, device="cpu", repeats=1, fp8=True)["rows"][0]
     assert fp8["fp8"] is True and row["fp8"] is False and fp8["gflops"] == pytest.approx(row["gflops"], rel=0.01)
