@@ -19,11 +19,13 @@ one read, GELU included, and the MLP hand-over that lets fc2 take the GELU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Row kernels share their launch (rows per program and warps autotuned per width; the interpreter's fixed choice)
+# with the kept-token kernels, which hold rows the same way.
+from .kept_tokens import row_autotune, row_grid, row_launch, triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -77,13 +79,9 @@ def bias_in_kernel(device: torch.device) -> bool:
 # rows in registers, so it reads them once: GELU (optional, tanh form, in float32), row amax, scale, e4m3 cast.
 # Why by hand: no library op quantises rows with a fused GELU in one read; `torch.library.custom_op` keeps it one
 # call inside compiled graphs and CUDA graphs (as dit/epilogue.py and dit/kept_tokens.py).
-try:  # triton ships with torch's Linux wheels; without it the traced torch quantisation is used everywhere
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
 if triton is not None:
+    import triton.language as tl
+
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, rows, width, GELU: tl.constexpr, BLOCK: tl.constexpr,
                               ROWS: tl.constexpr):
@@ -102,10 +100,7 @@ if triton is not None:
         tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale, mask=ok)
 
-    if os.environ.get("TRITON_INTERPRET") != "1":  # rows per program and warps, timed on the device per width
-        _quantize_rows_kernel = triton.autotune(
-            [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4) for w in (4, 8, 16)],
-            key=["width", "GELU"])(_quantize_rows_kernel)
+    _quantize_rows_kernel = row_autotune(_quantize_rows_kernel, key=("width", "GELU"))
 
 
 def launch_quantize_rows(x: Tensor, gelu: bool, out_dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
@@ -114,12 +109,7 @@ def launch_quantize_rows(x: Tensor, gelu: bool, out_dtype: torch.dtype = E4M3) -
     rows, width = x.shape
     q = torch.empty(rows, width, dtype=out_dtype, device=x.device)
     s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(width)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _quantize_rows_kernel[(triton.cdiv(rows, 2),)](x, q, s, rows, width, GELU=gelu, BLOCK=block, ROWS=2)
-    else:
-        _quantize_rows_kernel[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](x, q, s, rows, width, GELU=gelu,
-                                                                                 BLOCK=block)
+    _quantize_rows_kernel[row_grid(rows)](x, q, s, rows, width, GELU=gelu, **row_launch(width))
     return q, s
 
 
@@ -127,7 +117,7 @@ def launch_quantize_rows(x: Tensor, gelu: bool, out_dtype: torch.dtype = E4M3) -
 def fp8_quantize_rows(x: Tensor, gelu: bool) -> tuple[Tensor, Tensor]:
     """quantize_rows(gelu_tanh(x) if gelu else x) for a contiguous (M, K) tensor: the kernel on CUDA, torch elsewhere."""
     if x.is_cuda and triton is not None and x.shape[-1] <= MAX_KERNEL_WIDTH:
-        return launch_quantize_rows(x.contiguous(), gelu)
+        return launch_quantize_rows(x.contiguous(), gelu)  # (a no-op for the layers' inputs, already contiguous)
     return quantize_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
 
 
@@ -182,7 +172,7 @@ class FP8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.own_quantisation and x.is_cuda:
-            xq, xs = fp8_quantize_rows(x2.contiguous(), self.takes_gelu)
+            xq, xs = fp8_quantize_rows(x2, self.takes_gelu)
         else:  # (M, K), (M, 1); under torch.compile this fuses into the producer's kernel (a LayerNorm's, say)
             xq, xs = quantize_rows(F.gelu(x2, approximate="tanh") if self.takes_gelu else x2)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.out_dtype

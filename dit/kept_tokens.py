@@ -61,8 +61,9 @@ def kernels_apply(x: Tensor, part: str = "mlp") -> bool:
                                                                            torch.float32)
 
 
-def _tuned(kernel, key: tuple[str, ...] = ("width",), restore: tuple[str, ...] = ()):
-    """Triton's autotuner over rows per program and warps, keyed on the row width (and the kernel's mode): it times
+def row_autotune(kernel, key: tuple[str, ...] = ("width",), restore: tuple[str, ...] = ()):
+    """For any row-per-program kernel with a ROWS meta-parameter (these, and dit/fp8.py's row quantisation), with
+    `row_grid` and `row_launch`. Triton's autotuner over rows per program and warps, keyed on the row width (and the kernel's mode): it times
     each choice on the device at the first launch (before any CUDA graph capture: the step graphs warm every step up
     first). An in-place kernel restores its output between trials. The interpreter runs the plain kernel (two rows per program, so that the
     tests cover a last program with a row past the end).
@@ -140,15 +141,15 @@ if triton is not None:
         tl.store(x_ptr + dst[:, None] * width + cols[None, :], (x + gate * update).to(x_ptr.dtype.element_ty),
                  mask=mask)
 
-    _gather_norm_modulate_kernel = _tuned(_gather_norm_modulate_kernel, key=("width", "GATHER"))
-    _scatter_gated_residual_kernel = _tuned(_scatter_gated_residual_kernel, restore=("x_ptr",))
+    _gather_norm_modulate_kernel = row_autotune(_gather_norm_modulate_kernel, key=("width", "GATHER"))
+    _scatter_gated_residual_kernel = row_autotune(_scatter_gated_residual_kernel, restore=("x_ptr",))
 
 
-def _grid(n_rows: int):
+def row_grid(n_rows: int):
     return lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
 
 
-def _launch(width: int) -> dict:
+def row_launch(width: int) -> dict:
     block = triton.next_power_of_2(width)
     if INTERPRETED:
         return {"BLOCK": block, "ROWS": 2, "num_warps": 4}
@@ -195,9 +196,9 @@ def gather_norm_modulate(x: Tensor, idx: Tensor, count: Tensor, shift: Tensor, s
     adaLN output's chunks are fine)."""
     _check(x, idx, count, shift, scale)
     out = x.new_empty(idx.shape[0], x.shape[1])
-    _gather_norm_modulate_kernel[_grid(idx.shape[0])](
+    _gather_norm_modulate_kernel[row_grid(idx.shape[0])](
         x, idx, count, shift, scale, shift.stride(0), out, idx.shape[0], tokens_per_seq, x.shape[1], eps, GATHER=True,
-        **_launch(x.shape[1]))
+        **row_launch(x.shape[1]))
     return out
 
 
@@ -212,9 +213,9 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_seq: int, 
     without the gather (the attention half's norm of the whole stream)."""
     _check(x, None, None, shift, scale)
     out = torch.empty_like(x)
-    _gather_norm_modulate_kernel[_grid(x.shape[0])](
+    _gather_norm_modulate_kernel[row_grid(x.shape[0])](
         x, x, x, shift, scale, shift.stride(0), out, x.shape[0], tokens_per_seq, x.shape[1], eps, GATHER=False,
-        **_launch(x.shape[1]))
+        **row_launch(x.shape[1]))
     return out
 
 
@@ -232,8 +233,8 @@ def scatter_gated_residual_(x: Tensor, idx: Tensor, count: Tensor, update: Tenso
     if update.shape != (idx.shape[0], x.shape[1]) or not update.is_contiguous():
         raise ValueError(f"kept-token kernels: update must be contiguous ({idx.shape[0]}, {x.shape[1]}), "
                          f"got {tuple(update.shape)}")
-    _scatter_gated_residual_kernel[_grid(idx.shape[0])](
-        x, idx, count, update, gate, gate.stride(0), idx.shape[0], tokens_per_seq, x.shape[1], **_launch(x.shape[1]))
+    _scatter_gated_residual_kernel[row_grid(idx.shape[0])](
+        x, idx, count, update, gate, gate.stride(0), idx.shape[0], tokens_per_seq, x.shape[1], **row_launch(x.shape[1]))
 
 
 @scatter_gated_residual_.register_fake
