@@ -153,12 +153,13 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.qk_norm = QKNorm(hidden_size // num_heads) if qk_norm else no_qk_norm
 
-    def forward(self, x_BND: Tensor) -> Tensor:
+    def forward(self, x_BND: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """`key_padding_mask` (B, N) bool, True = attend to this token (padded text tokens in a caption refiner)."""
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, Dh)
         q, k = self.qk_norm(q, k)
-        out = attention(q, k, v)  # (B, h, N, Dh)
+        out = attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, h, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 

@@ -789,7 +789,7 @@ class DyDiT(nn.Module):
         x = base.embed(sample)
         t_B = _timesteps(timestep, B, sample.device)
         t_emb, t6 = base.condition(t_B, B, sample.device)  # E_t (B, D) is adaLN-single's t
-        text_BLD = base.embed_text(text)
+        text_BLD = base.embed_text(text, keep)
         ps = self._begin(mode, t_B, t_emb, counter)
         for layer, block in enumerate(base.blocks):
             mods = (block.scale_shift_table[None] + t6).unbind(1)
@@ -811,7 +811,7 @@ class DyDiT(nn.Module):
         N = x.shape[1]
         t_B = _timesteps(timestep, B, sample.device)
         t_emb, t6 = base.condition(t_B, B, sample.device)
-        text_BF = base.embed_text(text).repeat_interleave(frames, dim=0)  # (B·F, L, D)
+        text_BF = base.embed_text(text, keep).repeat_interleave(frames, dim=0)  # (B·F, L, D)
         keep_BF = None if keep is None else keep.repeat_interleave(frames, dim=0)
         t6_spatial, t6_temporal = t6.repeat_interleave(frames, dim=0), t6.repeat_interleave(N, dim=0)
         ps = self._begin(mode, t_B, t_emb, counter)

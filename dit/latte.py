@@ -56,8 +56,10 @@ from .pixart import (
     PixArtFinalLayer,
     adaln_single_condition,
     default_interpolation_scale,
+    embed_caption,
     init_adaln_single_weights,
     keep_mask,
+    make_caption_refiner,
     scaled_sincos_2d,
 )
 
@@ -127,6 +129,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
         norm_eps: float = LAYERNORM_EPS,
         interpolation_scale: float | None = None,
         qk_norm: bool = False,
+        caption_refiner_layers: int = 0,
+        caption_refiner_mlp_ratio: float = 1.0,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -145,6 +149,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
         # adaLN-single: the one map from t to the 6·D block modulation, shared by all spatial and temporal blocks.
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size))
         self.caption_embed = CaptionProjection(caption_channels, hidden_size)
+        self.caption_refiner = make_caption_refiner(self.config)  # PixArt's: see dit/pixart.py CaptionRefiner
         self.spatial_blocks = nn.ModuleList(
             PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
         )
@@ -170,8 +175,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
         """-> t (B, D) for the final layer and the shared block modulation (B, 6, D)."""
         return adaln_single_condition(self, timestep, batch, device)
 
-    def embed_text(self, encoder_hidden_states_BLE: Tensor) -> Tensor:
-        return self.caption_embed(encoder_hidden_states_BLE)  # (B, L, D)
+    def embed_text(self, encoder_hidden_states_BLE: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
+        return embed_caption(self, encoder_hidden_states_BLE, text_keep_BL)  # (B, L, D)
 
     @staticmethod
     def to_temporal(x_BF_ND: Tensor, frames: int) -> Tensor:
@@ -224,7 +229,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
         N = x.shape[1]
         t_BD, t6_B6D = self.condition(timestep, B, sample.device)  # computed once, used by every block and the head
         # Each frame of a sample sees that sample's text and modulation; each patch position its modulation.
-        text_BF_LD = self.embed_text(encoder_hidden_states).repeat_interleave(F, dim=0)  # (B·F, L, D)
+        text_BF_LD = self.embed_text(encoder_hidden_states, text_keep_BL).repeat_interleave(F, dim=0)  # (B·F, L, D)
         keep_BF_L = None if text_keep_BL is None else text_keep_BL.repeat_interleave(F, dim=0)  # (B·F, L)
         t6_spatial = t6_B6D.repeat_interleave(F, dim=0)  # (B·F, 6, D)
         t6_temporal = t6_B6D.repeat_interleave(N, dim=0)  # (B·N, 6, D)
@@ -278,7 +283,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
 # ----------------------------------------------------------------------------------------------- image init
 # The config entries a video model must share with the image model it starts from (all but depth/num_frames).
 SHARED_WITH_IMAGE = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_heads", "mlp_ratio",
-                     "caption_channels", "max_text_tokens", "learn_sigma", "norm_eps", "interpolation_scale", "qk_norm")
+                     "caption_channels", "max_text_tokens", "learn_sigma", "norm_eps", "interpolation_scale", "qk_norm",
+                     "caption_refiner_layers", "caption_refiner_mlp_ratio")
 
 
 @torch.no_grad()

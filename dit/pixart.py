@@ -96,6 +96,53 @@ class CaptionProjection(nn.Module):
         return self.fc2(F.gelu(self.fc1(text_BLE), approximate="tanh"))
 
 
+class CaptionRefiner(nn.Module):
+    """Bidirectional pre-norm transformer layers over the projected caption tokens (padded tokens masked), each
+    ending in a zero-initialised output projection, so a refiner added to a trained model starts as the identity.
+
+    Why: the shapes CLIP text tower is causal, as CLIP's is, so a token's features only know the words before it.
+    In "a red circle on the left and a blue square on the right", "red" and "circle" cannot say where the circle
+    is, and the words that can ("left", "right") also carry everything said before them. A cross-attention query
+    at the image's left must then untangle which attributes belong there: two-object captions leak attributes and
+    misplace objects. PixArt reads T5, whose encoder is bidirectional; Lumina-Image 2.0 adds the same kind of
+    "context refiner" blocks in front of its diffusion transformer. Off (0 layers) in every real checkpoint's
+    config; `with_caption_refiner` adds one to a trained model."""
+
+    def __init__(self, hidden_size: int, num_heads: int, layers: int, mlp_ratio: float, norm_eps: float,
+                 qk_norm: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(CaptionRefinerLayer(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm)
+                                    for _ in range(layers))
+
+    def forward(self, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+        for layer in self.layers:
+            text_BLD = layer(text_BLD, text_keep_BL)
+        return text_BLD
+
+    @torch.no_grad()
+    def zero_outputs(self) -> None:
+        for layer in self.layers:
+            for linear in (layer.attn.proj, layer.mlp.fc2):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+
+class CaptionRefinerLayer(nn.Module):
+    """text + attn(norm(text)) over all kept tokens, then text + mlp(norm(text)); no timestep modulation (the text
+    is refined once per forward, whatever the noise level)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.mlp = MLP(hidden_size, mlp_ratio)
+
+    def forward(self, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+        text_BLD = text_BLD + self.attn(self.norm1(text_BLD), key_padding_mask=text_keep_BL)
+        return text_BLD + self.mlp(self.norm2(text_BLD))
+
+
 # ----------------------------------------------------------------------------------------------- block
 class CrossAttention(nn.Module):
     """Image tokens (queries) attend to text tokens; k/v fused in one projection (rows: k of all heads, then v)."""
@@ -187,6 +234,8 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         norm_eps: float = LAYERNORM_EPS,
         interpolation_scale: float | None = None,
         qk_norm: bool = False,
+        caption_refiner_layers: int = 0,
+        caption_refiner_mlp_ratio: float = 1.0,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -202,6 +251,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         # adaLN-single: the one map from t to the 6·D block modulation, shared by all blocks.
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size))
         self.caption_embed = CaptionProjection(caption_channels, hidden_size)
+        self.caption_refiner = make_caption_refiner(self.config)
         self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm)
                                     for _ in range(depth))
         self.final = PixArtFinalLayer(hidden_size, patch_size, self.out_channels)
@@ -219,8 +269,8 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         """-> t (B, D) for the final layer and the shared block modulation (B, 6, D)."""
         return adaln_single_condition(self, timestep, batch, device)
 
-    def embed_text(self, encoder_hidden_states_BLE: Tensor) -> Tensor:
-        return self.caption_embed(encoder_hidden_states_BLE)  # (B, L, D)
+    def embed_text(self, encoder_hidden_states_BLE: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
+        return embed_caption(self, encoder_hidden_states_BLE, text_keep_BL)  # (B, L, D)
 
     def head(self, x_BND: Tensor, t_BD: Tensor, height: int, width: int) -> Tensor:
         p, C = self.config.patch_size, self.out_channels
@@ -252,7 +302,7 @@ class PixArtDiT(ModelMixin, ConfigMixin):
         text_keep_BL = keep_mask(encoder_attention_mask, B, L)
         x = self.embed(sample)
         t_BD, t6_B6D = self.condition(timestep, B, sample.device)  # computed once, used by every block and the head
-        text_BLD = self.embed_text(encoder_hidden_states)
+        text_BLD = self.embed_text(encoder_hidden_states, text_keep_BL)
         for block in self.blocks:
             x = self.run_block(block, x, t6_B6D, text_BLD, text_keep_BL)
         return self.head(x, t_BD, H, W)
@@ -284,6 +334,44 @@ PIXART_CONFIGS: dict[str, dict] = {
     "PixArt-T/1": dict(depth=6, hidden_size=128, num_heads=4, patch_size=1, **SHAPES_TEXT_LATENT),
     "PixArt-T/2": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2, **SHAPES_TEXT_LATENT),
 }
+
+
+# ------------------------------------------------------------------------------------------ text path
+# Shared by PixArtDiT and LatteDiT: the caption projection, then the optional refiner.
+def make_caption_refiner(config) -> CaptionRefiner | None:
+    if config.caption_refiner_layers < 0:
+        raise ValueError(f"caption_refiner_layers must be >= 0, got {config.caption_refiner_layers}")
+    if config.caption_refiner_layers == 0:
+        return None
+    return CaptionRefiner(config.hidden_size, config.num_heads, config.caption_refiner_layers,
+                          config.caption_refiner_mlp_ratio, config.norm_eps, config.qk_norm)
+
+
+def embed_caption(model: nn.Module, text_BLE: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+    text_BLD = model.caption_embed(text_BLE)
+    if model.caption_refiner is not None:
+        text_BLD = model.caption_refiner(text_BLD, text_keep_BL)
+    return text_BLD
+
+
+@torch.no_grad()
+def with_caption_refiner(model: nn.Module, layers: int, mlp_ratio: float = 1.0) -> nn.Module:
+    """A copy of a trained PixArtDiT / LatteDiT with a caption refiner of `layers` layers added in front of its
+    blocks. The refiner's output projections are zero, so the copy computes exactly what `model` does until it is
+    trained. A model that already has a refiner is returned unchanged if it matches, refused otherwise."""
+    cfg = model.config
+    if cfg.caption_refiner_layers:
+        if (cfg.caption_refiner_layers, cfg.caption_refiner_mlp_ratio) != (layers, mlp_ratio):
+            raise ValueError(f"the model already has a caption refiner ({cfg.caption_refiner_layers} layers, mlp ratio "
+                             f"{cfg.caption_refiner_mlp_ratio}); asked for {layers} layers, mlp ratio {mlp_ratio}")
+        return model
+    new = type(model)(**{**dict(cfg), "caption_refiner_layers": layers, "caption_refiner_mlp_ratio": mlp_ratio})
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("caption_refiner.") for k in missing):
+        raise ValueError(f"weights do not fit the model with a refiner: missing {missing}, unexpected {unexpected}")
+    new.caption_refiner.zero_outputs()
+    p = next(model.parameters())
+    return new.to(device=p.device, dtype=p.dtype)
 
 
 # ------------------------------------------------------------------------------------------ adaLN-single
@@ -322,6 +410,8 @@ def init_adaln_single_weights(model: nn.Module, tabled_blocks, cross_blocks) -> 
         nn.init.zeros_(block.cross_attn.proj.weight)
         nn.init.zeros_(block.cross_attn.proj.bias)
     nn.init.normal_(model.final.scale_shift_table, std=D**-0.5)
+    if getattr(model, "caption_refiner", None) is not None:
+        model.caption_refiner.zero_outputs()
     # Zero output linear: the untrained model predicts exactly zero.
     nn.init.zeros_(model.final.linear.weight)
     nn.init.zeros_(model.final.linear.bias)

@@ -50,7 +50,7 @@ from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model  # noqa: E4
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import make_objective  # noqa: E402
 from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
-from dit.pixart import PIXART_CONFIGS, PixArtDiT  # noqa: E402
+from dit.pixart import PIXART_CONFIGS, PixArtDiT, with_caption_refiner  # noqa: E402
 from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa: E402
 from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
@@ -97,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--qk-norm", action="store_true",
                    help="fresh named sizes: RMSNorm on queries and keys (bounded attention logits; docs/dit.md)")
+    p.add_argument("--caption-refiner", type=int, default=0, metavar="LAYERS",
+                   help="text / video models: add a bidirectional caption refiner of this many layers in front of the "
+                        "blocks (zero-initialised, so a trained model starts unchanged; dit/pixart.py CaptionRefiner)")
+    p.add_argument("--caption-refiner-mlp-ratio", type=float, default=1.0)
     p.add_argument("--init-from-image", default=None, metavar="T2I",
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
@@ -453,6 +457,13 @@ def main(args) -> dict:
     if args.image_model_folder is not None and not isinstance(model, LatteDiT):
         raise ValueError(f"--save-over-image applies to video models; --model {args.model} is not one")
     task = task_of(model)
+    if args.caption_refiner:
+        if task == "class":
+            raise ValueError("--caption-refiner applies to text and video models (they read captions)")
+        folder = getattr(model, "image_model_folder", None)
+        model = with_caption_refiner(model, args.caption_refiner, args.caption_refiner_mlp_ratio)
+        if folder is not None:
+            model.image_model_folder = folder
     if args.init_from_image:
         image = load_model(args.init_from_image, args.objective)
         if task != "video" or task_of(image) != "text":

@@ -26,6 +26,9 @@ FAMILIES = {
                        num_classes=48),
     "pixart": lambda: PixArtDiT(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
                                 **TEXT),
+    # a caption refiner changes the text the dense cross-attention reads, nothing DyDiT slices
+    "pixart-refiner": lambda: PixArtDiT(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                                        num_heads=4, caption_refiner_layers=1, **TEXT),
     "latte": lambda: LatteDiT(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
                               num_frames=3, **TEXT),
 }
