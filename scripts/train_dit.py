@@ -46,6 +46,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
+from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets  # noqa: E402
 from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model  # noqa: E402
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import make_objective  # noqa: E402
@@ -54,8 +55,8 @@ from dit.pixart import PIXART_CONFIGS, PixArtDiT, with_caption_refiner  # noqa: 
 from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa: E402
 from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
-from shapes.render import to_float  # noqa: E402
-from shapes.scene import class_name  # noqa: E402
+from shapes.render import render_layers, to_float  # noqa: E402
+from shapes.scene import COLOURS, SHAPES, class_name  # noqa: E402
 from training import (EMA, SpikeGuard, add_common_args, cosine_schedule, full, local, optimizer_step,  # noqa: E402
                       start_run, write_model_card)  # noqa: E402
 
@@ -101,6 +102,9 @@ def parse_args(argv=None):
                    help="text / video models: add a bidirectional caption refiner of this many layers in front of the "
                         "blocks (zero-initialised, so a trained model starts unchanged; dit/pixart.py CaptionRefiner)")
     p.add_argument("--caption-refiner-mlp-ratio", type=float, default=1.0)
+    p.add_argument("--grounding-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="text models on the shapes world (with --pool): add WEIGHT x TokenCompose's token loss, which "
+                        "pulls each object's caption tokens' cross-attention onto that object (dit/grounding.py)")
     p.add_argument("--init-from-image", default=None, metavar="T2I",
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
@@ -213,15 +217,20 @@ class LatentData:
     batch: Callable
     num_classes: int | None
     description: str
+    # `grounding(seed, n, device)` -> (object masks (n, K, N), object tokens (n, K, L)) of the same items as
+    # `batch(seed, n, device)`; None where the data has no such targets
+    grounding: Callable | None = None
 
 
 def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
-                tokenize: Callable | None = None, objects: tuple[int, int] = (1, 3)) -> LatentData:
+                tokenize: Callable | None = None, objects: tuple[int, int] = (1, 3),
+                targets: Callable | None = None) -> LatentData:
     """Rendered shapes data. `pool` 0: a fresh batch rendered and encoded every step (scene sampling and captions run
     on the CPU, ~60 ms per 256 scenes: it starves a GPU). `pool` N: N items rendered and encoded once up front (on
     the VAE's device, from `seed`), then every step draws its batch from them -- for a 2 M-parameter model,
     100k+ distinct scenes are plenty. A pool's captions are kept as token ids (`tokenize`), so steps skip the
-    tokenizer too. `objects`: (min, max) objects per captioned scene."""
+    tokenizer too. `objects`: (min, max) objects per captioned scene. `targets(batch, token ids)` -> grounding
+    targets (pool only) kept beside each item (`grounding_targets`)."""
     size = vae.config.sample_size
     kind = {"class": "class", "text": "caption", "video": "video"}[task]
 
@@ -231,6 +240,9 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
         if task == "class":
             return encode(vae, b["image"]).to(device), b["label"].to(device)
         if task == "text":
+            if targets is not None:
+                ids = tokenize(b["caption"])
+                return encode(vae, b["image"]).to(device), ids, targets(b, ids)
             return encode(vae, b["image"]).to(device), b["caption"]
         return encode_video(vae, b["video"]).to(device), b["caption"]
 
@@ -239,23 +251,48 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
             "video": f"captioned {num_frames}-frame videos (1-2 moving objects)"}[task]
     num_classes = NUM_CLASSES if task == "class" else None
     if not pool:
+        if targets is not None:
+            raise ValueError("grounding targets are kept with a data pool: add --pool N")
         return LatentData(fresh, num_classes, f"rendered shapes {what}, fresh every step")
 
     chunk = 256 if task == "video" else 2048
     parts = [fresh(np.random.default_rng([seed, 0x9001, i]), min(chunk, pool - start), vae.device)  # apart from steps
              for i, start in enumerate(tqdm(range(0, pool, chunk), desc="rendering the data pool", mininterval=10))]
-    latents = torch.cat([x for x, _ in parts])
+    latents = torch.cat([p[0] for p in parts])
     if task == "class":
-        conds = torch.cat([c for _, c in parts])
+        conds = torch.cat([p[1] for p in parts])
+    elif targets is not None:
+        conds = torch.cat([p[1] for p in parts])
+        masks, tokens = (torch.cat([p[2][i].to(vae.device) for p in parts]) for i in (0, 1))
     else:
-        conds = torch.cat([tokenize(cs) for _, cs in parts]) if tokenize else [c for _, cs in parts for c in cs]
+        conds = torch.cat([tokenize(p[1]) for p in parts]) if tokenize else [c for p in parts for c in p[1]]
+
+    def pick(seed: int, n: int) -> torch.Tensor:
+        return torch.randint(0, pool, (n,), generator=torch.Generator().manual_seed(seed))
 
     def from_pool(seed: int, n: int, device):
-        idx = torch.randint(0, pool, (n,), generator=torch.Generator().manual_seed(seed))
+        idx = pick(seed, n)
         cond = conds[idx.to(conds.device)].to(device) if torch.is_tensor(conds) else [conds[i] for i in idx.tolist()]
         return latents[idx.to(latents.device)].to(device), cond
 
-    return LatentData(from_pool, num_classes, f"a pool of {pool:,} rendered shapes {what}")
+    def grounding(seed: int, n: int, device):
+        idx = pick(seed, n).to(masks.device)
+        return masks[idx].to(device), tokens[idx].to(device)
+
+    return LatentData(from_pool, num_classes, f"a pool of {pool:,} rendered shapes {what}",
+                      grounding if targets is not None else None)
+
+
+def grounding_targets(text_encoder, grid: int, size: int) -> Callable:
+    """fn(make_batch's dict, its captions' token ids (B, L)) -> (object masks (B, K, grid²), object tokens (B, K, L)):
+    which latent cells each scene object covers and which caption tokens name it (dit/grounding.py)."""
+    def targets(b: dict, ids: torch.Tensor):
+        scenes = b["scenes"]
+        words = [text_encoder.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+        tokens = object_token_sets(words, scenes.shape, scenes.colour, SHAPES, COLOURS, ids.shape[1])
+        slots = render_layers(scenes, size, device=ids.device).objects
+        return object_masks(slots, scenes.shape.shape[1], grid), torch.from_numpy(tokens)
+    return targets
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
@@ -346,10 +383,12 @@ def parse_objects(spec: str) -> tuple[int, int]:
 
 
 def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
-              tokenize: Callable | None = None, objects: str = "1-3") -> LatentData:
+              tokenize: Callable | None = None, objects: str = "1-3", targets: Callable | None = None) -> LatentData:
     """The one place a data source is chosen."""
     if spec == "shapes":
-        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects))
+        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects), targets)
+    if targets is not None:
+        raise ValueError("--grounding-loss needs the shapes world's object masks (--data shapes)")
     return folder_data(Path(spec), task, vae)
 
 
@@ -392,10 +431,16 @@ class Conditioner:
             return torch.where(drop, torch.full_like(cond, self.null_class), cond)
         ids = cond if torch.is_tensor(cond) else self.text_encoder.tokenize(list(cond))
         if seed is not None and self.uncond_prob > 0:
-            drop = torch.from_numpy(np.random.default_rng(seed).random(len(ids)) < self.uncond_prob).to(ids.device)
+            drop = self.dropped(seed, len(ids)).to(ids.device)
             ids = torch.where(drop[:, None], self.empty_ids.to(ids.device), ids)
         tokens, keep = self.text_encoder.encode_text_tokens(ids)
         return tokens.float(), keep
+
+    def dropped(self, seed: int, n: int) -> torch.Tensor:
+        """(n,) bool: the rows of step `seed`'s batch whose caption becomes the empty prompt."""
+        if self.uncond_prob <= 0:
+            return torch.zeros(n, dtype=torch.bool)
+        return torch.from_numpy(np.random.default_rng(seed).random(n) < self.uncond_prob)
 
     def model_fn(self, net):
         if self.task == "class":
@@ -492,8 +537,14 @@ def main(args) -> dict:
     micro = args.batch_size // (world * accum)
     if args.gradient_checkpointing and not sharded:  # under FSDP the plugin checkpoints the blocks (fsdp_plugin)
         model.enable_gradient_checkpointing()
+    targets = None
+    if args.grounding_loss:
+        if task != "text":
+            raise ValueError("--grounding-loss applies to text-to-image models")
+        targets = grounding_targets(text_encoder, model.config.sample_size // model.config.patch_size,
+                                    vae.config.sample_size)
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
-                     text_encoder.tokenize if text_encoder is not None else None, args.objects)
+                     text_encoder.tokenize if text_encoder is not None else None, args.objects, targets)
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     objective = make_objective(args.objective, **(
@@ -577,6 +628,7 @@ def main(args) -> dict:
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dit-{task}")
     net.train()
     model_fn = conditioner.model_fn(torch.compile(net) if args.compile else net)
+    maps = CrossAttentionMaps(base) if args.grounding_loss else None
     while step < args.steps:
         # The whole global batch (items, t, noise, condition dropout) comes from the step's seed on every process;
         # each process takes its rows and splits them in micro-batches, so the gradient (DDP's mean over processes
@@ -585,12 +637,19 @@ def main(args) -> dict:
         x0_all, raw = data.batch(seed, args.batch_size, acc.device)
         cond_all = conditioner(raw, seed)
         t_all, noise_all = objective.sample(x0_all, torch.Generator(acc.device).manual_seed(seed))
+        if maps is not None:  # no target for the captions dropped to the empty prompt
+            masks_all, tokens_all = data.grounding(seed, args.batch_size, acc.device)
+            tokens_all = tokens_all & ~conditioner.dropped(seed, args.batch_size).to(acc.device)[:, None, None]
         parts = []
         for m in range(accum):
             rows = slice((acc.process_index * accum + m) * micro, (acc.process_index * accum + m + 1) * micro)
             # no gradient all-reduce until the last micro-batch has added its share
-            with (acc.no_sync(net) if m < accum - 1 else contextlib.nullcontext()), acc.autocast():
+            with (acc.no_sync(net) if m < accum - 1 else contextlib.nullcontext()), acc.autocast(), \
+                    (maps.recording() if maps is not None else contextlib.nullcontext()):
                 terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
+                if maps is not None:
+                    g = grounding_loss(maps.take(), masks_all[rows], tokens_all[rows])
+                    terms = {**terms, "loss": terms["loss"] + args.grounding_loss * g, "grounding": g.detach()}
                 acc.backward(terms["loss"] / accum)
             parts.append(terms)
         terms = {k: torch.stack([t[k] for t in parts]).mean() for k in parts[0]}  # this process's rows
