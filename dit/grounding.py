@@ -84,9 +84,10 @@ class CrossAttentionMaps:
 
 
 def grounding_loss(maps: list[Tensor], masks_BKN: Tensor, tokens_BKL: Tensor, eps: float = 1e-6) -> Tensor:
-    """TokenCompose's token loss over cross-attention maps [(B', h, N, L)] (B' a multiple of B: video models run
-    their spatial blocks per frame, B' = B·F, frames of a sample consecutive). masks (B, K, N) bool: object k's
-    image tokens; tokens (B, K, L) bool: the caption tokens that name object k (all False: no target)."""
+    """TokenCompose's token loss over cross-attention maps [(B', h, N, L)]. masks (B, K, N) bool: object k's image
+    tokens; tokens (B, K, L) bool: the caption tokens that name object k (all False: no target). Video models run
+    their spatial blocks per frame (B' = B·F, frames of a sample consecutive): give per-frame masks and tokens
+    (B·F rows) to ground every frame on its own, or (B rows) to ground the frames' mean map."""
     if not maps:
         raise ValueError("no cross-attention maps were recorded")
     masks, tokens = masks_BKN.float(), tokens_BKL.float()
@@ -104,20 +105,27 @@ def grounding_loss(maps: list[Tensor], masks_BKN: Tensor, tokens_BKL: Tensor, ep
 
 
 # ----------------------------------------------------------------------------------------------- targets
+# where a video caption's object phrase ends ("a red circle moving left and a ..."): its motion words are its own
+PHRASE_ENDS = ("and", ",", "[EOT]", "[PAD]")
+
+
 def object_token_sets(words: list[list[str]], shapes: np.ndarray, colours: np.ndarray, shape_names, colour_names,
-                      max_len: int) -> np.ndarray:
+                      max_len: int, whole_phrase: bool = False) -> np.ndarray:
     """(B, K, max_len) bool: for each caption (its tokens as words) and each scene object slot k (shape and colour
     ids (B, K), -1 = empty slot), the token positions of the phrase that names it, from its article to its shape
-    noun ("a big red circle"). A phrase is given to the one unused object whose shape (and colour, when the phrase
-    says one) it names; a phrase that fits no object or more than one is left out (no target)."""
+    noun ("a big red circle"); with `whole_phrase` on to the end of its phrase (video captions: "a red circle moving
+    to the left", so that the motion words are tied to the moving object). A phrase is given to the one unused object
+    whose shape (and colour, when the words before the noun say one) it names; a phrase that fits no object or more
+    than one is left out (no target)."""
     B, K = shapes.shape
     out = np.zeros((B, K, max_len), bool)
     shape_of = {s: i for i, s in enumerate(shape_names)}
     colour_of = {c: i for i, c in enumerate(colour_names)}
     for b, toks in enumerate(words):
+        toks = toks[:max_len]
         used = set()
         start = None
-        for j, w in enumerate(toks[:max_len]):
+        for j, w in enumerate(toks):
             if w in ARTICLES:
                 start = j
             elif w in shape_of and start is not None:
@@ -126,7 +134,10 @@ def object_token_sets(words: list[list[str]], shapes: np.ndarray, colours: np.nd
                 fits = [k for k in range(K) if k not in used and shapes[b, k] == shape_of[w]
                         and (colour is None or colours[b, k] == colour)]
                 if len(fits) == 1:
-                    out[b, fits[0], start:j + 1] = True
+                    end = j + 1
+                    while whole_phrase and end < len(toks) and toks[end] not in PHRASE_ENDS + ARTICLES:
+                        end += 1
+                    out[b, fits[0], start:end] = True
                     used.add(fits[0])
                 start = None
     return out

@@ -56,7 +56,7 @@ from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa:
 from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import render_layers, to_float  # noqa: E402
-from shapes.scene import COLOURS, SHAPES, class_name  # noqa: E402
+from shapes.scene import COLOURS, SHAPES, class_name, frame_times, scenes_at  # noqa: E402
 from training import (EMA, SpikeGuard, add_common_args, cosine_schedule, full, local, optimizer_step,  # noqa: E402
                       start_run, write_model_card)  # noqa: E402
 
@@ -103,8 +103,9 @@ def parse_args(argv=None):
                         "blocks (zero-initialised, so a trained model starts unchanged; dit/pixart.py CaptionRefiner)")
     p.add_argument("--caption-refiner-mlp-ratio", type=float, default=1.0)
     p.add_argument("--grounding-loss", type=float, default=0.0, metavar="WEIGHT",
-                   help="text models on the shapes world (with --pool): add WEIGHT x TokenCompose's token loss, which "
-                        "pulls each object's caption tokens' cross-attention onto that object (dit/grounding.py)")
+                   help="text / video models on the shapes world (with --pool): add WEIGHT x TokenCompose's token "
+                        "loss, which pulls each object's caption tokens' cross-attention onto that object, frame by "
+                        "frame in a video (dit/grounding.py)")
     p.add_argument("--init-from-image", default=None, metavar="T2I",
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
@@ -244,6 +245,9 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
                 ids = tokenize(b["caption"])
                 return encode(vae, b["image"]).to(device), ids, targets(b, ids)
             return encode(vae, b["image"]).to(device), b["caption"]
+        if targets is not None:
+            ids = tokenize(b["caption"])
+            return encode_video(vae, b["video"]).to(device), ids, targets(b, ids)
         return encode_video(vae, b["video"]).to(device), b["caption"]
 
     lo, hi = objects
@@ -259,12 +263,11 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
     parts = [fresh(np.random.default_rng([seed, 0x9001, i]), min(chunk, pool - start), vae.device)  # apart from steps
              for i, start in enumerate(tqdm(range(0, pool, chunk), desc="rendering the data pool", mininterval=10))]
     latents = torch.cat([p[0] for p in parts])
-    if task == "class":
+    if task == "class" or targets is not None:
         conds = torch.cat([p[1] for p in parts])
-    elif targets is not None:
-        conds = torch.cat([p[1] for p in parts])
+    if targets is not None:
         masks, tokens = (torch.cat([p[2][i].to(vae.device) for p in parts]) for i in (0, 1))
-    else:
+    if task != "class" and targets is None:
         conds = torch.cat([tokenize(p[1]) for p in parts]) if tokenize else [c for p in parts for c in p[1]]
 
     def pick(seed: int, n: int) -> torch.Tensor:
@@ -283,15 +286,21 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
                       grounding if targets is not None else None)
 
 
-def grounding_targets(text_encoder, grid: int, size: int) -> Callable:
+def grounding_targets(text_encoder, grid: int, size: int, frames: int | None = None) -> Callable:
     """fn(make_batch's dict, its captions' token ids (B, L)) -> (object masks (B, K, grid²), object tokens (B, K, L)):
-    which latent cells each scene object covers and which caption tokens name it (dit/grounding.py)."""
+    which latent cells each scene object covers and which caption tokens name it (dit/grounding.py). Videos
+    (`frames`): masks (B, F, K, grid²), each frame's own, and each object's whole phrase, motion words included."""
     def targets(b: dict, ids: torch.Tensor):
         scenes = b["scenes"]
         words = [text_encoder.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
-        tokens = object_token_sets(words, scenes.shape, scenes.colour, SHAPES, COLOURS, ids.shape[1])
-        slots = render_layers(scenes, size, device=ids.device).objects
-        return object_masks(slots, scenes.shape.shape[1], grid), torch.from_numpy(tokens)
+        tokens = object_token_sets(words, scenes.shape, scenes.colour, SHAPES, COLOURS, ids.shape[1],
+                                   whole_phrase=frames is not None)
+        K = scenes.shape.shape[1]
+        if frames is None:
+            slots = render_layers(scenes, size, device=ids.device).objects
+            return object_masks(slots, K, grid), torch.from_numpy(tokens)
+        slots = render_layers(scenes_at(scenes, frame_times(frames)), size, device=ids.device).objects
+        return object_masks(slots, K, grid).view(len(scenes), frames, K, -1), torch.from_numpy(tokens)
     return targets
 
 
@@ -539,10 +548,10 @@ def main(args) -> dict:
         model.enable_gradient_checkpointing()
     targets = None
     if args.grounding_loss:
-        if task != "text":
-            raise ValueError("--grounding-loss applies to text-to-image models")
+        if task == "class":
+            raise ValueError("--grounding-loss applies to text and video models (it grounds caption tokens)")
         targets = grounding_targets(text_encoder, model.config.sample_size // model.config.patch_size,
-                                    vae.config.sample_size)
+                                    vae.config.sample_size, model.config.num_frames if task == "video" else None)
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
                      text_encoder.tokenize if text_encoder is not None else None, args.objects, targets)
     if task == "class" and data.num_classes > model.config.num_classes:
@@ -648,7 +657,11 @@ def main(args) -> dict:
                     (maps.recording() if maps is not None else contextlib.nullcontext()):
                 terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
                 if maps is not None:
-                    g = grounding_loss(maps.take(), masks_all[rows], tokens_all[rows])
+                    masks, tokens = masks_all[rows], tokens_all[rows]
+                    if masks.ndim == 4:  # video (b, F, K, N): every frame grounded on its own
+                        tokens = tokens.repeat_interleave(masks.shape[1], dim=0)
+                        masks = masks.flatten(0, 1)
+                    g = grounding_loss(maps.take(), masks, tokens)
                     terms = {**terms, "loss": terms["loss"] + args.grounding_loss * g, "grounding": g.detach()}
                 acc.backward(terms["loss"] / accum)
             parts.append(terms)

@@ -114,3 +114,15 @@ def test_a_model_without_cross_attention_is_refused():
     from dit.dit import DiT
     with pytest.raises(ValueError, match="no cross-attention"):
         CrossAttentionMaps(DiT(sample_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2))
+
+
+def test_video_phrases_take_their_motion_words():
+    words = [["[SOT]", "a", "red", "circle", "moving", "to", "the", "left", "and", "a", "square", "turning", "blue",
+              "[EOT]", "[PAD]"]]
+    shapes = np.array([[SHAPES.index("square"), SHAPES.index("circle")]])
+    colours = np.array([[COLOURS.index("green"), COLOURS.index("red")]])
+    t = object_token_sets(words, shapes, colours, SHAPES, COLOURS, 15, whole_phrase=True)
+    assert np.flatnonzero(t[0, 1]).tolist() == [1, 2, 3, 4, 5, 6, 7]  # through "left", not "and"
+    assert np.flatnonzero(t[0, 0]).tolist() == [9, 10, 11, 12]  # "a square turning blue", colour only after the noun
+    still = object_token_sets(words, shapes, colours, SHAPES, COLOURS, 15)
+    assert np.flatnonzero(still[0, 1]).tolist() == [1, 2, 3]

@@ -6,6 +6,7 @@
 #          projection and refiner; saved over weights/shapes-t2i (what ships).
 #   full:  the same start with every weight trained (the QK-norm model is not expected to diverge), a full save:
 #          does freeing the spatial blocks let the model move objects (motion accuracy)?            issue 5
+# GROUND=W adds the token grounding loss frame by frame (dit/grounding.py; the call after the text model's).
 # Usage: T2I=<text transformer folder> LIMIT=440 bash scripts/gpu/train_round19_t2v.sh   (carry [".whl"])
 set -uo pipefail
 LIMIT=${LIMIT:-440}
@@ -15,7 +16,7 @@ T2I=${T2I:-resume/shapes-t2i-refiner-c2/transformer}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "T2I=$T2I LIMIT=$LIMIT RUNS=\"$RUNS\" LR=${LR:-5e-4} bash scripts/gpu/train_round19_t2v.sh"
+device_header "T2I=$T2I LIMIT=$LIMIT RUNS=\"$RUNS\" LR=${LR:-5e-4} GROUND=${GROUND:-0} bash scripts/gpu/train_round19_t2v.sh"
 rm -rf weights/shapes-t2i/transformer && cp -r "$T2I" weights/shapes-t2i/transformer
 pack() { tar czf "$OUT/t2v.tgz" weights/shapes-t2v runs/t2v-*/log.jsonl runs/t2v-full/model/*.json \
   runs/t2v-full/model/*.md 2>/dev/null
@@ -25,7 +26,8 @@ WATCHDOG=$!
 common=(--model Latte-T6/1 --qk-norm --caption-refiner 2 --init-from-image weights/shapes-t2i --steps 40000
   --batch-size 64 --sample-eval-n 32 --final-eval-n 128 --eval-every 1000 --pool 30000 --compile
   --mixed-precision bf16 --lr "${LR:-5e-4}" --keep-best --warmup 300 --ema-decay 0.999 --save-dtype float16
-  --ckpt-every 100000 --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 --rollback-on-spike 200)
+  --ckpt-every 100000 --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 --rollback-on-spike 200
+  --grounding-loss "${GROUND:-0}")
 PIDS=()
 for r in $RUNS; do
   rm -rf runs/t2v-$r && mkdir -p runs/t2v-$r
