@@ -724,7 +724,7 @@ def main(args) -> dict:
                     f"{args.objective} objective on {data.description}; latents from the VAE at `{_shown(args.vae)}`"
                     f"{'; text from `%s`' % _shown(args.text_encoder) if task != 'class' else ''}. "
                     f"{'LoRA rank %d, merged; ' % args.lora if args.lora else ''}EMA weights (decay {args.ema_decay}).",
-            run=run, metrics={**metrics, "eval_n": args.eval_n},
+            run=run, metrics={**metrics, "eval_loss_n": args.eval_n},  # the loss batch; the samples: card "eval"
             targets=TARGETS[task] if args.data == "shapes" else {}, extra=card_extra)
         print({"final": metrics})
     acc.end_training()

@@ -12,12 +12,14 @@ set -uo pipefail
 LIMIT=${LIMIT:-440}
 WATCH=${WATCH:-570}
 RUNS=${RUNS:-"over full"}
-T2I=${T2I:-resume/shapes-t2i-refiner-c2/transformer}
+T2I=${T2I:-weights/shapes-t2i/transformer}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "T2I=$T2I LIMIT=$LIMIT RUNS=\"$RUNS\" LR=${LR:-5e-4} GROUND=${GROUND:-0} bash scripts/gpu/train_round19_t2v.sh"
-rm -rf weights/shapes-t2i/transformer && cp -r "$T2I" weights/shapes-t2i/transformer
+device_header "T2I=$T2I LIMIT=$LIMIT WATCH=$WATCH RUNS=\"$RUNS\" LR=${LR:-5e-4} GROUND=${GROUND:-0} bash scripts/gpu/train_round19_t2v.sh"
+if [ "$(realpath "$T2I")" != "$(realpath weights/shapes-t2i/transformer)" ]; then  # (call 6 named it and lost it)
+  rm -rf weights/shapes-t2i/transformer && cp -r "$T2I" weights/shapes-t2i/transformer
+fi
 pack() { tar czf "$OUT/t2v.tgz" weights/shapes-t2v runs/t2v-*/log.jsonl runs/t2v-full/model/*.json \
   runs/t2v-full/model/*.md 2>/dev/null
   [ -d runs/t2v-full/model/transformer ] && tar czf "$OUT/t2v-full.tgz" runs/t2v-full/model/transformer; }
