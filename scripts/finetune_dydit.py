@@ -29,6 +29,7 @@ steps, cfg 4) and puts both, and the executed-FLOPs ratio of those sampling runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -51,8 +52,9 @@ from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
 from dit.latte import LATTE_CONFIGS  # noqa: E402
 from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objective  # noqa: E402
 from dit.pixart import PIXART_CONFIGS  # noqa: E402
-from train_dit import (REPO, SHIPPED_CLIP, SHIPPED_VAE, TASK_OF, Conditioner, batch_seed, load_model,  # noqa: E402
-                       shapes_data)
+from dit.grounding import CrossAttentionMaps, grounding_loss  # noqa: E402
+from train_dit import (REPO, SHIPPED_CLIP, SHIPPED_VAE, TASK_OF, Conditioner, batch_seed,  # noqa: E402
+                       grounding_targets, load_model, parse_objects, shapes_data)
 from training import add_common_args, cosine_schedule, start_run, write_model_card  # noqa: E402
 
 EVAL_SEED = 12345
@@ -95,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--text-encoder", default=str(SHIPPED_CLIP), help="text / video models: the ShapesCLIP folder")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="text models: share of captions replaced by ''")
     p.add_argument("--pool", type=int, default=0, help="shapes data pool size (0: fresh batches every step)")
+    p.add_argument("--objects", default="1-3", metavar="MIN-MAX", help="shapes text data: objects per scene")
+    p.add_argument("--grounding-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="text models (with --pool): keep the dense model's token grounding while the DyDiT trains "
+                        "(dit/grounding.py; the shipped shapes-t2i was trained with it, weight 0.05)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-n", type=int, default=16, help="fixed, seeded batch for the FLOPs and loss evaluation")
@@ -396,8 +402,15 @@ def main(args) -> dict:
     router_ids = {id(p) for p in model.routers.parameters()}
     groups = {"routers": [p for p in params if id(p) in router_ids],
               "rest": [p for p in params if id(p) not in router_ids]}  # TD-LoRA, or the backbone (full)
+    targets = None
+    if args.grounding_loss:
+        if task != "text":
+            raise ValueError("--grounding-loss applies to text-to-image models here")
+        targets = grounding_targets(text_encoder, dit.config.sample_size // dit.config.patch_size,
+                                    vae.config.sample_size)
     data = shapes_data(task, vae, getattr(dit.config, "num_frames", 8), pool=args.pool, seed=args.seed,
-                       tokenize=text_encoder.tokenize if text_encoder is not None else None)
+                       tokenize=text_encoder.tokenize if text_encoder is not None else None,
+                       objects=parse_objects(args.objects), targets=targets)
     ema = EMAModel(params, decay=args.ema_decay, foreach=True)
     ema.to(acc.device)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -433,6 +446,8 @@ def main(args) -> dict:
     if step == 0 and acc.is_main_process:
         run.log({"step": 0, **evaluate()})
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_local_main_process, desc=f"dydit-{task}")
+    # the backbone's cross-attention maps (the DyDiT runs them dense, through the modules the hooks sit on)
+    maps = CrossAttentionMaps(unwrapped.dit) if args.grounding_loss else None
     net.train()
     while step < args.steps:
         seed = batch_seed(args.seed, step, acc.process_index)
@@ -441,8 +456,13 @@ def main(args) -> dict:
         draws = draw(objective, x0, torch.Generator(acc.device).manual_seed(seed))
         lam_t = flops_target(step, args.lam, args.lam_hold, args.lam_reach, args.lam_start)
         with acc.autocast():
-            dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
+            with maps.recording() if maps is not None else contextlib.nullcontext():
+                dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
+            if maps is not None:  # no target for captions dropped to the empty prompt
+                masks, tokens = data.grounding(seed, args.batch_size, acc.device)
+                tokens = tokens & ~conditioner.dropped(seed, len(tokens)).to(acc.device)[:, None, None]
+                terms["loss_grounding"] = args.grounding_loss * grounding_loss(maps.take(), masks, tokens)
             if teacher is not None:
                 terms["loss_distill"] = args.distill * dyn_terms["distill"]
             if step < stage1 and args.train == "full":  # the complete term trains the backbone only

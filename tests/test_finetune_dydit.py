@@ -315,3 +315,16 @@ def test_max_grad_norm_clips_before_the_update(tiny_base, tmp_path):
     for r in (r for r in _log(tmp_path / "free") if "grad_norm" in r):
         assert math.hypot(r["grad_norm_routers"], r["grad_norm_rest"]) == pytest.approx(r["grad_norm"], rel=1e-4)
         assert r["grad_norm_routers"] > 0 and r["grad_norm_rest"] > 0
+
+
+@needs_vae
+def test_grounding_loss_trains_beside_the_flops_target(tiny_pixart, tmp_path):
+    """--grounding-loss: the token grounding term (dit/grounding.py) is logged and trains the adapters with the rest;
+    a class model, which reads no caption, is refused."""
+    out = tmp_path / "ground"
+    _run(out, tiny_pixart, 4, "--train", "td-lora", "--grounding-loss", "0.05", "--objects", "1-2", "--lora-rank", "2",
+         "--lora-experts", "2", "--log-every", "1")
+    logged = [r["loss_grounding"] for r in _log(out) if "loss_grounding" in r]
+    assert len(logged) == 4 and all(0 < g < 0.05 for g in logged)
+    with pytest.raises(ValueError, match="grounding"):
+        _run(tmp_path / "class", REPO / "weights" / "shapes-c2i" / "transformer", 1, "--grounding-loss", "0.05")
