@@ -36,3 +36,19 @@ show_comparisons() {
     python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(sys.argv[1], {k: c[k] for k in ('dense','dydit','sampling_flops_ratio','sampling_flops_ratio_with_overheads')})" "$c" 2>&1 | cut -c1-900
   done
 }
+
+# end_trainings: after the training jobs in PIDS were started in the background (and a watchdog WATCHDOG that runs
+# `pack` late): wait for them, stop the watchdog, show each log's last step / final / error lines, run `pack` (the
+# caller's function) and bundle the logs.
+end_trainings() {
+  wait "${PIDS[@]}"
+  echo "trainings done at $SECONDS s"
+  pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null  # its sleep too: it holds the output pipe open
+  local f
+  for f in "$OUT"/*.log; do
+    echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | grep -i "step\|final\|error\|Trace" | tail -8 | cut -c1-900
+  done
+  pack
+  (cd "$OUT" && tar czf logs.tgz --remove-files *.log)
+  ls -la "$OUT"
+}

@@ -44,10 +44,4 @@ for r in $RUNS; do
     --dynamo_backend no scripts/train_dit.py --out runs/t2v-$r "${common[@]}" "${extra[@]}" > "$OUT/t2v-$r.log" 2>&1 &
   PIDS+=($!)
 done
-wait "${PIDS[@]}"
-echo "trainings done at $SECONDS s"
-pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null  # its sleep too: it holds the output pipe open
-for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | grep -vi "warn" | grep -i "step\|final\|error\|Trace" | tail -8 | cut -c1-900; done
-pack
-(cd "$OUT" && tar czf logs.tgz --remove-files *.log)
-ls -la "$OUT"
+end_trainings
