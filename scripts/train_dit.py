@@ -263,12 +263,12 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
     parts = [fresh(np.random.default_rng([seed, 0x9001, i]), min(chunk, pool - start), vae.device)  # apart from steps
              for i, start in enumerate(tqdm(range(0, pool, chunk), desc="rendering the data pool", mininterval=10))]
     latents = torch.cat([p[0] for p in parts])
-    if task == "class" or targets is not None:
+    if task == "class" or targets is not None:  # labels, or captions already tokenised for their targets
         conds = torch.cat([p[1] for p in parts])
+    else:
+        conds = torch.cat([tokenize(p[1]) for p in parts]) if tokenize else [c for p in parts for c in p[1]]
     if targets is not None:
         masks, tokens = (torch.cat([p[2][i].to(vae.device) for p in parts]) for i in (0, 1))
-    if task != "class" and targets is None:
-        conds = torch.cat([tokenize(p[1]) for p in parts]) if tokenize else [c for p in parts for c in p[1]]
 
     def pick(seed: int, n: int) -> torch.Tensor:
         return torch.randint(0, pool, (n,), generator=torch.Generator().manual_seed(seed))

@@ -408,3 +408,23 @@ def test_video_model_saved_over_its_image_model(tmp_path):
     assert torch.equal(first["spatial_blocks.0.cross_attn.q.weight"], second["spatial_blocks.0.cross_attn.q.weight"])
     with pytest.raises(ValueError, match="video models"):
         _train(tmp_path / "x", "PixArt-T/2", 1, "--save-over-image", str(tmp_path / "image"))
+
+
+@needs_vae
+def test_grounding_loss_for_text_and_video_models(tmp_path):
+    """--grounding-loss: the pool carries each item's object masks and tokens (per frame for a video), the term is
+    logged and in (0, 1); it needs a pool and a caption-reading model."""
+    def grounding(out):
+        return [r["grounding"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "grounding" in r]
+
+    _train(tmp_path / "t", "PixArt-T/2", 2, "--grounding-loss", "0.05", "--pool", "16", "--objects", "1-2",
+           "--ckpt-every", "1000")
+    _train(tmp_path / "v", "Latte-T/2", 2, "--grounding-loss", "0.05", "--pool", "8", "--batch-size", "2",
+           "--eval-n", "2", "--ckpt-every", "1000")
+    for run in ("t", "v"):
+        g = grounding(tmp_path / run)
+        assert len(g) == 2 and all(0 < x < 1 for x in g), (run, g)
+    with pytest.raises(ValueError, match="--pool"):
+        _train(tmp_path / "n", "PixArt-T/2", 1, "--grounding-loss", "0.05")
+    with pytest.raises(ValueError, match="text and video models"):
+        _train(tmp_path / "c", "DiT-T/2", 1, "--grounding-loss", "0.05", "--pool", "8")
