@@ -38,12 +38,12 @@ class CrossAttentionMaps:
     """Records every cross-attention's probabilities of `model` while `recording()` is open.
 
     The hooks read the cross-attention's inputs (x (B, N, D), text (B, L, D), keep (B, L)) and compute
-    softmax(q k^T / sqrt(Dh)) with the same projections and QK-norm, padded text keys masked. They stay registered
+    softmax(q k^T / sqrt(Dh)) from the layer's own `heads` (projections and QK-norm), padded text keys masked. They stay registered
     until `remove()` and do nothing outside `recording()`: registering and removing them around every step would
     make torch.compile recompile the model each time (it guards on the hooks)."""
 
     def __init__(self, model: nn.Module):
-        self.modules = [m for name, m in model.named_modules() if name.endswith("cross_attn") and hasattr(m, "kv")]
+        self.modules = [m for name, m in model.named_modules() if name.endswith("cross_attn") and hasattr(m, "heads")]
         if not self.modules:
             raise ValueError(f"{type(model).__name__} has no cross-attention to ground (a text model is needed)")
         self.maps: list[Tensor] = []
@@ -60,12 +60,8 @@ class CrossAttentionMaps:
             return
         x, text = args[0], args[1]
         keep = args[2] if len(args) > 2 else None
-        B, N, D = x.shape
-        L, h = text.shape[1], module.num_heads
-        q = module.q(x).view(B, N, h, D // h).transpose(1, 2)
-        k = module.kv(text)[..., :D].view(B, L, h, D // h).transpose(1, 2)
-        q, k = module.qk_norm(q, k)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * (D // h) ** -0.5  # (B, h, N, L)
+        q, k, _ = module.heads(x, text)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, N, L)
         if keep is not None:
             logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
         self.maps.append(torch.softmax(logits, dim=-1).nan_to_num(0.0))

@@ -157,12 +157,19 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.qk_norm = QKNorm(hidden_size // num_heads) if qk_norm else no_qk_norm
 
-    def forward(self, x_BND: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
+    def heads(self, x_BND: Tensor, text_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, h, N, Dh) from the image tokens, k, v (B, h, L, Dh) from the text, QK-norm applied: what the
+        attention reads (also read by dit/grounding.py to record the attention maps)."""
         B, N, D = x_BND.shape
         L, h = text_BLD.shape[1], self.num_heads
-        q = self.q(x_BND).view(B, N, h, D // h).transpose(1, 2)  # (B, h, N, Dh)
-        k, v = self.kv(text_BLD).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, L, Dh)
+        q = self.q(x_BND).view(B, N, h, D // h).transpose(1, 2)
+        k, v = self.kv(text_BLD).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.qk_norm(q, k)
+        return q, k, v
+
+    def forward(self, x_BND: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
+        B, N, D = x_BND.shape
+        q, k, v = self.heads(x_BND, text_BLD)
         out = attention(q, k, v, key_padding_mask=text_keep_BL)  # (B, h, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 

@@ -459,9 +459,9 @@ def main(args) -> dict:
             with maps.recording() if maps is not None else contextlib.nullcontext():
                 dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
-            if maps is not None:  # no target for captions dropped to the empty prompt
+            if maps is not None:
                 masks, tokens = data.grounding(seed, args.batch_size, acc.device)
-                tokens = tokens & ~conditioner.dropped(seed, len(tokens)).to(acc.device)[:, None, None]
+                tokens = conditioner.grounded(tokens, seed)
                 terms["loss_grounding"] = args.grounding_loss * grounding_loss(maps.take(), masks, tokens)
             if teacher is not None:
                 terms["loss_distill"] = args.distill * dyn_terms["distill"]

@@ -451,6 +451,11 @@ class Conditioner:
             return torch.zeros(n, dtype=torch.bool)
         return torch.from_numpy(np.random.default_rng(seed).random(n) < self.uncond_prob)
 
+    def grounded(self, tokens_BKL: torch.Tensor, seed: int) -> torch.Tensor:
+        """Grounding token targets (dit/grounding.py) without the captions that step `seed` drops to the empty
+        prompt: their tokens are gone, so they have nothing to ground."""
+        return tokens_BKL & ~self.dropped(seed, len(tokens_BKL)).to(tokens_BKL.device)[:, None, None]
+
     def model_fn(self, net):
         if self.task == "class":
             return lambda x, t, y: net(x, t, y)
@@ -646,9 +651,9 @@ def main(args) -> dict:
         x0_all, raw = data.batch(seed, args.batch_size, acc.device)
         cond_all = conditioner(raw, seed)
         t_all, noise_all = objective.sample(x0_all, torch.Generator(acc.device).manual_seed(seed))
-        if maps is not None:  # no target for the captions dropped to the empty prompt
+        if maps is not None:
             masks_all, tokens_all = data.grounding(seed, args.batch_size, acc.device)
-            tokens_all = tokens_all & ~conditioner.dropped(seed, args.batch_size).to(acc.device)[:, None, None]
+            tokens_all = conditioner.grounded(tokens_all, seed)
         parts = []
         for m in range(accum):
             rows = slice((acc.process_index * accum + m) * micro, (acc.process_index * accum + m + 1) * micro)
