@@ -120,6 +120,10 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, metavar="FOLDER",
                    help="continue a saved DyDiT folder (its routers, TD-LoRA and, if included, backbone) instead of "
                         "fresh routers on --model; --train and the TD-LoRA sizes must match what it holds")
+    p.add_argument("--rebase", action="store_true",
+                   help="with --init-from: put the folder's routers and TD-LoRA on --model's backbone, even where the "
+                        "folder includes its own (a dense model retrained since, of the same sizes); the result is "
+                        "saved over --model, without a backbone")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="LR after the --warmup steps: constant, or cosine decay to zero at --steps")
     p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps (linear from 0)")
@@ -151,9 +155,12 @@ def continued_dydit(folder: Path, dit, args) -> DyDiT:
     """The DyDiT saved in `folder`, to train on: its backbone is `dit` (the --model) unless the folder includes one
     (full fine-tuning), and it must have been trained the way this run trains it."""
     config = read_config(folder)
-    included = config["backbone"] == "included"
+    included = config["backbone"] == "included" and not args.rebase
     # An included backbone with TD-LoRA is a packed folder (scripts/pack_dydit.py): a frozen backbone of its own.
-    held = "td-lora" if config.get("td_lora") else ("full" if included else "routers")
+    held = "td-lora" if config.get("td_lora") else ("full" if config["backbone"] == "included" else "routers")
+    if args.rebase and held == "full":
+        raise ValueError(f"--init-from {folder} --rebase: it is a full fine-tune, whose backbone is part of what was "
+                         f"trained; only routers and TD-LoRA move to another backbone")
     if included and held == "td-lora" and args.distill > 0:
         raise ValueError(f"--init-from {folder}: it includes its own backbone, and --distill's teacher would be "
                          f"--model's transformer instead")
@@ -169,10 +176,10 @@ def continued_dydit(folder: Path, dit, args) -> DyDiT:
     return model.train()
 
 
-def packed_backbone(init_from: str | None) -> str | None:
+def packed_backbone(init_from: str | None, rebase: bool = False) -> str | None:
     """"int8" / "float" when --init-from is a TD-LoRA folder with its own backbone (scripts/pack_dydit.py), whose
-    continuation is saved the same way; None otherwise."""
-    if not init_from:
+    continuation is saved the same way; None otherwise (and with --rebase: the backbone is --model's)."""
+    if not init_from or rebase:
         return None
     return included_backbone(init_from) if read_config(init_from).get("td_lora") else None
 
@@ -364,6 +371,8 @@ def main(args) -> dict:
         return comparison
     if not 0 < args.lam <= 1:
         raise ValueError(f"--lam must be in (0, 1], got {args.lam}")
+    if args.rebase and not args.init_from:
+        raise ValueError("--rebase moves an --init-from folder's routers onto --model: give --init-from")
     stage1 = args.steps if args.stage1_steps is None else args.stage1_steps
     run = start_run(args)
     acc = run.accelerator
@@ -505,7 +514,7 @@ def main(args) -> dict:
         final = unwrapped.float().eval()
         folder = Path(args.save_to) if args.save_to else run.out / "model"
         base = base_reference(args.model)
-        packed = packed_backbone(args.init_from)
+        packed = packed_backbone(args.init_from, args.rebase)
         save_dydit(folder, final, lam=args.lam, base=base, include_backbone=args.train == "full" or packed is not None,
                    int8_backbone=packed == "int8",
                    extra={"train": args.train, "objective": args.objective, "task": task, "steps": step,

@@ -261,6 +261,47 @@ def test_init_from_a_packed_folder_trains_its_own_backbone_and_saves_it_packed(t
         finetune_dydit.continued_dydit(packed, DiT.from_pretrained(tiny_base), bad)
 
 
+def test_rebase_moves_a_packed_folders_routers_onto_the_model(tiny_base, tmp_path):
+    """--init-from a packed folder with --rebase: its routers and TD-LoRA go onto --model's backbone (a dense model
+    retrained since), which stays frozen; the result is saved over --model, without a backbone; a full fine-tune
+    and --rebase without --init-from are refused."""
+    first = tmp_path / "first"
+    _run(first, tiny_base, 2, "--train", "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-2",
+         "--router-bias", "2", "--eval-every", "1000", "--ema-decay", "0.5")
+    model = load_dydit(first / "model")
+    with torch.no_grad():
+        model.dit.blocks[0].mlp.fc1.weight.mul_(2.0)  # the folder's own backbone differs from --model's
+    packed = save_dydit(tmp_path / "packed", model, lam=0.5, base=tiny_base, include_backbone=True,
+                        int8_backbone=True, extra={"train": "td-lora"})
+    common = ["--model", str(tiny_base), "--batch-size", "8", "--pool", "32", "--cpu", "--lam", "0.5", "--lam-hold",
+              "0", "--lam-reach", "0", "--ckpt-every", "1000", "--eval-n", "8", "--flops-grid", "4", "--train",
+              "td-lora", "--lora-rank", "2", "--lora-experts", "2", "--lr", "1e-3", "--init-from", str(packed),
+              "--eval-every", "1000", "--rebase"]
+    args = finetune_dydit.parse_args(["--out", str(tmp_path / "second"), "--steps", "2", *common])
+    base = DiT.from_pretrained(tiny_base)
+    moved = finetune_dydit.continued_dydit(packed, base, args)
+    assert moved.dit is base  # --model's backbone, not the folder's
+    src = load_dydit(packed)
+    for a, b in zip(moved.routers.state_dict().values(), src.routers.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(moved.lora.state_dict().values(), src.lora.state_dict().values()):
+        assert torch.equal(a, b)
+    finetune_dydit.main(args)
+    out = tmp_path / "second" / "model"
+    config = json.loads((out / "dydit_config.json").read_text())
+    assert config["backbone"] == "base" and config["td_lora"]["rank"] == 2
+    saved = load_dydit(out).dit.state_dict()
+    dense = DiT.from_pretrained(tiny_base).state_dict()
+    assert all(torch.equal(saved[k], dense[k]) for k in dense)  # frozen, and --model's
+    with pytest.raises(ValueError, match="give --init-from"):
+        finetune_dydit.main(finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", "--model",
+                                                       str(tiny_base), "--cpu", "--rebase"]))
+    full = save_dydit(tmp_path / "full", finetune_dydit.build_dydit(DiT.from_pretrained(tiny_base), 5.0, 0), lam=0.5,
+                      base=tiny_base, include_backbone=True, extra={"train": "full"})
+    with pytest.raises(ValueError, match="full fine-tune"):
+        finetune_dydit.continued_dydit(full, DiT.from_pretrained(tiny_base), args)
+
+
 def test_distill_term_is_zero_for_the_dense_path_and_trains(tiny_base, tmp_path):
     """--distill: the frozen dense base is the teacher. Gates all on and TD-LoRA at its zero init, the dynamic
     prediction is the teacher's, so the term is ~0; moved adapters make it positive; a run logs it."""
