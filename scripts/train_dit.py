@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="DiT-T/2", help="named size, shipped model, saved folder or official .pt")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
     p.add_argument("--vlb-weight", type=float, default=1.0, help="ddpm with learned σ: weight of the VLB term")
+    p.add_argument("--p2-gamma", type=float, default=0.0,
+                   help="ddpm: weight each sample's loss by P2's 1 / (k + SNR_t)^gamma (dit/objectives.py), which "
+                        "lowers the low-noise steps so the high-noise ones (layout, motion) count more; 0: off")
+    p.add_argument("--p2-k", type=float, default=1.0, help="ddpm: P2's k")
     p.add_argument("--adam-impl", default="auto", choices=["auto", "fused", "foreach", "loop"],
                    help="AdamW implementation (auto: fused on CUDA, foreach elsewhere)")
     p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit_normal"], help="flow only")
@@ -477,6 +481,8 @@ def eval_loss(model, objective, conditioner, eval_batch, device) -> float:
     x0, cond = eval_batch
     out = objective(conditioner.model_fn(model), x0, cond, torch.Generator(device).manual_seed(EVAL_SEED))
     model.train(was_training)
+    if "mse" in out:  # DDPM: the unweighted loss, so a --p2-gamma run compares with the others
+        return (out["mse"] + getattr(objective, "vlb_weight", 0.0) * out.get("vlb", 0.0)).item()
     return out["loss"].item()
 
 
@@ -561,8 +567,11 @@ def main(args) -> dict:
                      text_encoder.tokenize if text_encoder is not None else None, args.objects, targets)
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
+    if args.p2_gamma and args.objective != "ddpm":
+        raise ValueError("--p2-gamma weights the DDPM ε loss; the flow objective has --timestep-sampling instead")
     objective = make_objective(args.objective, **(
-        {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else {"vlb_weight": args.vlb_weight}))
+        {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else
+        {"vlb_weight": args.vlb_weight, "p2_gamma": args.p2_gamma, "p2_k": args.p2_k}))
     if args.trainable:
         if args.lora:
             raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")

@@ -42,6 +42,28 @@ def test_ddpm_loss_is_zero_for_the_true_noise():
     assert 0.5 < zero["loss"].item() < 1.5  # E||ε||² = 1
 
 
+def test_p2_weighting_is_one_over_k_plus_snr_to_the_gamma():
+    """--p2-gamma: each sample's ε-MSE times 1 / (k + SNR_t)^γ, checked per sample against a hand computation; the
+    logged mse stays the plain mean; γ = 0 is the plain loss; bad values are refused."""
+    x0 = _x0(16)
+    plain, p2 = DDPMObjective(), DDPMObjective(p2_gamma=1.0, p2_k=1.0)
+    t = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999] * 2)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    model = lambda x, tt, c: 0.5 * x  # noqa: E731  any fixed predictor
+    a, b = plain(model, x0, None, draws=(t, noise)), p2(model, x0, None, draws=(t, noise))
+    x_t = plain.scheduler.add_noise(x0, noise, t)
+    per_sample = ((noise - 0.5 * x_t) ** 2).mean(dim=(1, 2, 3))
+    abar = plain.scheduler.alphas_cumprod.double()[t]
+    weights = 1.0 / (1.0 + abar / (1 - abar))
+    assert torch.allclose(a["loss"], per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(b["loss"], (per_sample * weights.float()).mean(), rtol=1e-5)
+    assert torch.allclose(b["mse"], a["mse"])
+    assert weights[0] < 1e-3 and weights[6] > 0.999  # the cleanest step nearly off, the noisiest at full weight
+    assert DDPMObjective(p2_gamma=0.0).loss_weights is None
+    with pytest.raises(ValueError, match="p2_gamma"):
+        DDPMObjective(p2_gamma=-1.0)
+
+
 def test_flow_target_hand_case():
     x0, noise = torch.full((1, 1, 1, 1), 1.0), torch.full((1, 1, 1, 1), 3.0)
     x_t, target = flow_interpolate(x0, noise, torch.tensor([0.25]))
