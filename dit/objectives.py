@@ -33,6 +33,9 @@ DIT_BETA_START, DIT_BETA_END = 1e-4, 0.02
 FLOW_TIMESTEP_SCALE = 1000.0
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def _mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the batch: (B, ...) -> (B,)."""
     return x.flatten(1).mean(1)
@@ -78,6 +81,12 @@ class DDPMObjective:
     only Σ_θ and L_simple only the mean. λ = `vlb_weight` = 1 as in the DiT code (improved DDPM's λ = 0.001
     went with a sum-reduced loss; DiT mean-reduces both terms).
 
+    `prediction_type` "v_prediction" (Salimans & Ho, 2022; diffusers' scheduler option of that name): the first C
+    channels are v = √ᾱ_t ε - √(1-ᾱ_t) x_0 and L_simple = ||v - v_θ||². In x_0 terms the ε loss weights an error by
+    SNR_t and the v loss by 1 + SNR_t, and at high noise v_θ is -x_0 at full scale where an ε_θ is x_t plus a √ᾱ_t
+    (~2% at t = 900) share of x_0, a few bf16 steps. The scheduler saved with the model carries the type, so its
+    samplers convert. Default: the given scheduler's type, else "epsilon".
+
     `p2_gamma` > 0 weights each sample's ε-MSE by P2's λ_t = 1 / (k + SNR_t)^γ (Choi et al., "Perception
     Prioritized Training of Diffusion Models", CVPR 2022; SNR_t = ᾱ_t / (1-ᾱ_t), k = `p2_k`): the ε loss counts an
     x0 error at t by SNR_t, ~0.007 at t = 700 of DiT's schedule against 8.5 at t = 100, so what is decided at high
@@ -90,12 +99,18 @@ class DDPMObjective:
     """
 
     def __init__(self, scheduler: DDPMScheduler | None = None, vlb_weight: float = 1.0, p2_gamma: float = 0.0,
-                 p2_k: float = 1.0):
+                 p2_k: float = 1.0, prediction_type: str | None = None):
         if p2_gamma < 0 or p2_k <= 0:
             raise ValueError(f"P2 weighting needs p2_gamma >= 0 and p2_k > 0; got {p2_gamma}, {p2_k}")
+        prediction_type = prediction_type or (scheduler.config.prediction_type if scheduler is not None else "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+        self.prediction_type = prediction_type
         self.scheduler = scheduler or DDPMScheduler(
             num_train_timesteps=DIT_NUM_TRAIN_TIMESTEPS, beta_start=DIT_BETA_START, beta_end=DIT_BETA_END,
-            beta_schedule="linear", prediction_type="epsilon")
+            beta_schedule="linear", prediction_type=prediction_type)
+        if self.scheduler.config.prediction_type != prediction_type:  # the saved pipeline's samplers read it from here
+            self.scheduler = DDPMScheduler.from_config(self.scheduler.config, prediction_type=prediction_type)
         self.vlb_weight = vlb_weight
         betas = self.scheduler.betas.double()
         alphas_cumprod = self.scheduler.alphas_cumprod.double()
@@ -145,8 +160,14 @@ class DDPMObjective:
         x_t = self.scheduler.add_noise(x0, noise, t_B)
         out = model_fn(x_t, t_B, cond)
         C = x0.shape[1]
-        eps = out[:, :C]
-        mse = _mean_flat((noise.float() - eps.float()) ** 2)
+        pred = out[:, :C]
+        if self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0.float(), noise.float(), t_B)
+            abar = _gather(self.alphas_cumprod, t_B, pred).to(pred.dtype)
+            eps = abar.sqrt() * pred + (1 - abar).sqrt() * x_t  # ε = √ᾱ v + √(1-ᾱ) x_t, for the VLB's mean
+        else:
+            target, eps = noise, pred
+        mse = _mean_flat((target.float() - pred.float()) ** 2)
         losses = {"mse": mse.mean()}
         loss = mse if self.loss_weights is None else mse * self.loss_weights.to(mse.device)[t_B]
         if out.shape[1] == 2 * C:

@@ -54,7 +54,7 @@ from dit.objectives import FlowMatchingObjective, flow_interpolate, make_objecti
 from dit.pixart import PIXART_CONFIGS  # noqa: E402
 from dit.grounding import CrossAttentionMaps, grounding_loss  # noqa: E402
 from train_dit import (REPO, SHIPPED_CLIP, SHIPPED_VAE, TASK_OF, Conditioner, batch_seed,  # noqa: E402
-                       grounding_targets, load_model, parse_objects, shapes_data)
+                       grounding_targets, load_model, parse_objects, prediction_type_of, shapes_data)
 from training import add_common_args, cosine_schedule, start_run, write_model_card  # noqa: E402
 
 EVAL_SEED = 12345
@@ -394,7 +394,9 @@ def main(args) -> dict:
     else:
         conditioner = Conditioner(task, text_encoder, args.uncond_prob)
     as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
-    objective = make_objective(args.objective)
+    # A DyDiT predicts what its base predicts (ε or v: the base pipeline's scheduler says which).
+    objective = make_objective(args.objective, **({"prediction_type": prediction_type_of(args.model)}
+                                                  if args.objective == "ddpm" else {}))
     # The teacher is a copy taken before the DyDiT wraps (and full training changes) the backbone.
     teacher = copy.deepcopy(dit).to(acc.device).eval().requires_grad_(False) if args.distill > 0 else None
     if args.init_from:

@@ -49,7 +49,7 @@ from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
 from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets  # noqa: E402
 from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model  # noqa: E402
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
-from dit.objectives import make_objective  # noqa: E402
+from dit.objectives import PREDICTION_TYPES, make_objective  # noqa: E402
 from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
 from dit.pixart import PIXART_CONFIGS, PixArtDiT, with_caption_refiner  # noqa: E402
 from dit.text_pipelines import TextToImagePipeline, TextToVideoPipeline  # noqa: E402
@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="ddpm: weight each sample's loss by P2's 1 / (k + SNR_t)^gamma (dit/objectives.py), which "
                         "lowers the low-noise steps so the high-noise ones (layout, motion) count more; 0: off")
     p.add_argument("--p2-k", type=float, default=1.0, help="ddpm: P2's k")
+    p.add_argument("--prediction-type", default=None, choices=list(PREDICTION_TYPES),
+                   help="ddpm: what the model predicts, ε or v (dit/objectives.py); default: the --model pipeline's "
+                        "scheduler's type, else epsilon. Changing a trained model's type retrains its meaning")
     p.add_argument("--adam-impl", default="auto", choices=["auto", "fused", "foreach", "loop"],
                    help="AdamW implementation (auto: fused on CUDA, foreach elsewhere)")
     p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit_normal"], help="flow only")
@@ -180,6 +183,16 @@ def load_model(spec: str, objective: str, qk_norm: bool = False) -> torch.nn.Mod
         return load_official_dit(path)
     names = [*DIT_CONFIGS, *PIXART_CONFIGS, *LATTE_CONFIGS]
     raise ValueError(f"--model {spec!r}: not a named size ({', '.join(names)}), shipped model, folder or file")
+
+
+def prediction_type_of(spec: str) -> str:
+    """What a --model pipeline folder's scheduler says its transformer predicts ("epsilon" when there is none: a named
+    size, a bare transformer folder, an official checkpoint)."""
+    path = _shipped_or_path(spec)
+    config = path / "scheduler" / "scheduler_config.json"
+    if (path / "model_index.json").is_file() and config.is_file():
+        return json.loads(config.read_text()).get("prediction_type", "epsilon")
+    return "epsilon"
 
 
 def _shipped_or_path(spec: str) -> Path:
@@ -567,11 +580,13 @@ def main(args) -> dict:
                      text_encoder.tokenize if text_encoder is not None else None, args.objects, targets)
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
-    if args.p2_gamma and args.objective != "ddpm":
-        raise ValueError("--p2-gamma weights the DDPM ε loss; the flow objective has --timestep-sampling instead")
+    if (args.p2_gamma or args.prediction_type) and args.objective != "ddpm":
+        raise ValueError("--p2-gamma and --prediction-type are DDPM options; the flow objective predicts a velocity "
+                         "and has --timestep-sampling instead")
     objective = make_objective(args.objective, **(
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else
-        {"vlb_weight": args.vlb_weight, "p2_gamma": args.p2_gamma, "p2_k": args.p2_k}))
+        {"vlb_weight": args.vlb_weight, "p2_gamma": args.p2_gamma, "p2_k": args.p2_k,
+         "prediction_type": args.prediction_type or prediction_type_of(args.model)}))
     if args.trainable:
         if args.lora:
             raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")

@@ -64,6 +64,37 @@ def test_p2_weighting_is_one_over_k_plus_snr_to_the_gamma():
         DDPMObjective(p2_gamma=-1.0)
 
 
+def test_v_prediction_oracle_and_vlb_mean():
+    """prediction_type "v_prediction": the true velocity √ᾱ ε - √(1-ᾱ) x0 scores zero (and the ε oracle does not);
+    the ε the VLB's mean is built from, √ᾱ v + √(1-ᾱ) x_t, is the true noise for the true v; the scheduler carries
+    the type (what the saved pipeline's samplers read); a bad type is refused."""
+    obj = DDPMObjective(prediction_type="v_prediction")
+    assert obj.scheduler.config.prediction_type == "v_prediction"
+    x0 = _x0()
+    abar = obj.scheduler.alphas_cumprod
+
+    def velocity(x_t, t, cond):  # recover ε from x_t, then v
+        a = abar[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def noise_oracle(x_t, t, cond):
+        a = abar[t].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    assert obj(velocity, x0, None, torch.Generator().manual_seed(1))["loss"].item() < 1e-6
+    assert obj(noise_oracle, x0, None, torch.Generator().manual_seed(1))["loss"].item() > 0.1
+    # learned σ: with the true v in the mean channels, the VLB equals the ε model's VLB with the true ε
+    sigma = torch.zeros(8, 4, 16, 16)
+    with_v = obj(lambda x, t, c: torch.cat([velocity(x, t, c), sigma], 1), x0, None, torch.Generator().manual_seed(2))
+    with_eps = DDPMObjective()(lambda x, t, c: torch.cat([noise_oracle(x, t, c), sigma], 1), x0, None,
+                               torch.Generator().manual_seed(2))
+    torch.testing.assert_close(with_v["vlb"], with_eps["vlb"], rtol=1e-4, atol=1e-5)
+    assert DDPMObjective(scheduler=obj.scheduler).prediction_type == "v_prediction"  # read from a given scheduler
+    with pytest.raises(ValueError, match="prediction_type"):
+        DDPMObjective(prediction_type="sample")
+
+
 def test_flow_target_hand_case():
     x0, noise = torch.full((1, 1, 1, 1), 1.0), torch.full((1, 1, 1, 1), 3.0)
     x_t, target = flow_interpolate(x0, noise, torch.tensor([0.25]))
@@ -140,6 +171,26 @@ def test_loss_falls_on_shapes(tiny_dit, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     assert np.isfinite(metrics["eval_loss"])
     assert (tmp_path / "model" / "card.json").is_file() and (tmp_path / "model" / "README.md").is_file()
+
+
+@needs_vae
+def test_v_prediction_run_saves_its_type_and_continues_with_it(tiny_dit, tmp_path):
+    """--prediction-type v_prediction: the loss falls, the saved pipeline's scheduler says v_prediction (its samplers
+    convert), and a run started from that folder keeps v without being told; flow refuses the option."""
+    _train(tmp_path / "v", tiny_dit, 30, "--lr", "2e-3", "--warmup", "5", "--ckpt-every", "1000",
+           "--prediction-type", "v_prediction")
+    losses = _losses(tmp_path / "v")
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    config = json.loads((tmp_path / "v" / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
+    assert train_dit.prediction_type_of(str(tmp_path / "v" / "model")) == "v_prediction"
+    assert train_dit.prediction_type_of(str(tiny_dit)) == "epsilon"  # a bare transformer folder
+    from dit.pipelines import ClassToImagePipeline
+
+    pipe = ClassToImagePipeline.from_pretrained(tmp_path / "v" / "model")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="DDPM options"):
+        _train(tmp_path / "f", tiny_dit, 1, "--objective", "flow", "--prediction-type", "v_prediction")
 
 
 @needs_vae
