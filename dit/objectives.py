@@ -87,7 +87,7 @@ class DDPMObjective:
     (~2% at t = 900) share of x_0, a few bf16 steps. The scheduler saved with the model carries the type, so its
     samplers convert. Default: the given scheduler's type, else "epsilon".
 
-    `p2_gamma` > 0 weights each sample's ε-MSE by P2's λ_t = 1 / (k + SNR_t)^γ (Choi et al., "Perception
+    `p2_gamma` > 0 weights each sample's MSE (of ε or v) by P2's λ_t = 1 / (k + SNR_t)^γ (Choi et al., "Perception
     Prioritized Training of Diffusion Models", CVPR 2022; SNR_t = ᾱ_t / (1-ᾱ_t), k = `p2_k`): the ε loss counts an
     x0 error at t by SNR_t, ~0.007 at t = 700 of DiT's schedule against 8.5 at t = 100, so what is decided at high
     noise (a layout, a motion) gets little gradient; P2 lowers the weight of the low-noise steps (clean-up) instead.
