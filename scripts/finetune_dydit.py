@@ -155,9 +155,10 @@ def continued_dydit(folder: Path, dit, args) -> DyDiT:
     """The DyDiT saved in `folder`, to train on: its backbone is `dit` (the --model) unless the folder includes one
     (full fine-tuning), and it must have been trained the way this run trains it."""
     config = read_config(folder)
-    included = config["backbone"] == "included" and not args.rebase
+    has_backbone = config["backbone"] == "included"
+    included = has_backbone and not args.rebase  # the backbone this run routes is the folder's own
     # An included backbone with TD-LoRA is a packed folder (scripts/pack_dydit.py): a frozen backbone of its own.
-    held = "td-lora" if config.get("td_lora") else ("full" if config["backbone"] == "included" else "routers")
+    held = "td-lora" if config.get("td_lora") else ("full" if has_backbone else "routers")
     if args.rebase and held == "full":
         raise ValueError(f"--init-from {folder} --rebase: it is a full fine-tune, whose backbone is part of what was "
                          f"trained; only routers and TD-LoRA move to another backbone")

@@ -95,20 +95,7 @@ for spec in $RUNS; do
     --lam "$lam" $EXTRA --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
   PIDS+=($!)
 done
-((${#PIDS[@]})) && wait "${PIDS[@]}"
-echo "trainings done at $SECONDS s"
-left=$((WATCH - 10 - SECONDS))
-PIDS=()
-for spec in $RUNS; do
-  d=runs/t2i-${spec%%@*}; [ -d "$d/model" ] || continue
-  OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
-    "${DENSE_ARGS[@]}" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
-  PIDS+=($!)
-done
-((${#PIDS[@]})) && wait "${PIDS[@]}"
-echo "comparisons done at $SECONDS s"
-pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
-show_comparisons runs/t2i-*/comparison.json
+compare_runs "${DENSE_ARGS[@]}"
 for f in "$OUT"/t2i-*.log; do echo "== $f"; tail -c 300 "$f"; echo; done
 pack
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log)

@@ -52,20 +52,7 @@ for spec in $RUNS; do
     --lam "$lam" --save-to "runs/t2i-$run/model" > "$OUT/t2i-$run.log" 2>&1 &
   PIDS+=($!)
 done
-((${#PIDS[@]})) && wait "${PIDS[@]}"
-echo "trainings done at $SECONDS s"
-left=$((WATCH - 10 - SECONDS))
-PIDS=()
-for spec in $RUNS; do
-  run=${spec%%@*}; d=runs/t2i-$run; [ -d "$d/model" ] || continue
-  OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
-    > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
-  PIDS+=($!)
-done
-((${#PIDS[@]})) && wait "${PIDS[@]}"
-echo "comparisons done at $SECONDS s"
-pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
-show_comparisons runs/t2i-*/comparison.json
+compare_runs
 for f in "$OUT"/t2i-*.log; do echo "== $f"; grep -i "step\|final\|error\|Trace" "$f" | tail -4 | cut -c1-600; done
 pack
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log)

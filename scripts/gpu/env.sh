@@ -52,3 +52,24 @@ end_trainings() {
   (cd "$OUT" && tar czf logs.tgz --remove-files *.log)
   ls -la "$OUT"
 }
+
+# compare_runs [ARGS...]: after the DyDiT text trainings in PIDS (one per entry of $RUNS, "name" or "name@from", each
+# in runs/t2i-name) were started in the background: wait for them, compare every saved folder with the dense model
+# (scripts/finetune_dydit.py --evaluate, $EVAL_N captions, ARGS added), all in parallel under what is left of $WATCH,
+# into runs/t2i-name/comparison.json, then stop the watchdog $WATCHDOG and show the comparisons.
+compare_runs() {
+  ((${#PIDS[@]})) && wait "${PIDS[@]}"
+  echo "trainings done at $SECONDS s"
+  local left=$((WATCH - 10 - SECONDS)) spec run d
+  PIDS=()
+  for spec in $RUNS; do
+    run=${spec%%@*}; d=runs/t2i-$run; [ -d "$d/model" ] || continue
+    OMP_NUM_THREADS=4 timeout "$left" python3 scripts/finetune_dydit.py --evaluate "$d/model" --final-eval-n "$EVAL_N" \
+      "$@" > "$d/comparison.json" 2> "$OUT/eval-t2i-$run.log" &
+    PIDS+=($!)
+  done
+  ((${#PIDS[@]})) && wait "${PIDS[@]}"
+  echo "comparisons done at $SECONDS s"
+  pkill -P "$WATCHDOG" 2>/dev/null; kill "$WATCHDOG" 2>/dev/null
+  show_comparisons runs/t2i-*/comparison.json
+}
