@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call (twenty-first session): does v-prediction let the video model learn motion?              issue 5
+# bench/t2v_motion_probe.py: the shipped shapes-t2v (ε-prediction) does not read the direction words; its x0 estimate
+# at t >= 700, where a motion is decided, does not move the object. In x0 terms the ε loss weights an error at t by
+# SNR_t (0.007 at t = 700) and the v loss by 1 + SNR_t (~1): v-prediction gives the high-noise steps ~140x the
+# gradient share, and at high noise its output is -x0 at full scale rather than a 2-8% share of an ε output
+# (dit/objectives.py). P2 with the ε loss (round 20) only lowered the low-noise steps: motion 0.056 -> 0.119.
+# Each run continues BASE (default the shipped shapes-t2v, saved over weights/shapes-t2i) on what it trained
+# (temporal blocks, spatial cross-attention, caption projection and refiner), saved over weights/shapes-t2i again:
+#   gG:  ε-prediction, P2 gamma G (round 20's runs; g0 = plain ε)
+#   vG:  v-prediction (the output head `final.` trains too: its meaning changes), P2 gamma G (v0 = plain v; v1 = P2
+#        gamma 1, which makes the v loss uniform in x0 terms)
+# EMA decay EMA (default 0.995: a type switch must not keep a large share of the ε weights in the average after
+# ~2,000 steps; 0.999 would keep 13%), sample metrics every EVAL_EVERY steps on 32 videos, best kept.
+# Usage: LIMIT=400 RUNS="v0 v1" bash scripts/gpu/train_round21_t2v.sh   (carry [".whl"], and BASE if not shipped)
+set -uo pipefail
+LIMIT=${LIMIT:-400}
+WATCH=${WATCH:-570}
+RUNS=${RUNS:-"v0 v1"}
+LR=${LR:-5e-4}
+EMA=${EMA:-0.995}
+EVAL_EVERY=${EVAL_EVERY:-500}
+SEED=${SEED:-21}
+BASE=${BASE:-weights/shapes-t2v}
+source scripts/gpu/env.sh
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
+mkdir -p runs
+device_header "LIMIT=$LIMIT WATCH=$WATCH RUNS=\"$RUNS\" LR=$LR EMA=$EMA EVAL_EVERY=$EVAL_EVERY SEED=$SEED BASE=$BASE bash scripts/gpu/train_round21_t2v.sh"
+pack() { for r in $RUNS; do tar czf "$OUT/t2v-$r.tgz" runs/t2v-$r/model runs/t2v-$r/log.jsonl 2>/dev/null; done; }
+(sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
+WATCHDOG=$!
+TRAINABLE='temporal_blocks\.|spatial_blocks\.\d+\.cross_attn\.|caption_embed\.|caption_refiner\.'
+PIDS=()
+for r in $RUNS; do
+  case $r in
+    g*) gamma=${r#g}; kind=(--prediction-type epsilon); trainable=$TRAINABLE ;;
+    v*) gamma=${r#v}; kind=(--prediction-type v_prediction); trainable="$TRAINABLE|final\." ;;
+    *) echo "unknown run $r"; exit 2 ;;
+  esac
+  rm -rf runs/t2v-$r && mkdir -p runs/t2v-$r
+  OMP_NUM_THREADS=4 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
+    --dynamo_backend no scripts/train_dit.py --out runs/t2v-$r --model "$BASE" "${kind[@]}" --p2-gamma "$gamma" \
+    --save-over-image weights/shapes-t2i --save-to runs/t2v-$r/model --trainable "$trainable" \
+    --steps 40000 --batch-size 64 --sample-eval-n 32 --final-eval-n 128 --eval-every "$EVAL_EVERY" --pool 30000 \
+    --seed "$SEED" --compile --mixed-precision bf16 --lr "$LR" --keep-best --warmup 200 --ema-decay "$EMA" \
+    --save-dtype float16 --ckpt-every 100000 --time-limit "$LIMIT" --anneal-to-time-limit --log-every 50 \
+    --rollback-on-spike 200 > "$OUT/t2v-$r.log" 2>&1 &
+  PIDS+=($!)
+done
+end_trainings
