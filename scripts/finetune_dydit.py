@@ -46,7 +46,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
 from dit.dit import DIT_CONFIGS  # noqa: E402
-from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target  # noqa: E402
+from dit.dydit import GATE_TAU, DyDiT, MacCounter, flops_loss, flops_target, high_noise_floor_loss  # noqa: E402
 from dit.dydit_io import included_backbone, load_dydit, load_dydit_pipeline, read_config, save_dydit  # noqa: E402
 from dit.evaluation import evaluate_pipeline, task_of  # noqa: E402
 from dit.latte import LATTE_CONFIGS  # noqa: E402
@@ -73,6 +73,12 @@ def parse_args(argv=None):
                    help="lambda_t before the ramp (1: the dense model; a continued run stepping lambda down: its "
                         "folder's lambda)")
     p.add_argument("--lam-reach", type=int, default=1000, help="lambda_t reaches --lam at this step (spec: 5000 for 0.7)")
+    p.add_argument("--high-noise-floor", type=float, default=None, metavar="R",
+                   help="add L_floor (dit/dydit.py: high_noise_floor_loss): every sample at noise level >= "
+                        "--high-noise-from must execute at least R of the dense FLOPs (L_F keeps the mean at lambda, so "
+                        "the low-noise steps give up the difference); default: off, the spec's batch-mean L_F alone")
+    p.add_argument("--high-noise-from", type=float, default=0.7, metavar="F",
+                   help="with --high-noise-floor: the noise level (DDPM t/T, flow t) from which the floor holds")
     p.add_argument("--stage1-steps", type=int, default=None,
                    help="steps with the complete forward's loss added (default: all steps)")
     p.add_argument("--train", default="routers", choices=["routers", "full", "td-lora"],
@@ -205,6 +211,13 @@ def draw(objective, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tenso
     else:
         t_B = stratified_timesteps(x0.shape[0], objective.num_train_timesteps, gen)
     return t_B.to(x0.device), torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)
+
+
+def noise_level(objective, t_B: torch.Tensor) -> torch.Tensor:
+    """(B,) each sample's place on the noise axis in [0, 1]: DDPM t/T, flow t (both 1 = pure noise)."""
+    if isinstance(objective, FlowMatchingObjective):
+        return t_B.float()
+    return t_B.float() / objective.num_train_timesteps
 
 
 def noisy(objective, x0, noise, t_B):
@@ -372,6 +385,9 @@ def main(args) -> dict:
         return comparison
     if not 0 < args.lam <= 1:
         raise ValueError(f"--lam must be in (0, 1], got {args.lam}")
+    if args.high_noise_floor is not None and not (0 < args.high_noise_floor <= 1 and 0 <= args.high_noise_from < 1):
+        raise ValueError(f"--high-noise-floor must be in (0, 1] and --high-noise-from in [0, 1); got "
+                         f"{args.high_noise_floor}, {args.high_noise_from}")
     if args.rebase and not args.init_from:
         raise ValueError("--rebase moves an --init-from folder's routers onto --model: give --init-from")
     stage1 = args.steps if args.stage1_steps is None else args.stage1_steps
@@ -471,6 +487,9 @@ def main(args) -> dict:
             with maps.recording() if maps is not None else contextlib.nullcontext():
                 dyn_terms, dyn = run_loss(objective, net, x0, cond, draws, "masked", teacher)
             terms = {"loss_dynamic": dyn_terms["loss"], "loss_flops": flops_loss(dyn.flops_ratio.float(), lam_t)}
+            if args.high_noise_floor is not None:
+                terms["loss_floor"] = high_noise_floor_loss(dyn.flops_ratio.float(), noise_level(objective, draws[0]),
+                                                            args.high_noise_floor, args.high_noise_from)
             if maps is not None:
                 masks, tokens = data.grounding(seed, args.batch_size, acc.device)
                 tokens = conditioner.grounded(tokens, seed)

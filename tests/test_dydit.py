@@ -21,6 +21,7 @@ from dit.dydit import (
     flops_ratio,
     flops_target,
     gumbel_sigmoid_gate,
+    high_noise_floor_loss,
     kept_index,
     token_skip_mlp,
 )
@@ -282,6 +283,61 @@ def test_flops_loss_drives_executed_ratio_to_lambda():
             x, y = torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 48, (8,), generator=g)
             model(x, t, y, counter=counter)
     assert abs(counter.ratio - lam) < 0.1, counter.ratio
+
+
+def test_high_noise_floor_loss_values():
+    r = torch.tensor([0.3, 0.9, 0.3, 0.5])
+    n = torch.tensor([0.9, 0.95, 0.2, 0.7])
+    # only samples at noise >= 0.7 count (three); 0.9 is above the floor
+    want = 2 * ((0.6 - 0.3) ** 2 + (0.6 - 0.5) ** 2) / 3
+    assert high_noise_floor_loss(r, n, 0.6, 0.7).item() == pytest.approx(want)
+    assert high_noise_floor_loss(r, n, 0.25, 0.0).item() == 0.0
+    assert high_noise_floor_loss(r, n, 0.6, 0.99).item() == 0.0  # no sample that noisy
+    r = r.clone().requires_grad_()
+    high_noise_floor_loss(r, n, 0.6, 0.7).backward()
+    assert r.grad[0] < 0 and r.grad[3] < 0 and r.grad[1] == 0 and r.grad[2] == 0  # pushes the low ones up
+    for floor, start in ((0.0, 0.5), (1.2, 0.5), (0.5, 1.0), (0.5, -0.1)):
+        with pytest.raises(ValueError, match="high-noise floor"):
+            high_noise_floor_loss(r, n, floor, start)
+
+
+def test_high_noise_floor_moves_compute_to_the_noisy_steps():
+    """As the test above, with the floor at 0.8 from t = 700 on: the mean stays near lambda and the noisiest steps
+    execute at least ~the floor, more than the rest (without the floor this tiny model's routers put no more there)."""
+    lam, floor = 0.5, 0.8
+    model = DyDiT.from_dit(tiny_dit()).frozen_backbone()
+    with torch.no_grad():
+        for r in model.routers:
+            r.head_router.bias.fill_(1.0)
+            r.channel_router.bias.fill_(1.0)
+            r.token_router[2].bias.fill_(1.0)
+    opt = torch.optim.Adam(model.routers.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    model.dit.label_embed.eval()
+    for step in range(150):
+        x, y = torch.randn(16, 4, 16, 16, generator=g), torch.randint(0, 48, (16,), generator=g)
+        t = torch.randint(0, 1000, (16,), generator=g)
+        out = model(x, t, y, mode="masked")
+        noise = torch.randn(16, 4, 16, 16, generator=g)
+        loss = (flops_loss(out.flops_ratio, lam) + high_noise_floor_loss(out.flops_ratio, t / 1000, floor, 0.7)
+                + F.mse_loss(out.sample[:, :4], noise))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    by_t = {}
+    with torch.no_grad():
+        for t in range(50, 1000, 100):
+            counter = MacCounter()
+            x, y = torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 48, (8,), generator=g)
+            model(x, t, y, counter=counter)
+            by_t[t] = counter.ratio
+    noisy = [r for t, r in by_t.items() if t >= 700]
+    rest = [r for t, r in by_t.items() if t < 700]
+    assert min(noisy) > floor - 0.1, by_t
+    assert sum(noisy) / len(noisy) > sum(rest) / len(rest) + 0.2, by_t
+    assert abs(sum(by_t.values()) / len(by_t) - lam) < 0.1, by_t
 
 
 def test_flops_target_schedule():

@@ -111,6 +111,27 @@ def test_bad_lambda_is_refused(tmp_path):
         finetune_dydit.main(args)
 
 
+def test_bad_high_noise_floor_is_refused(tmp_path):
+    for extra in (["--high-noise-floor", "0"], ["--high-noise-floor", "0.8", "--high-noise-from", "1"]):
+        args = finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", *extra])
+        with pytest.raises(ValueError, match="--high-noise-floor must be in"):
+            finetune_dydit.main(args)
+
+
+@needs_vae
+def test_high_noise_floor_term_is_logged_and_trains(tiny_base, tmp_path):
+    """The floor term is in the loss (logged each step): with a floor of 1 on every noise level it is positive as
+    soon as the gates close below all-on."""
+    out = tmp_path / "floor"
+    _run(out, tiny_base, 4, "--lr", "1e-2", "--router-bias", "0.5", "--log-every", "1", "--eval-every", "1000",
+         "--high-noise-floor", "1", "--high-noise-from", "0")
+    steps = [r for r in _log(out) if "loss_floor" in r]
+    assert len(steps) == 4 and all(r["loss_floor"] >= 0 for r in steps)
+    assert any(r["loss_floor"] > 0 for r in steps) and all(r["flops_train"] < 1 for r in steps)
+    ratio_gap = [2 * (1 - r["flops_train"]) ** 2 for r in steps]  # the floor term is at least 2 (1 - mean r)^2
+    assert all(r["loss_floor"] >= g - 1e-6 for r, g in zip(steps, ratio_gap))
+
+
 def test_stratified_timesteps_cover_the_quarters():
     t = finetune_dydit.stratified_timesteps(8, 1000, torch.Generator().manual_seed(0))
     assert [int(v) // 250 for v in t] == [0, 0, 1, 1, 2, 2, 3, 3]
