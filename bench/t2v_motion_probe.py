@@ -4,7 +4,7 @@ Rendered one-object videos moving left or right (half each) are noised at severa
 noise three times, with the true caption, with the direction word swapped ("left" <-> "right") and with the empty
 caption. A model that reads the direction has a lower loss with the true caption than with the swapped one, and
 its x0 prediction moves the object the captioned way. Reported per timestep:
-- `loss_true`, `loss_swapped`, `loss_empty`: the ε-prediction MSE;
+- `loss_true`, `loss_swapped`, `loss_empty`: the ε-prediction MSE (a v-prediction model's output is converted to ε);
 - `shift_true`, `shift_swapped`: how far the x0 prediction's horizontal centre of mass moves from the first to the
   last frame toward the true direction, in latent cells (the clean latents' own shift is `data_shift`).
 The centre of mass is of each cell's deviation from its frame's mean, summed over latent channels.
@@ -85,6 +85,8 @@ def main():
             for name, (e, keep) in encoded.items():
                 out = model(xt, tt, e, keep)
                 out = (out.sample if hasattr(out, "sample") else out)[:, :z.shape[1]]
+                if ddpm.config.prediction_type == "v_prediction":  # compare as ε: ε = √ᾱ v + √(1-ᾱ) x_t
+                    out = a.sqrt() * out + (1 - a).sqrt() * xt
                 row[f"loss_{name}"] = ((out - eps) ** 2).mean().item()
                 if name != "empty":
                     row[f"shift_{name}"] = horizontal_shift((xt - (1 - a).sqrt() * out) / a.sqrt(), sign)

@@ -824,9 +824,11 @@ class DyDiT(nn.Module):
         N = x.shape[1]
         t_B = _timesteps(timestep, B, sample.device)
         t_emb, t6 = base.condition(t_B, B, sample.device)
-        text_BF = base.embed_text(text, keep).repeat_interleave(frames, dim=0)  # (B·F, L, D)
+        text_BLD = base.embed_text(text, keep)
+        text_BF = text_BLD.repeat_interleave(frames, dim=0)  # (B·F, L, D)
         keep_BF = None if keep is None else keep.repeat_interleave(frames, dim=0)
-        t6_spatial, t6_temporal = t6.repeat_interleave(frames, dim=0), t6.repeat_interleave(N, dim=0)
+        t6_spatial = t6.repeat_interleave(frames, dim=0)
+        t6_temporal = base.temporal_modulation(t6, text_BLD, keep).repeat_interleave(N, dim=0)
         ps = self._begin(mode, t_B, t_emb, counter)
         for i, (spatial, temporal) in enumerate(zip(base.spatial_blocks, base.temporal_blocks)):
             mods = (spatial.scale_shift_table[None] + t6_spatial).unbind(1)

@@ -131,6 +131,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
         qk_norm: bool = False,
         caption_refiner_layers: int = 0,
         caption_refiner_mlp_ratio: float = 1.0,
+        temporal_text_modulation: bool = False,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -157,11 +158,20 @@ class LatteDiT(ModelMixin, ConfigMixin):
             LatteTemporalBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
         )
         self.final = PixArtFinalLayer(hidden_size, patch_size, self.out_channels)
+        # Ours, off in Latte-1 (whose temporal blocks see only t): the caption's mean token, after the refiner, adds
+        # to the temporal blocks' modulation. A motion ("moving to the left") is a property of the whole clip that
+        # the temporal blocks must realise; in Latte-1 it reaches them only through the spatial cross-attention,
+        # and the shapes video model never learned to carry it (bench/t2v_motion_probe.py).
+        self.temporal_text = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, BLOCK_MODULATIONS * hidden_size)) \
+            if temporal_text_modulation else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         init_adaln_single_weights(self, tabled_blocks=(*self.spatial_blocks, *self.temporal_blocks),
                                   cross_blocks=self.spatial_blocks)
+        if self.temporal_text is not None:  # zero: the text enters the temporal blocks gradually
+            nn.init.zeros_(self.temporal_text[1].weight)
+            nn.init.zeros_(self.temporal_text[1].bias)
 
     # The stages of forward, public so that methods can run blocks over their own token sets.
     def embed(self, sample_BCFHW: Tensor) -> Tensor:
@@ -177,6 +187,18 @@ class LatteDiT(ModelMixin, ConfigMixin):
 
     def embed_text(self, encoder_hidden_states_BLE: Tensor, text_keep_BL: Tensor | None = None) -> Tensor:
         return embed_caption(self, encoder_hidden_states_BLE, text_keep_BL)  # (B, L, D)
+
+    def temporal_modulation(self, t6_B6D: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+        """The temporal blocks' shared modulation (B, 6, D): t's, plus the caption's with temporal_text_modulation
+        (the mean over the kept tokens of the embedded text; an all-padded caption contributes the bias only)."""
+        if self.temporal_text is None:
+            return t6_B6D
+        if text_keep_BL is None:
+            pooled = text_BLD.mean(1)
+        else:
+            w = text_keep_BL.to(text_BLD.dtype)[..., None]
+            pooled = (text_BLD * w).sum(1) / w.sum(1).clamp(min=1)
+        return t6_B6D + self.temporal_text(pooled).view_as(t6_B6D)
 
     @staticmethod
     def to_temporal(x_BF_ND: Tensor, frames: int) -> Tensor:
@@ -229,10 +251,11 @@ class LatteDiT(ModelMixin, ConfigMixin):
         N = x.shape[1]
         t_BD, t6_B6D = self.condition(timestep, B, sample.device)  # computed once, used by every block and the head
         # Each frame of a sample sees that sample's text and modulation; each patch position its modulation.
-        text_BF_LD = self.embed_text(encoder_hidden_states, text_keep_BL).repeat_interleave(F, dim=0)  # (B·F, L, D)
+        text_BLD = self.embed_text(encoder_hidden_states, text_keep_BL)
+        text_BF_LD = text_BLD.repeat_interleave(F, dim=0)  # (B·F, L, D)
         keep_BF_L = None if text_keep_BL is None else text_keep_BL.repeat_interleave(F, dim=0)  # (B·F, L)
         t6_spatial = t6_B6D.repeat_interleave(F, dim=0)  # (B·F, 6, D)
-        t6_temporal = t6_B6D.repeat_interleave(N, dim=0)  # (B·N, 6, D)
+        t6_temporal = self.temporal_modulation(t6_B6D, text_BLD, text_keep_BL).repeat_interleave(N, dim=0)  # (B·N, 6, D)
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             x = self.run_block(spatial, x, t6_spatial, text_BF_LD, keep_BF_L)
             x = self.to_temporal(x, F)  # (B·N, F, D)
@@ -285,6 +308,21 @@ class LatteDiT(ModelMixin, ConfigMixin):
 SHARED_WITH_IMAGE = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_heads", "mlp_ratio",
                      "caption_channels", "max_text_tokens", "learn_sigma", "norm_eps", "interpolation_scale", "qk_norm",
                      "caption_refiner_layers", "caption_refiner_mlp_ratio")
+
+
+def with_temporal_text_modulation(model: LatteDiT) -> LatteDiT:
+    """A copy of a trained LatteDiT with the caption's modulation of the temporal blocks added (zero, so the copy
+    computes exactly what `model` does until it is trained); a model that has it already is returned as it is."""
+    if model.config.temporal_text_modulation:
+        return model
+    new = type(model)(**{**dict(model.config), "temporal_text_modulation": True})
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("temporal_text.") for k in missing):
+        raise ValueError(f"weights do not fit the model with temporal text modulation: missing {missing}, "
+                         f"unexpected {unexpected}")
+    new.image_model_folder = model.image_model_folder
+    p = next(model.parameters())
+    return new.to(device=p.device, dtype=p.dtype)
 
 
 @torch.no_grad()

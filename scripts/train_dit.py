@@ -47,7 +47,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
 from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets  # noqa: E402
-from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model  # noqa: E402
+from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model, with_temporal_text_modulation  # noqa: E402
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import PREDICTION_TYPES, make_objective  # noqa: E402
 from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
@@ -109,6 +109,9 @@ def parse_args(argv=None):
                    help="text / video models: add a bidirectional caption refiner of this many layers in front of the "
                         "blocks (zero-initialised, so a trained model starts unchanged; dit/pixart.py CaptionRefiner)")
     p.add_argument("--caption-refiner-mlp-ratio", type=float, default=1.0)
+    p.add_argument("--temporal-text", action="store_true",
+                   help="video models: add the caption's modulation of the temporal blocks (zero-initialised, so a "
+                        "trained model starts unchanged; dit/latte.py with_temporal_text_modulation)")
     p.add_argument("--grounding-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="text / video models on the shapes world (with --pool): add WEIGHT x TokenCompose's token "
                         "loss, which pulls each object's caption tokens' cross-attention onto that object, frame by "
@@ -542,6 +545,10 @@ def main(args) -> dict:
         model = with_caption_refiner(model, args.caption_refiner, args.caption_refiner_mlp_ratio)
         if folder is not None:
             model.image_model_folder = folder
+    if args.temporal_text:
+        if task != "video":
+            raise ValueError("--temporal-text applies to video models (it conditions their temporal blocks)")
+        model = with_temporal_text_modulation(model)
     if args.init_from_image:
         image = load_model(args.init_from_image, args.objective)
         if task != "video" or task_of(image) != "text":

@@ -470,3 +470,53 @@ def test_save_over_image_model_from_the_gpu(tmp_path):
     video.save_pretrained(tmp_path / "video", image_model=tmp_path / "image")
     back = LatteDiT.from_pretrained(tmp_path / "video")
     assert all(torch.equal(v.cpu(), back.state_dict()[k]) for k, v in video.state_dict().items())
+
+
+def test_temporal_text_modulation_starts_as_the_model_and_reads_the_caption(tmp_path):
+    """with_temporal_text_modulation: the copy computes what the model does (zero init), the new linear gets
+    gradients, once trained the caption changes the temporal blocks (frames then depend on the caption through them
+    even with the spatial cross-attention off), padded tokens do not count, and it saves over the image model and
+    loads back with the flag. The DyDiT's Latte path runs it too."""
+    from dit.dydit import DyDiT
+    from dit.latte import init_from_image_model, with_temporal_text_modulation
+
+    image, video = _image_and_video(depth=2)
+    image.save_pretrained(tmp_path / "image")
+    init_from_image_model(video, image)
+    with torch.no_grad():
+        for p in video.temporal_blocks.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    clip, t = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    text, keep = torch.randn(2, 5, 24, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    new = with_temporal_text_modulation(video)
+    assert new.config.temporal_text_modulation and with_temporal_text_modulation(new) is new
+    with torch.no_grad():
+        torch.testing.assert_close(new(clip, t, text, keep), video(clip, t, text, keep), rtol=0, atol=0)
+    new.train()
+    new(clip, t, text, keep).square().mean().backward()
+    assert new.temporal_text[1].weight.grad.abs().sum() > 0
+    new.eval()
+    with torch.no_grad():
+        new.temporal_text[1].weight.normal_(0, 0.05)
+        for block in new.spatial_blocks:  # the caption reaches the frames only through the temporal modulation now
+            block.cross_attn.proj.weight.zero_()
+            block.cross_attn.proj.bias.zero_()
+        a = new(clip, t, text, keep)
+        other = text.clone()
+        other[0, 3:] = torch.randn(2, 24, generator=g)  # sample 0's padded tokens: no change
+        other[1, 0] = torch.randn(24, generator=g)  # sample 1's first token: a change
+        b = new(clip, t, other, keep)
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        assert (a[1] - b[1]).abs().max() > 1e-4
+        # the DyDiT's Latte forward with every gate on equals the model's
+        dy = DyDiT.from_dit(new).eval()
+        for r in dy.routers:  # all gates on whatever the activations
+            for lin in (r.head_router, r.channel_router, r.token_router[2]):
+                lin.weight.zero_()
+        torch.testing.assert_close(dy(clip, t, text, keep, mode="masked").sample, a, rtol=1e-5, atol=1e-5)
+    new.save_pretrained(tmp_path / "video", image_model=tmp_path / "image")
+    back = LatteDiT.from_pretrained(tmp_path / "video")
+    assert back.config.temporal_text_modulation
+    with torch.no_grad():
+        torch.testing.assert_close(back(clip, t, text, keep), a, rtol=0, atol=0)
