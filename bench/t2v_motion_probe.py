@@ -9,11 +9,18 @@ its x0 prediction moves the object the captioned way. Reported per timestep:
   last frame toward the true direction, in latent cells (the clean latents' own shift is `data_shift`).
 The centre of mass is of each cell's deviation from its frame's mean, summed over latent channels.
 
+Two more readings per timestep, on the same noisy inputs:
+- `output_change`: how much the model's output moves, relative to its size, when the caption's direction is swapped,
+  its colour is changed ("red" -> the next colour) or its shape is changed (the next shape);
+- `attention`: the share of the cross-attention (all blocks, heads and image tokens) that goes to [SOT], to the
+  direction word, to the colour and shape words, and to [EOT].
+
     python bench/t2v_motion_probe.py --model weights/shapes-t2v --out bench/results/t2v_motion_probe.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import shlex
@@ -30,7 +37,8 @@ from diffusers import DDPMScheduler  # noqa: E402
 
 from dit.text_pipelines import TextToVideoPipeline  # noqa: E402
 from shapes.render import render_video  # noqa: E402
-from shapes.scene import MOTIONS, sample_video_scenes  # noqa: E402
+from dit.grounding import CrossAttentionMaps  # noqa: E402
+from shapes.scene import COLOURS, MOTIONS, SHAPES, sample_video_scenes  # noqa: E402
 from shapes.text import captions  # noqa: E402
 from train_dit import encode_video  # noqa: E402
 
@@ -39,6 +47,23 @@ TIMESTEPS = (100, 300, 500, 700, 900)
 
 def swap_direction(text: str) -> str:
     return text.replace("right", "\0").replace("left", "right").replace("\0", "left")
+
+
+def swap_word(text: str, vocabulary) -> str:
+    """The first word of `vocabulary` in `text` replaced by the next one in it (a caption with another colour/shape)."""
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        if w in vocabulary:
+            words[i] = vocabulary[(vocabulary.index(w) + 1) % len(vocabulary)]
+            break
+    return " ".join(words)
+
+
+def token_positions(encoder, caps: list[str], vocabulary) -> torch.Tensor:
+    """(B, L) bool: the caption tokens that are words of `vocabulary`."""
+    ids = encoder.tokenize(caps)
+    wanted = torch.tensor(encoder.tokenizer.convert_tokens_to_ids(list(vocabulary)))
+    return torch.isin(ids, wanted)
 
 
 def horizontal_shift(x0: torch.Tensor, sign: torch.Tensor) -> float:
@@ -73,25 +98,42 @@ def main():
     rows = {}
     with torch.no_grad():
         z = encode_video(vae, video)  # (B, C, F, h, w), as the training script encodes its data
-        texts = {"true": caps, "swapped": [swap_direction(c) for c in caps], "empty": [""] * n}
+        texts = {"true": caps, "swapped": [swap_direction(c) for c in caps], "empty": [""] * n,
+                 "colour": [swap_word(c, COLOURS) for c in caps], "shape": [swap_word(c, SHAPES) for c in caps]}
         encoded = {k: encoder.encode_text_tokens(v) for k, v in texts.items()}
+        ids = encoder.tokenize(caps)
+        groups = {"sot": ids == ids[0, 0], "direction": token_positions(encoder, caps, ("left", "right")),
+                  "colour": token_positions(encoder, caps, COLOURS), "shape": token_positions(encoder, caps, SHAPES),
+                  "eot": ids == encoder.tokenizer.eos_token_id}
+        maps = CrossAttentionMaps(model)
         g = torch.Generator().manual_seed(args.seed + 1)
         for t in TIMESTEPS:
             eps = torch.randn(z.shape, generator=g)
             tt = torch.full((n,), t)
             xt = ddpm.add_noise(z, eps, tt)
             a = ddpm.alphas_cumprod[t]
-            row = {}
+            row, outs = {}, {}
             for name, (e, keep) in encoded.items():
-                out = model(xt, tt, e, keep)
+                with maps.recording() if name == "true" else contextlib.nullcontext():
+                    out = model(xt, tt, e, keep)
+                if name == "true":  # attention share per token group: mean over blocks, heads, image tokens
+                    A = torch.stack([m.mean((1, 2)) for m in maps.take()]).mean(0)  # (B', L), B' = B·F
+                    A = A.view(n, -1, A.shape[-1]).mean(1)  # (B, L)
+                    row["attention"] = {g: round((A * mask).sum(-1).mean().item(), 5) for g, mask in groups.items()}
                 out = (out.sample if hasattr(out, "sample") else out)[:, :z.shape[1]]
                 if ddpm.config.prediction_type == "v_prediction":  # compare as ε: ε = √ᾱ v + √(1-ᾱ) x_t
                     out = a.sqrt() * out + (1 - a).sqrt() * xt
+                outs[name] = out
+                if name in ("colour", "shape"):
+                    continue
                 row[f"loss_{name}"] = ((out - eps) ** 2).mean().item()
                 if name != "empty":
                     row[f"shift_{name}"] = horizontal_shift((xt - (1 - a).sqrt() * out) / a.sqrt(), sign)
+            size = outs["true"].norm()
+            row["output_change"] = {k: round(((outs[k] - outs["true"]).norm() / size).item(), 5)
+                                    for k in ("swapped", "colour", "shape")}
             rows[str(t)] = row
-            print(t, {k: round(v, 5) for k, v in row.items()}, flush=True)
+            print(t, row, flush=True)
         data_shift = horizontal_shift(z, sign)
     print("data_shift", round(data_shift, 3))
     result = {"device": "cpu", "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
