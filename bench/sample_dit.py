@@ -344,6 +344,16 @@ def scheduler_cost(w: dict, device, dtype, reps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def preset_order(presets: list[str], diffusers_presets: list[str]) -> list[str]:
+    """Every preset either side runs under, diffusers' first: the baseline must be in every run (a run with
+    --presets cudagraphs once measured ours alone, H100 2026-11-25, when diffusers ran only where the lists met)."""
+    return list(dict.fromkeys([*diffusers_presets, *presets]))
+
+
+def runs_under(impl: str, preset: str, presets: list[str], diffusers_presets: list[str]) -> bool:
+    return preset in (diffusers_presets if impl == "diffusers" else presets)
+
+
 def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadline: float) -> None:
     theirs, ours = build_models(w, device)
     vae = build_vae(args.smoke, device).to(dtype)
@@ -418,9 +428,9 @@ def measure(args, name: str, w: dict, device, dtype, result: dict, save, deadlin
                 with torch.no_grad():
                     flops[impl, batch] = forward_flops(impl, model, *forward_inputs(w, impl, batch, device, dtype))
 
-    for preset in args.presets:
+    for preset in preset_order(args.presets, args.diffusers_presets):
         for impl, model in models.items():
-            if impl == "diffusers" and preset not in args.diffusers_presets:
+            if not runs_under(impl, preset, args.presets, args.diffusers_presets):
                 continue
             restore_eager(model)
             # A fresh dynamo cache per (impl, preset): the same forward compiled under the previous presets at every

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smoke_run_records_parity_and_speed_rows(tmp_path):
     out = tmp_path / "smoke.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "sample_dit.py"), "--smoke", "--presets", "eager",
-                    "--reps", "1", "--batches", "1", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+                    "--diffusers-presets", "eager", "--reps", "1", "--batches", "1", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
     result = json.loads(out.read_text())
     assert set(result["parity"]) == {"dit256", "pixart512", "latte512"}
     for name, parity in result["parity"].items():
@@ -69,3 +69,14 @@ def test_bench_forward_is_called_as_the_pipelines_call_it():
     assert len(counts) == 4
     for key, (after_forward, after_pipeline) in counts.items():
         assert after_forward >= 1 and after_pipeline == after_forward, (key, counts)
+
+
+def test_diffusers_baseline_runs_under_its_presets_whatever_ours_run_under():
+    from bench import sample_dit as sd
+
+    order = sd.preset_order(["cudagraphs"], ["default"])
+    assert order == ["default", "cudagraphs"]
+    plan = [(p, impl) for p in order for impl in ("diffusers", "ours", "ours-fp8")
+            if sd.runs_under(impl, p, ["cudagraphs"], ["default"])]
+    assert plan == [("default", "diffusers"), ("cudagraphs", "ours"), ("cudagraphs", "ours-fp8")]
+    assert sd.preset_order(["eager", "default"], ["eager", "default"]) == ["eager", "default"]
