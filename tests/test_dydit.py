@@ -247,16 +247,9 @@ def test_dydit_token_capacity_after_calibration():
 
 
 # ----------------------------------------------------------------------------------------------- e: FLOPs loss
-def test_flops_loss_drives_executed_ratio_to_lambda():
-    """Routers only (backbone frozen), flops_loss toward lambda = 0.5 plus the noise-prediction MSE on random latents,
-    Adam lr 1e-2, 150 steps; then the executed ratio (MAC counter, sliced eval path, t over the whole range).
-
-    Two departures from the recipe, both for the step budget: the router biases start at +1, not +15/+35 (Adam moves
-    a bias by about lr per step, so from +15 the gates would not reach the switching range in 1000 steps); and the
-    MSE term is kept because without it the gates' logits settle near 0, where the noisy training ratio (which the
-    loss sees) and the thresholded eval ratio differ: flops_loss alone gave eval ratios of 0.57-0.69 from +1/+2.
-    """
-    lam = 0.5
+def train_routers(lam: float, floor: float | None = None, steps: int = 150):
+    """Routers only (backbone frozen), flops_loss toward `lam` (plus the high-noise floor from t = 700 on, if given)
+    plus the noise-prediction MSE on random latents, Adam lr 1e-2. -> the model in eval mode and the generator."""
     model = DyDiT.from_dit(tiny_dit()).frozen_backbone()
     with torch.no_grad():
         for r in model.routers:
@@ -267,22 +260,43 @@ def test_flops_loss_drives_executed_ratio_to_lambda():
     g = torch.Generator().manual_seed(0)
     model.train()
     model.dit.label_embed.eval()
-    for step in range(150):
+    for step in range(steps):
         x, y = torch.randn(16, 4, 16, 16, generator=g), torch.randint(0, 48, (16,), generator=g)
         t = torch.randint(0, 1000, (16,), generator=g)
         out = model(x, t, y, mode="masked")
         noise = torch.randn(16, 4, 16, 16, generator=g)
         loss = flops_loss(out.flops_ratio, lam) + F.mse_loss(out.sample[:, :4], noise)
+        if floor is not None:
+            loss = loss + high_noise_floor_loss(out.flops_ratio, t / 1000, floor, 0.7)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    counter = MacCounter()
+    return model.eval(), g
+
+
+def executed_by_t(model: DyDiT, g: torch.Generator) -> dict[int, float]:
+    """The executed ratio (MAC counter, sliced eval path) at t = 50, 150, ..., 950."""
+    by_t = {}
     with torch.no_grad():
         for t in range(50, 1000, 100):
+            counter = MacCounter()
             x, y = torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 48, (8,), generator=g)
             model(x, t, y, counter=counter)
-    assert abs(counter.ratio - lam) < 0.1, counter.ratio
+            by_t[t] = counter.ratio
+    return by_t
+
+
+def test_flops_loss_drives_executed_ratio_to_lambda():
+    """`train_routers` toward lambda = 0.5 for 150 steps; then the executed ratio over the whole t range.
+
+    Two departures from the recipe, both for the step budget: the router biases start at +1, not +15/+35 (Adam moves
+    a bias by about lr per step, so from +15 the gates would not reach the switching range in 1000 steps); and the
+    MSE term is kept because without it the gates' logits settle near 0, where the noisy training ratio (which the
+    loss sees) and the thresholded eval ratio differ: flops_loss alone gave eval ratios of 0.57-0.69 from +1/+2.
+    """
+    lam = 0.5
+    by_t = executed_by_t(*train_routers(lam))
+    assert abs(sum(by_t.values()) / len(by_t) - lam) < 0.1, by_t
 
 
 def test_high_noise_floor_loss_values():
@@ -302,41 +316,17 @@ def test_high_noise_floor_loss_values():
 
 
 def test_high_noise_floor_moves_compute_to_the_noisy_steps():
-    """As the test above, with the floor at 0.8 from t = 700 on: the mean stays near lambda and the noisiest steps
-    execute at least ~the floor, more than the rest (without the floor this tiny model's routers put no more there)."""
+    """As above, with the floor at 0.8 from t = 700 on: the mean stays near lambda, the noisiest steps execute at least
+    about the floor, and more than they do when the same training runs without it."""
     lam, floor = 0.5, 0.8
-    model = DyDiT.from_dit(tiny_dit()).frozen_backbone()
-    with torch.no_grad():
-        for r in model.routers:
-            r.head_router.bias.fill_(1.0)
-            r.channel_router.bias.fill_(1.0)
-            r.token_router[2].bias.fill_(1.0)
-    opt = torch.optim.Adam(model.routers.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    model.dit.label_embed.eval()
-    for step in range(150):
-        x, y = torch.randn(16, 4, 16, 16, generator=g), torch.randint(0, 48, (16,), generator=g)
-        t = torch.randint(0, 1000, (16,), generator=g)
-        out = model(x, t, y, mode="masked")
-        noise = torch.randn(16, 4, 16, 16, generator=g)
-        loss = (flops_loss(out.flops_ratio, lam) + high_noise_floor_loss(out.flops_ratio, t / 1000, floor, 0.7)
-                + F.mse_loss(out.sample[:, :4], noise))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    by_t = {}
-    with torch.no_grad():
-        for t in range(50, 1000, 100):
-            counter = MacCounter()
-            x, y = torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 48, (8,), generator=g)
-            model(x, t, y, counter=counter)
-            by_t[t] = counter.ratio
+    by_t = executed_by_t(*train_routers(lam, floor))
+    plain = executed_by_t(*train_routers(lam))
     noisy = [r for t, r in by_t.items() if t >= 700]
     rest = [r for t, r in by_t.items() if t < 700]
     assert min(noisy) > floor - 0.1, by_t
     assert sum(noisy) / len(noisy) > sum(rest) / len(rest) + 0.2, by_t
+    plain_noisy = [r for t, r in plain.items() if t >= 700]
+    assert sum(noisy) / len(noisy) > sum(plain_noisy) / len(plain_noisy) + 0.1, (by_t, plain)
     assert abs(sum(by_t.values()) / len(by_t) - lam) < 0.1, by_t
 
 
