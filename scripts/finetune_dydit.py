@@ -79,6 +79,9 @@ def parse_args(argv=None):
                         "the low-noise steps give up the difference); default: off, the spec's batch-mean L_F alone")
     p.add_argument("--high-noise-from", type=float, default=0.7, metavar="F",
                    help="with --high-noise-floor: the noise level (DDPM t/T, flow t) from which the floor holds")
+    p.add_argument("--p2-gamma", type=float, default=0.0,
+                   help="ddpm: weight each sample's loss by P2's 1 / (1 + SNR_t)^gamma (dit/objectives.py): the routers "
+                        "then weigh an error at high noise (layout, count) more against the FLOPs it saves; 0: off")
     p.add_argument("--stage1-steps", type=int, default=None,
                    help="steps with the complete forward's loss added (default: all steps)")
     p.add_argument("--train", default="routers", choices=["routers", "full", "td-lora"],
@@ -388,6 +391,8 @@ def main(args) -> dict:
     if args.high_noise_floor is not None and not (0 < args.high_noise_floor <= 1 and 0 <= args.high_noise_from < 1):
         raise ValueError(f"--high-noise-floor must be in (0, 1] and --high-noise-from in [0, 1); got "
                          f"{args.high_noise_floor}, {args.high_noise_from}")
+    if args.p2_gamma and args.objective != "ddpm":
+        raise ValueError("--p2-gamma is a DDPM option (the flow objective has no SNR weighting here)")
     if args.rebase and not args.init_from:
         raise ValueError("--rebase moves an --init-from folder's routers onto --model: give --init-from")
     stage1 = args.steps if args.stage1_steps is None else args.stage1_steps
@@ -412,8 +417,8 @@ def main(args) -> dict:
         conditioner = Conditioner(task, text_encoder, args.uncond_prob)
     as_args = (lambda c: (c,)) if task == "class" else (lambda c: tuple(c))  # the DyDiT's cond (, cond_mask)
     # A DyDiT predicts what its base predicts (ε or v: the base pipeline's scheduler says which).
-    objective = make_objective(args.objective, **({"prediction_type": prediction_type_of(args.model)}
-                                                  if args.objective == "ddpm" else {}))
+    objective = make_objective(args.objective, **({"prediction_type": prediction_type_of(args.model),
+                                                   "p2_gamma": args.p2_gamma} if args.objective == "ddpm" else {}))
     # The teacher is a copy taken before the DyDiT wraps (and full training changes) the backbone.
     teacher = copy.deepcopy(dit).to(acc.device).eval().requires_grad_(False) if args.distill > 0 else None
     if args.init_from:

@@ -132,6 +132,24 @@ def test_high_noise_floor_term_is_logged_and_trains(tiny_base, tmp_path):
     assert all(r["loss_floor"] >= g - 1e-6 for r, g in zip(steps, ratio_gap))
 
 
+@needs_vae
+def test_p2_weighting_lowers_the_loss_term_not_the_logged_mse(tiny_base, tmp_path):
+    """--p2-gamma weights the DyDiT's data loss by 1 / (1 + SNR_t)^gamma (< 1 at every t): the same step, same draws,
+    logs a smaller loss_dynamic than without it; refused with the flow objective."""
+    runs = {}
+    for name, extra in (("plain", []), ("p2", ["--p2-gamma", "1"])):
+        out = tmp_path / name
+        _run(out, tiny_base, 2, "--log-every", "1", "--eval-every", "1000", *extra)
+        runs[name] = [r for r in _log(out) if "loss_dynamic" in r]
+    assert len(runs["p2"]) == 2
+    first_plain, first_p2 = runs["plain"][0], runs["p2"][0]
+    assert 0 < first_p2["loss_dynamic"] < first_plain["loss_dynamic"]
+    args = finetune_dydit.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", "--objective", "flow",
+                                      "--p2-gamma", "1"])
+    with pytest.raises(ValueError, match="--p2-gamma is a DDPM option"):
+        finetune_dydit.main(args)
+
+
 def test_stratified_timesteps_cover_the_quarters():
     t = finetune_dydit.stratified_timesteps(8, 1000, torch.Generator().manual_seed(0))
     assert [int(v) // 250 for v in t] == [0, 0, 1, 1, 2, 2, 3, 3]

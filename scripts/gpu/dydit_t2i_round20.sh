@@ -10,6 +10,8 @@
 #   dcontX@FOLDER: contX with the dense shapes-t2i as a teacher (--distill DISTILL)
 #   fcontX@FOLDER: contX with the high-noise floor (twenty-first session): every sample at noise level >= FLOOR_FROM
 #             executes at least FLOOR of the dense FLOPs (--high-noise-floor; the shipped routers keep 0.32 at t >= 800)
+#   pcontX@FOLDER: contX with the data loss P2-weighted by gamma P2 (--p2-gamma), so that the routers weigh the
+#             high-noise steps more against the FLOPs they save (twenty-first session; not yet run)
 # Every run: lr LR (fresh: FRESH_LR), global grad norm clipped to CLIP, cosine decay to the time limit, grounding
 # weight GROUND, a new data pool of 40,000 scenes with 1-2 objects (the dense model's data) drawn with seed SEED.
 # Usage: LIMIT=400 RUNS="rebase0.58 fresh0.58" bash scripts/gpu/dydit_t2i_round20.sh   (carry [".whl"], and each
@@ -27,12 +29,13 @@ GROUND=${GROUND:-0.05}
 SEED=${SEED:-20}
 FLOOR=${FLOOR:-0.5}
 FLOOR_FROM=${FLOOR_FROM:-0.7}
+P2=${P2:-1}
 RUNS=${RUNS:-"rebase0.58 fresh0.58"}
 MODEL=weights/shapes-t2i
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH EVAL_N=$EVAL_N RAMP=$RAMP LR=$LR FRESH_LR=$FRESH_LR CLIP=$CLIP DISTILL=$DISTILL GROUND=$GROUND SEED=$SEED FLOOR=$FLOOR FLOOR_FROM=$FLOOR_FROM RUNS=\"$RUNS\" bash scripts/gpu/dydit_t2i_round20.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH EVAL_N=$EVAL_N RAMP=$RAMP LR=$LR FRESH_LR=$FRESH_LR CLIP=$CLIP DISTILL=$DISTILL GROUND=$GROUND SEED=$SEED FLOOR=$FLOOR FLOOR_FROM=$FLOOR_FROM P2=$P2 RUNS=\"$RUNS\" bash scripts/gpu/dydit_t2i_round20.sh"
 pack() { tar czf "$OUT/models.tgz" runs/t2i-*/model runs/t2i-*/log.jsonl runs/t2i-*/comparison.json 2>/dev/null; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -51,6 +54,7 @@ for spec in $RUNS; do
     dcont*)  extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0 --distill "$DISTILL") ;;
     fcont*)  extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0 --high-noise-floor "$FLOOR"
                     --high-noise-from "$FLOOR_FROM") ;;
+    pcont*)  extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0 --p2-gamma "$P2") ;;
     *) echo "unknown run $run"; continue ;;
   esac
   rm -rf "runs/t2i-$run"   # a warm machine keeps runs/ between calls, and --out would resume the old run
