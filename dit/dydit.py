@@ -156,11 +156,12 @@ def flops_loss(r_B: Tensor, lam: float | Tensor) -> Tensor:
 
 def high_noise_floor_loss(r_B: Tensor, noise_level_B: Tensor, floor: float, from_level: float) -> Tensor:
     """L_floor = 2 relu(floor - r_b)^2 averaged over the samples b with n_b >= from_level (0 when there are none), n_b
-    the sample's noise level in [0, 1] (DDPM t/T, flow t). Ours, not the spec's. The batch-mean L_F lets the routers put compute where the loss is, and the ε loss
-    at high noise is tiny (an x0 error counts by SNR_t, 0.007 at t = 700): the text DyDiT kept 0.32 of the FLOPs at
-    t >= 800 (one head of four, a fifth of the tokens) and 0.9 at t <= 200, while the object count, what it loses, is
-    decided at high noise. The floor makes the noisiest steps keep at least `floor`; L_F still holds the mean at
-    lambda, so the compute comes from the low-noise steps."""
+    the sample's noise level in [0, 1] (DDPM t/T, flow t). Ours, not the spec's. The batch-mean L_F lets the routers
+    put compute where the loss is, and the ε loss at high noise is tiny (an x0 error counts by SNR_t, 0.007 at
+    t = 700): the text DyDiT kept 0.31 of the FLOPs at t >= 800 (one head of four, a fifth of the tokens) and 0.79-0.98
+    at t <= 222, while the object count, what it loses, is decided at high noise. The floor makes the noisiest steps
+    keep at least `floor`; L_F still holds the mean at lambda, so the compute comes from the low-noise steps. (On the
+    text DyDiT it moved the compute and cost 1-1.5 points: docs/dydit.md, twenty-first session.)"""
     if not 0 < floor <= 1 or not 0 <= from_level < 1:
         raise ValueError(f"high-noise floor must be in (0, 1] and from_level in [0, 1); got {floor}, {from_level}")
     on = (noise_level_B >= from_level).to(r_B.dtype)

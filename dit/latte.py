@@ -255,7 +255,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
         text_BF_LD = text_BLD.repeat_interleave(F, dim=0)  # (B·F, L, D)
         keep_BF_L = None if text_keep_BL is None else text_keep_BL.repeat_interleave(F, dim=0)  # (B·F, L)
         t6_spatial = t6_B6D.repeat_interleave(F, dim=0)  # (B·F, 6, D)
-        t6_temporal = self.temporal_modulation(t6_B6D, text_BLD, text_keep_BL).repeat_interleave(N, dim=0)  # (B·N, 6, D)
+        t6_temporal = self.temporal_modulation(t6_B6D, text_BLD, text_keep_BL)
+        t6_temporal = t6_temporal.repeat_interleave(N, dim=0)  # (B·N, 6, D)
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             x = self.run_block(spatial, x, t6_spatial, text_BF_LD, keep_BF_L)
             x = self.to_temporal(x, F)  # (B·N, F, D)
