@@ -59,9 +59,8 @@ def swap_word(text: str, vocabulary) -> str:
     return " ".join(words)
 
 
-def token_positions(encoder, caps: list[str], vocabulary) -> torch.Tensor:
-    """(B, L) bool: the caption tokens that are words of `vocabulary`."""
-    ids = encoder.tokenize(caps)
+def token_positions(encoder, ids: torch.Tensor, vocabulary) -> torch.Tensor:
+    """(B, L) bool: the caption tokens (ids (B, L)) that are words of `vocabulary`."""
     wanted = torch.tensor(encoder.tokenizer.convert_tokens_to_ids(list(vocabulary)))
     return torch.isin(ids, wanted)
 
@@ -102,8 +101,8 @@ def main():
                  "colour": [swap_word(c, COLOURS) for c in caps], "shape": [swap_word(c, SHAPES) for c in caps]}
         encoded = {k: encoder.encode_text_tokens(v) for k, v in texts.items()}
         ids = encoder.tokenize(caps)
-        groups = {"sot": ids == ids[0, 0], "direction": token_positions(encoder, caps, ("left", "right")),
-                  "colour": token_positions(encoder, caps, COLOURS), "shape": token_positions(encoder, caps, SHAPES),
+        groups = {"sot": ids == ids[0, 0], "direction": token_positions(encoder, ids, ("left", "right")),
+                  "colour": token_positions(encoder, ids, COLOURS), "shape": token_positions(encoder, ids, SHAPES),
                   "eot": ids == encoder.tokenizer.eos_token_id}
         maps = CrossAttentionMaps(model)
         g = torch.Generator().manual_seed(args.seed + 1)
