@@ -152,30 +152,56 @@ class DDPMObjective:
         nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
         return torch.where(t_B == 0, nll, kl)
 
+    # The steps of a loss, public so that a training term can run the model its own way (dit/caption_contrast.py).
+    def noised(self, x0: Tensor, noise: Tensor, t_B: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, the timestep the model is given)."""
+        return self.scheduler.add_noise(x0, noise, t_B), t_B
+
+    def noise_level(self, t_B: Tensor) -> Tensor:
+        """t / T in [0, 1): 0 clean, toward 1 pure noise."""
+        return t_B.float() / self.num_train_timesteps
+
+    def sample_weight(self, t_B: Tensor) -> Tensor:
+        """(B,) the weight of each sample's prediction error in the loss: P2's λ_t, else 1."""
+        if self.loss_weights is None:
+            return torch.ones(t_B.shape, device=t_B.device)
+        return self.loss_weights.to(t_B.device)[t_B]
+
+    def prediction_error(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> Tensor:
+        """(B,) mean squared error of the model's prediction (ε or v, the first C channels of `out`), unweighted."""
+        pred = out[:, : x0.shape[1]]
+        if self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0.float(), noise.float(), t_B)
+        else:
+            target = noise
+        return _mean_flat((target.float() - pred.float()) ** 2)
+
     def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator | None = None,
                  draws: tuple[Tensor, Tensor] | None = None) -> dict:
         """`draws` = (t, ε) drawn beforehand by `sample` (a training step draws them for its whole global batch and
         gives each process / micro-batch its slice); else they are drawn here from `generator`."""
         t_B, noise = draws if draws is not None else self.sample(x0, generator)
-        x_t = self.scheduler.add_noise(x0, noise, t_B)
-        out = model_fn(x_t, t_B, cond)
+        x_t, model_t = self.noised(x0, noise, t_B)
+        return self.loss_terms(model_fn(x_t, model_t, cond), x0, x_t, noise, t_B)
+
+    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> dict:
+        """The loss dict (see the module docstring) of a model output `out` for x_t = noised(x0, noise, t)."""
         C = x0.shape[1]
+        if out.shape[1] not in (C, 2 * C):
+            raise ValueError(f"model returned {out.shape[1]} channels for {C}-channel latents (expected {C} or {2 * C})")
         pred = out[:, :C]
         if self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0.float(), noise.float(), t_B)
             abar = _gather(self.alphas_cumprod, t_B, pred).to(pred.dtype)
             eps = abar.sqrt() * pred + (1 - abar).sqrt() * x_t  # ε = √ᾱ v + √(1-ᾱ) x_t, for the VLB's mean
         else:
-            target, eps = noise, pred
-        mse = _mean_flat((target.float() - pred.float()) ** 2)
+            eps = pred
+        mse = self.prediction_error(out, x0, x_t, noise, t_B)
         losses = {"mse": mse.mean()}
-        loss = mse if self.loss_weights is None else mse * self.loss_weights.to(mse.device)[t_B]
+        loss = mse if self.loss_weights is None else mse * self.sample_weight(t_B)
         if out.shape[1] == 2 * C:
             vlb = self.vlb_terms(x0, x_t, t_B, eps.detach(), out[:, C:])  # stop-gradient on the mean
             loss = loss + self.vlb_weight * vlb
             losses["vlb"] = vlb.mean()
-        elif out.shape[1] != C:
-            raise ValueError(f"model returned {out.shape[1]} channels for {C}-channel latents (expected {C} or {2 * C})")
         return {"loss": loss.mean(), **{k: v.detach() for k, v in losses.items()}}
 
 
@@ -213,12 +239,29 @@ class FlowMatchingObjective:
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=torch.float32)
         return t_B.to(x0.device), noise.to(x0.device, x0.dtype)
 
+    def noised(self, x0: Tensor, noise: Tensor, t_B: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, the timestep the model is given: t · timestep_scale)."""
+        return flow_interpolate(x0, noise, t_B)[0], t_B * self.timestep_scale
+
+    def noise_level(self, t_B: Tensor) -> Tensor:
+        return t_B.float()
+
+    def sample_weight(self, t_B: Tensor) -> Tensor:
+        return torch.ones(t_B.shape, device=t_B.device)
+
+    def prediction_error(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> Tensor:
+        """(B,) mean squared error of the velocity (the first C channels of `out`)."""
+        target = noise.float() - x0.float()
+        return _mean_flat((out[:, : x0.shape[1]].float() - target) ** 2)
+
     def __call__(self, model_fn: ModelFn, x0: Tensor, cond, generator: torch.Generator | None = None,
                  draws: tuple[Tensor, Tensor] | None = None) -> dict:
         t_B, noise = draws if draws is not None else self.sample(x0, generator)
-        x_t, target = flow_interpolate(x0, noise, t_B)
-        pred = model_fn(x_t, t_B * self.timestep_scale, cond)[:, : x0.shape[1]]
-        mse = _mean_flat((pred.float() - target.float()) ** 2).mean()
+        x_t, model_t = self.noised(x0, noise, t_B)
+        return self.loss_terms(model_fn(x_t, model_t, cond), x0, x_t, noise, t_B)
+
+    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> dict:
+        mse = self.prediction_error(out, x0, x_t, noise, t_B).mean()
         return {"loss": mse, "mse": mse.detach()}
 
 

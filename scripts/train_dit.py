@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from diffusers import AutoencoderKL  # noqa: E402
 
+from dit.caption_contrast import CaptionContrast  # noqa: E402
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
 from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets  # noqa: E402
@@ -116,6 +117,14 @@ def parse_args(argv=None):
                    help="text / video models on the shapes world (with --pool): add WEIGHT x TokenCompose's token "
                         "loss, which pulls each object's caption tokens' cross-attention onto that object, frame by "
                         "frame in a video (dit/grounding.py)")
+    p.add_argument("--caption-contrast", type=float, default=0.0, metavar="WEIGHT",
+                   help="video models on the shapes world (with --pool): add WEIGHT x the counterfactual-caption "
+                        "contrast, which asks each video's caption to explain it better than the same caption with "
+                        "other motions (dit/caption_contrast.py); a step runs the model on twice the rows")
+    p.add_argument("--contrast-margin", type=float, default=0.05,
+                   help="caption contrast: the counterfactual's error must exceed the true caption's by this share")
+    p.add_argument("--contrast-from", type=float, default=0.4, metavar="T_OVER_T",
+                   help="caption contrast: only at noise levels t/T of at least this (where a motion is decided)")
     p.add_argument("--init-from-image", default=None, metavar="T2I",
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
@@ -241,19 +250,25 @@ class LatentData:
     # `grounding(seed, n, device)` -> (object masks (n, K, N), object tokens (n, K, L)) of the same items as
     # `batch(seed, n, device)`; None where the data has no such targets
     grounding: Callable | None = None
+    # `counterfactual(seed, n, device)` -> token ids (n, L) of the same items' counterfactual captions (their motions
+    # replaced: dit/caption_contrast.py); None where the data has none
+    counterfactual: Callable | None = None
 
 
 def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
                 tokenize: Callable | None = None, objects: tuple[int, int] = (1, 3),
-                targets: Callable | None = None) -> LatentData:
+                targets: Callable | None = None, counterfactual: bool = False) -> LatentData:
     """Rendered shapes data. `pool` 0: a fresh batch rendered and encoded every step (scene sampling and captions run
     on the CPU, ~60 ms per 256 scenes: it starves a GPU). `pool` N: N items rendered and encoded once up front (on
     the VAE's device, from `seed`), then every step draws its batch from them -- for a 2 M-parameter model,
     100k+ distinct scenes are plenty. A pool's captions are kept as token ids (`tokenize`), so steps skip the
     tokenizer too. `objects`: (min, max) objects per captioned scene. `targets(batch, token ids)` -> grounding
-    targets (pool only) kept beside each item (`grounding_targets`)."""
+    targets (pool only) kept beside each item (`grounding_targets`). `counterfactual` (videos, pool only): each
+    item's counterfactual caption is kept too, as token ids."""
     size = vae.config.sample_size
     kind = {"class": "class", "text": "caption", "video": "video"}[task]
+    if counterfactual and (task != "video" or not pool):
+        raise ValueError("counterfactual captions come with video data from a pool (--pool N)")
 
     def fresh(seed: int, n: int, device):
         extra = {"objects": objects} if task == "text" else {}
@@ -265,9 +280,10 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
                 ids = tokenize(b["caption"])
                 return encode(vae, b["image"]).to(device), ids, targets(b, ids)
             return encode(vae, b["image"]).to(device), b["caption"]
-        if targets is not None:
+        if targets is not None or counterfactual:
             ids = tokenize(b["caption"])
-            return encode_video(vae, b["video"]).to(device), ids, targets(b, ids)
+            return (encode_video(vae, b["video"]).to(device), ids, targets(b, ids) if targets is not None else None,
+                    tokenize(b["counterfactual"]) if counterfactual else None)
         return encode_video(vae, b["video"]).to(device), b["caption"]
 
     lo, hi = objects
@@ -283,12 +299,14 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
     parts = [fresh(np.random.default_rng([seed, 0x9001, i]), min(chunk, pool - start), vae.device)  # apart from steps
              for i, start in enumerate(tqdm(range(0, pool, chunk), desc="rendering the data pool", mininterval=10))]
     latents = torch.cat([p[0] for p in parts])
-    if task == "class" or targets is not None:  # labels, or captions already tokenised for their targets
+    if task == "class" or targets is not None or counterfactual:  # labels, or captions already tokenised
         conds = torch.cat([p[1] for p in parts])
     else:
         conds = torch.cat([tokenize(p[1]) for p in parts]) if tokenize else [c for p in parts for c in p[1]]
     if targets is not None:
         masks, tokens = (torch.cat([p[2][i].to(vae.device) for p in parts]) for i in (0, 1))
+    if counterfactual:
+        counter_ids = torch.cat([p[3] for p in parts])
 
     def pick(seed: int, n: int) -> torch.Tensor:
         return torch.randint(0, pool, (n,), generator=torch.Generator().manual_seed(seed))
@@ -302,8 +320,11 @@ def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 
         idx = pick(seed, n).to(masks.device)
         return masks[idx].to(device), tokens[idx].to(device)
 
+    def counterfactuals(seed: int, n: int, device):
+        return counter_ids[pick(seed, n).to(counter_ids.device)].to(device)
+
     return LatentData(from_pool, num_classes, f"a pool of {pool:,} rendered shapes {what}",
-                      grounding if targets is not None else None)
+                      grounding if targets is not None else None, counterfactuals if counterfactual else None)
 
 
 def grounding_targets(text_encoder, grid: int, size: int, frames: int | None = None) -> Callable:
@@ -412,12 +433,15 @@ def parse_objects(spec: str) -> tuple[int, int]:
 
 
 def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
-              tokenize: Callable | None = None, objects: str = "1-3", targets: Callable | None = None) -> LatentData:
+              tokenize: Callable | None = None, objects: str = "1-3", targets: Callable | None = None,
+              counterfactual: bool = False) -> LatentData:
     """The one place a data source is chosen."""
     if spec == "shapes":
-        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects), targets)
+        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects), targets, counterfactual)
     if targets is not None:
         raise ValueError("--grounding-loss needs the shapes world's object masks (--data shapes)")
+    if counterfactual:
+        raise ValueError("--caption-contrast needs the shapes world's counterfactual captions (--data shapes)")
     return folder_data(Path(spec), task, vae)
 
 
@@ -583,8 +607,16 @@ def main(args) -> dict:
             raise ValueError("--grounding-loss applies to text and video models (it grounds caption tokens)")
         targets = grounding_targets(text_encoder, model.config.sample_size // model.config.patch_size,
                                     vae.config.sample_size, model.config.num_frames if task == "video" else None)
+    contrast = None
+    if args.caption_contrast:
+        if task != "video":
+            raise ValueError("--caption-contrast applies to video models (its counterfactuals change the motions)")
+        if args.grounding_loss:
+            raise ValueError("--caption-contrast and --grounding-loss do not combine (one records attention maps "
+                             "of a forward the other doubles)")
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
-                     text_encoder.tokenize if text_encoder is not None else None, args.objects, targets)
+                     text_encoder.tokenize if text_encoder is not None else None, args.objects, targets,
+                     counterfactual=bool(args.caption_contrast))
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     if (args.p2_gamma or args.prediction_type) and args.objective != "ddpm":
@@ -594,6 +626,8 @@ def main(args) -> dict:
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else
         {"vlb_weight": args.vlb_weight, "p2_gamma": args.p2_gamma, "p2_k": args.p2_k,
          "prediction_type": args.prediction_type or prediction_type_of(args.model)}))
+    if args.caption_contrast:
+        contrast = CaptionContrast(objective, args.caption_contrast, args.contrast_margin, args.contrast_from)
     if args.trainable:
         if args.lora:
             raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")
@@ -685,13 +719,20 @@ def main(args) -> dict:
         if maps is not None:
             masks_all, tokens_all = data.grounding(seed, args.batch_size, acc.device)
             tokens_all = conditioner.grounded(tokens_all, seed)
+        if contrast is not None:  # the same items' counterfactual captions, never dropped; rows dropped to '' idle
+            counter_all = conditioner(data.counterfactual(seed, args.batch_size, acc.device))
+            kept_all = ~conditioner.dropped(seed, args.batch_size).to(acc.device)
         parts = []
         for m in range(accum):
             rows = slice((acc.process_index * accum + m) * micro, (acc.process_index * accum + m + 1) * micro)
             # no gradient all-reduce until the last micro-batch has added its share
             with (acc.no_sync(net) if m < accum - 1 else contextlib.nullcontext()), acc.autocast(), \
                     (maps.recording() if maps is not None else contextlib.nullcontext()):
-                terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
+                if contrast is not None:
+                    terms = contrast(model_fn, x0_all[rows], take(cond_all, rows), take(counter_all, rows),
+                                     (t_all[rows], noise_all[rows]), kept_all[rows])
+                else:
+                    terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
                 if maps is not None:
                     masks, tokens = masks_all[rows], tokens_all[rows]
                     if masks.ndim == 4:  # video (b, F, K, N): every frame grounded on its own

@@ -19,6 +19,7 @@ labels, canonical captions, raw control maps, question kinds); the stream and ev
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import numpy as np
@@ -36,7 +37,7 @@ from .scene import (
     sample_tiny_scenes,
     sample_video_scenes,
 )
-from .text import caption, video_caption
+from .text import caption, counterfactual_video_caption, video_caption
 from .vqa import SHORT_KINDS, make_question
 
 KINDS = ("class", "caption", "video", "control", "vqa", "tiny")
@@ -68,7 +69,8 @@ def make_batch(
     """One batch of ``kind`` drawn with ``rng`` (Generator or seed). Keys: ``scenes`` (SceneBatch) and, by
     kind, ``image`` (B, 3, H, W) uint8, ``label`` (B,) int64, ``caption`` / ``canonical`` lists of str,
     ``video`` (B, T, 3, H, W) uint8, ``control`` (B, 3, H, W) uint8 and ``maps`` (raw ``ControlMaps``),
-    ``question`` / ``answer`` / ``question_kind`` lists of str. ``labels`` fixes the class ids of a class
+    ``question`` / ``answer`` / ``question_kind`` lists of str; a video batch also has ``counterfactual``, each
+    caption with its objects' motions replaced (``shapes.text.counterfactual_scene``). ``labels`` fixes the class ids of a class
     batch; ``paraphrase=False`` gives canonical captions; ``objects`` (min, max) bounds the objects per scene of the
     caption / control / vqa kinds. ``size`` defaults to 64 px (256 px for tiny)."""
     rng = as_rng(rng)
@@ -85,7 +87,17 @@ def make_batch(
         out["video"] = render_video(b, num_frames, size, device)
         scenes = b.to_scenes()
         out["canonical"] = [video_caption(s) for s in scenes]
-        out["caption"] = [video_caption(s, rng) for s in scenes] if paraphrase else out["canonical"]
+        if paraphrase:
+            # Each scene's counterfactual caption (its motions replaced) draws its wording from a copy of the rng as
+            # it stood before that scene's caption, so the two differ in the motion words, and rng moves as before.
+            out["caption"], out["counterfactual"] = [], []
+            for s in scenes:
+                twin = copy.deepcopy(rng)
+                out["caption"].append(video_caption(s, rng))
+                out["counterfactual"].append(counterfactual_video_caption(s, twin))
+        else:
+            out["caption"] = out["canonical"]
+            out["counterfactual"] = [counterfactual_video_caption(s) for s in scenes]
     elif kind == "tiny":
         b = sample_tiny_scenes(rng, n)
         out["image"] = render(b, size, device)

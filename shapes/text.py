@@ -19,7 +19,7 @@ what the caption states.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -200,6 +200,34 @@ def video_caption(scene: Scene, rng=None) -> str:
     return text if rng is None else _pick(rng, FRAMES_VIDEO).format(x=text)
 
 
+# The motion a counterfactual caption states instead of the true one: the opposite where there is one (the hardest
+# negative: the same words but one), else the closest other motion. A recolouring object keeps its motion and turns
+# into another colour.
+COUNTERFACTUAL_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink",
+                         "shrink": "grow", "bounce": "down", "recolour": "recolour"}
+
+
+def counterfactual_scene(scene: Scene) -> Scene:
+    """The scene with every object's motion replaced by ``COUNTERFACTUAL_MOTION``'s (a recolouring object turns
+    into the next colour that is neither its own nor the true one). Only the caption of it is used: it describes a
+    video that differs from the rendered one in the motions alone."""
+    objs = []
+    for o in scene.objects:
+        motion, colour2 = COUNTERFACTUAL_MOTION[o.motion], o.colour2
+        if o.motion == "recolour":
+            i = COLOURS.index(o.colour2)
+            colour2 = next(c for c in (COLOURS[(i + k) % len(COLOURS)] for k in range(1, len(COLOURS)))
+                           if c != o.colour)
+        objs.append(replace(o, motion=motion, colour2=colour2))
+    return replace(scene, objects=objs)
+
+
+def counterfactual_video_caption(scene: Scene, rng=None) -> str:
+    """``video_caption`` of ``counterfactual_scene(scene)``: the same objects (and, given a copy of the rng the true
+    caption was drawn with, mostly the same wording) with other motions."""
+    return video_caption(counterfactual_scene(scene), rng)
+
+
 def captions(batch: SceneBatch, rng=None, video: bool = False, **kw) -> list[str]:
     """Captions of every scene of a batch (canonical when ``rng`` is None)."""
     fn = video_caption if video else caption
@@ -351,6 +379,9 @@ __all__ = [
     "object_phrase",
     "position_phrase",
     "motion_phrase",
+    "COUNTERFACTUAL_MOTION",
+    "counterfactual_scene",
+    "counterfactual_video_caption",
     "class_caption",
     "caption",
     "video_caption",

@@ -13,6 +13,9 @@
 #   tgG, tvG: gG / vG with the caption's modulation of the temporal blocks added (--temporal-text, trained): the
 #        probe found the cross-attention gives the direction word ~0.1% of its mass and the output moves 14x less
 #        for "left"/"right" swapped than for a colour swapped
+#   cG:  gG plus the counterfactual-caption contrast (twenty-second session; dit/caption_contrast.py): weight CONTRAST,
+#        margin MARGIN, at noise levels t/T >= CFROM; each step runs the model on the captions and on their
+#        counterfactuals (motions swapped), so it takes about twice as long
 # EMA decay EMA (default 0.995: a type switch must not keep a large share of the ε weights in the average after
 # ~2,000 steps; 0.999 would keep 13%), sample metrics every EVAL_EVERY steps on 32 videos, best kept.
 # Usage: LIMIT=400 RUNS="v0 v1" bash scripts/gpu/train_round21_t2v.sh   (carry [".whl"], and BASE if not shipped)
@@ -24,11 +27,14 @@ LR=${LR:-5e-4}
 EMA=${EMA:-0.995}
 EVAL_EVERY=${EVAL_EVERY:-500}
 SEED=${SEED:-21}
+CONTRAST=${CONTRAST:-1}
+MARGIN=${MARGIN:-0.1}
+CFROM=${CFROM:-0.4}
 BASE=${BASE:-weights/shapes-t2v}
 source scripts/gpu/env.sh
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 mkdir -p runs
-device_header "LIMIT=$LIMIT WATCH=$WATCH RUNS=\"$RUNS\" LR=$LR EMA=$EMA EVAL_EVERY=$EVAL_EVERY SEED=$SEED BASE=$BASE bash scripts/gpu/train_round21_t2v.sh"
+device_header "LIMIT=$LIMIT WATCH=$WATCH RUNS=\"$RUNS\" LR=$LR EMA=$EMA EVAL_EVERY=$EVAL_EVERY SEED=$SEED BASE=$BASE CONTRAST=$CONTRAST MARGIN=$MARGIN CFROM=$CFROM bash scripts/gpu/train_round21_t2v.sh"
 pack() { for r in $RUNS; do tar czf "$OUT/t2v-$r.tgz" runs/t2v-$r/model runs/t2v-$r/log.jsonl 2>/dev/null; done; }
 (sleep "$WATCH"; pack; echo "watchdog packed at $WATCH s") &
 WATCHDOG=$!
@@ -39,6 +45,8 @@ for r in $RUNS; do
   case $r in t*) extra=(--temporal-text); trainable_more='|temporal_text\.' ;; *) trainable_more='' ;; esac
   case ${r#t} in
     g*) gamma=${r#*g}; kind=(--prediction-type epsilon); trainable=$TRAINABLE ;;
+    c*) gamma=${r#*c}; kind=(--prediction-type epsilon --caption-contrast "$CONTRAST" --contrast-margin "$MARGIN"
+                             --contrast-from "$CFROM"); trainable=$TRAINABLE ;;
     v*) gamma=${r#*v}; kind=(--prediction-type v_prediction); trainable="$TRAINABLE|final\." ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
