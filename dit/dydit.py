@@ -568,6 +568,9 @@ class DyDiT(nn.Module):
         super().__init__()
         if not isinstance(dit, BASES):
             raise ValueError(f"DyDiT routes {', '.join(b.__name__ for b in BASES)}; got {type(dit).__name__}")
+        if isinstance(dit, LatteDiT) and dit.config.get("temporal_text_attention", 0):
+            # its routed temporal blocks would need the narrow attention in their sliced paths and FLOPs counts
+            raise ValueError("DyDiT does not route a LatteDiT with temporal_text_attention (not implemented)")
         self.dit = dit  # by reference: the base model's modules are the ones run
         D, H = dit.config.hidden_size, dit.config.num_heads
         blocks = self.routed_blocks()

@@ -40,10 +40,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from attention import attention
+
 from .dit import (
     BLOCK_MODULATIONS,
     LAYERNORM_EPS,
     MLP,
+    QKNorm,
     SelfAttention,
     TimestepEmbedder,
     modulate,
@@ -75,25 +78,71 @@ def temporal_sincos(num_frames: int, dim: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- block
+class TemporalTextAttention(nn.Module):
+    """Ours (off in Latte-1): a narrow cross-attention from a temporal block's tokens to the caption, its output
+    projection zero at the start.
+
+    Why: the shapes video model never learned its motion words, and the reason found (docs/dit.md, twenty-second
+    session) is the spatial cross-attention it inherits from the image model: 86-91% of its mass sits on [SOT], the
+    attention sink, and the direction word gets 0.1%. A softmax passes a token's gradient in proportion to its
+    weight, so any loss, the counterfactual-caption contrast included, reaches the direction word through it ~1000x
+    weakened. This attention starts fresh (near-uniform weights, each kept token ~1/L) with QK-norm keeping its
+    logits bounded, and its queries are the temporal blocks' tokens, which carry their frame's place (the temporal
+    table). Width `width` (heads of 16 channels): 0.1 M parameters for the 6 x 128 shapes model, 0.2 MB in fp16.
+
+    Cross-attention is per query, so the B·N sequences of F frames are read as B sequences of N·F tokens against
+    each sample's L text tokens: the text is never repeated per patch position."""
+
+    HEAD_DIM = 16
+
+    def __init__(self, hidden_size: int, width: int, norm_eps: float):
+        super().__init__()
+        if width % self.HEAD_DIM:
+            raise ValueError(f"temporal_text_attention width {width} is not a multiple of {self.HEAD_DIM}")
+        self.num_heads = width // self.HEAD_DIM
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
+        self.q = nn.Linear(hidden_size, width)
+        self.kv = nn.Linear(hidden_size, 2 * width)
+        self.proj = nn.Linear(width, hidden_size)
+        self.qk_norm = QKNorm(self.HEAD_DIM)
+
+    def forward(self, x_MFD: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+        """x (M, F, D), M = B·N sequences sample-major; text (B, L, D) -> the update (M, F, D)."""
+        M, F, D = x_MFD.shape
+        B, L, _ = text_BLD.shape
+        h, dh = self.num_heads, self.HEAD_DIM
+        q = self.q(self.norm(x_MFD)).view(B, (M // B) * F, h, dh).transpose(1, 2)  # (B, h, N·F, dh)
+        k, v = self.kv(text_BLD).view(B, L, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, dh)
+        q, k = self.qk_norm(q, k)
+        out = attention(q, k, v, key_padding_mask=text_keep_BL)  # (B, h, N·F, dh)
+        return self.proj(out.transpose(1, 2).reshape(M, F, h * dh))
+
+
 class LatteTemporalBlock(nn.Module):
     """x + gate * attn(modulate(norm(x))), x + gate * mlp(modulate(norm(x))) over the frames of one patch position.
 
     PixArt's block without the cross-attention: the six (B', D) modulations are the model's shared 6·D vector plus
-    this block's `scale_shift_table` rows (shift, scale, gate for attention, then for the MLP)."""
+    this block's `scale_shift_table` rows (shift, scale, gate for attention, then for the MLP). With `text_width` > 0
+    (ours) a `TemporalTextAttention` update comes between the two, where PixArt's block has its cross-attention."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, qk_norm: bool = False,
+                 text_width: int = 0):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(BLOCK_MODULATIONS, hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.text_attn = TemporalTextAttention(hidden_size, text_width, norm_eps) if text_width else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = MLP(hidden_size, mlp_ratio)
 
-    def forward(self, x_MFD: Tensor, t6_M6D: Tensor) -> Tensor:
-        """x (M, F, D) with M = B·N sequences of F frames, t6 (M, 6, D)."""
+    def forward(self, x_MFD: Tensor, t6_M6D: Tensor, text_BLD: Tensor | None = None,
+                text_keep_BL: Tensor | None = None) -> Tensor:
+        """x (M, F, D) with M = B·N sequences of F frames, t6 (M, 6, D); the text (B, L, D) only with text_attn."""
         mods = (self.scale_shift_table[None] + t6_M6D).unbind(1)  # 6 x (M, D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         x_MFD = x_MFD + gate_a[:, None] * self.attn(modulate(self.norm1(x_MFD), shift_a, scale_a))
+        if self.text_attn is not None:
+            x_MFD = x_MFD + self.text_attn(x_MFD, text_BLD, text_keep_BL)
         x_MFD = x_MFD + gate_m[:, None] * self.mlp(modulate(self.norm2(x_MFD), shift_m, scale_m))
         return x_MFD
 
@@ -132,6 +181,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
         caption_refiner_layers: int = 0,
         caption_refiner_mlp_ratio: float = 1.0,
         temporal_text_modulation: bool = False,
+        temporal_text_attention: int = 0,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() turns it on
@@ -155,7 +205,8 @@ class LatteDiT(ModelMixin, ConfigMixin):
             PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
         )
         self.temporal_blocks = nn.ModuleList(
-            LatteTemporalBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm) for _ in range(depth)
+            LatteTemporalBlock(hidden_size, num_heads, mlp_ratio, norm_eps, qk_norm, temporal_text_attention)
+            for _ in range(depth)
         )
         self.final = PixArtFinalLayer(hidden_size, patch_size, self.out_channels)
         # Ours, off in Latte-1 (whose temporal blocks see only t): the caption's mean token, after the refiner, adds
@@ -172,6 +223,10 @@ class LatteDiT(ModelMixin, ConfigMixin):
         if self.temporal_text is not None:  # zero: the text enters the temporal blocks gradually
             nn.init.zeros_(self.temporal_text[1].weight)
             nn.init.zeros_(self.temporal_text[1].bias)
+        for block in self.temporal_blocks:
+            if block.text_attn is not None:  # zero output: the block starts as it was; the rest trains from there
+                nn.init.zeros_(block.text_attn.proj.weight)
+                nn.init.zeros_(block.text_attn.proj.bias)
 
     # The stages of forward, public so that methods can run blocks over their own token sets.
     def embed(self, sample_BCFHW: Tensor) -> Tensor:
@@ -262,7 +317,7 @@ class LatteDiT(ModelMixin, ConfigMixin):
             x = self.to_temporal(x, F)  # (B·N, F, D)
             if i == 0 and F > 1:
                 x = x + self.temporal_pos_embed.to(x.dtype)
-            x = self.run_block(temporal, x, t6_temporal)
+            x = self.run_block(temporal, x, t6_temporal, text_BLD, text_keep_BL)
             x = self.to_spatial(x, N)  # (B·F, N, D)
         return self.head(x, t_BD, B, H, W)
 
@@ -309,6 +364,25 @@ class LatteDiT(ModelMixin, ConfigMixin):
 SHARED_WITH_IMAGE = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_heads", "mlp_ratio",
                      "caption_channels", "max_text_tokens", "learn_sigma", "norm_eps", "interpolation_scale", "qk_norm",
                      "caption_refiner_layers", "caption_refiner_mlp_ratio")
+
+
+def with_temporal_text_attention(model: LatteDiT, width: int) -> LatteDiT:
+    """A copy of a trained LatteDiT whose temporal blocks get a `TemporalTextAttention` of this width (output zero,
+    so the copy computes exactly what `model` does until it is trained); a model that has it at this width already
+    is returned as it is."""
+    have = model.config.get("temporal_text_attention", 0)
+    if have == width:
+        return model
+    if have:
+        raise ValueError(f"the model already has temporal text attention of width {have}, not {width}")
+    new = type(model)(**{**dict(model.config), "temporal_text_attention": width})
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".text_attn." not in k for k in missing):
+        raise ValueError(f"weights do not fit the model with temporal text attention: missing {missing}, "
+                         f"unexpected {unexpected}")
+    new.image_model_folder = model.image_model_folder
+    p = next(model.parameters())
+    return new.to(device=p.device, dtype=p.dtype)
 
 
 def with_temporal_text_modulation(model: LatteDiT) -> LatteDiT:

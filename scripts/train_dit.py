@@ -48,7 +48,13 @@ from dit.caption_contrast import CaptionContrast  # noqa: E402
 from dit.dit import DIT_CONFIGS, DiT  # noqa: E402
 from dit.evaluation import TARGETS, evaluate_pipeline  # noqa: E402
 from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets  # noqa: E402
-from dit.latte import LATTE_CONFIGS, LatteDiT, init_from_image_model, with_temporal_text_modulation  # noqa: E402
+from dit.latte import (  # noqa: E402
+    LATTE_CONFIGS,
+    LatteDiT,
+    init_from_image_model,
+    with_temporal_text_attention,
+    with_temporal_text_modulation,
+)
 from dit.loaders import dit_from_diffusers, latte_from_diffusers, load_official_dit, pixart_from_diffusers  # noqa: E402
 from dit.objectives import PREDICTION_TYPES, make_objective  # noqa: E402
 from dit.pipelines import ClassToImagePipeline, make_scheduler  # noqa: E402
@@ -113,6 +119,10 @@ def parse_args(argv=None):
     p.add_argument("--temporal-text", action="store_true",
                    help="video models: add the caption's modulation of the temporal blocks (zero-initialised, so a "
                         "trained model starts unchanged; dit/latte.py with_temporal_text_modulation)")
+    p.add_argument("--temporal-text-attention", type=int, default=0, metavar="WIDTH",
+                   help="video models: give the temporal blocks a narrow cross-attention of this width to the caption "
+                        "(output zero-initialised, so a trained model starts unchanged; dit/latte.py "
+                        "TemporalTextAttention)")
     p.add_argument("--grounding-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="text / video models on the shapes world (with --pool): add WEIGHT x TokenCompose's token "
                         "loss, which pulls each object's caption tokens' cross-attention onto that object, frame by "
@@ -573,6 +583,10 @@ def main(args) -> dict:
         if task != "video":
             raise ValueError("--temporal-text applies to video models (it conditions their temporal blocks)")
         model = with_temporal_text_modulation(model)
+    if args.temporal_text_attention:
+        if task != "video":
+            raise ValueError("--temporal-text-attention applies to video models (it feeds their temporal blocks)")
+        model = with_temporal_text_attention(model, args.temporal_text_attention)
     if args.init_from_image:
         image = load_model(args.init_from_image, args.objective)
         if task != "video" or task_of(image) != "text":

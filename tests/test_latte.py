@@ -520,3 +520,65 @@ def test_temporal_text_modulation_starts_as_the_model_and_reads_the_caption(tmp_
     assert back.config.temporal_text_modulation
     with torch.no_grad():
         torch.testing.assert_close(back(clip, t, text, keep), a, rtol=0, atol=0)
+
+
+def test_temporal_text_attention_starts_as_the_model_and_reads_the_caption(tmp_path):
+    """with_temporal_text_attention: the copy computes what the model does (zero output), the new projections get
+    gradients, once trained the caption reaches the frames through it with the spatial cross-attention off, padded
+    tokens do not count, it equals a hand computation of its attention, it saves over the image model and loads back,
+    and DyDiT refuses it with a clear error."""
+    from dit.dydit import DyDiT
+    from dit.latte import init_from_image_model, with_temporal_text_attention
+
+    image, video = _image_and_video(depth=2)
+    image.save_pretrained(tmp_path / "image")
+    init_from_image_model(video, image)
+    with torch.no_grad():
+        for p in video.temporal_blocks.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    clip, t = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    text, keep = torch.randn(2, 5, 24, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    new = with_temporal_text_attention(video, 32)
+    assert new.config.temporal_text_attention == 32 and with_temporal_text_attention(new, 32) is new
+    with pytest.raises(ValueError, match="already has"):
+        with_temporal_text_attention(new, 16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        with_temporal_text_attention(video, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(new(clip, t, text, keep), video(clip, t, text, keep), rtol=0, atol=0)
+    new.train()
+    new(clip, t, text, keep).square().mean().backward()
+    assert all(b.text_attn.proj.weight.grad.abs().sum() > 0 for b in new.temporal_blocks)
+    new.eval()
+    with torch.no_grad():
+        for block in new.temporal_blocks:
+            block.text_attn.proj.weight.normal_(0, 0.3)
+        for block in new.spatial_blocks:  # the caption reaches the frames only through the temporal attention now
+            block.cross_attn.proj.weight.zero_()
+            block.cross_attn.proj.bias.zero_()
+        a = new(clip, t, text, keep)
+        other = text.clone()
+        other[:, 1] += 1.0
+        assert (new(clip, t, other, keep) - a).abs().max() > 1e-3
+        padded = text.clone()
+        padded[0, 3:] = 5.0  # sample 0's padding
+        torch.testing.assert_close(new(clip, t, padded, keep)[0], a[0], rtol=1e-5, atol=1e-6)
+        # the attention by hand, per sequence: frames of each patch position against its sample's kept text tokens
+        ta = new.temporal_blocks[0].text_attn
+        x = torch.randn(2 * 3, 4, 32, generator=g)  # B=2 samples x N=3 positions, F=4 frames
+        txt = torch.randn(2, 5, 32, generator=g)
+        got = ta(x, txt, keep)
+        q = ta.q(ta.norm(x)).view(6, 4, 2, 16).transpose(1, 2)
+        k, v = ta.kv(txt).view(2, 5, 2, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = ta.qk_norm(q, k.repeat_interleave(3, 0))
+        w = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~keep.repeat_interleave(3, 0)[:, None, None], -torch.inf)
+        ref = ta.proj((w.softmax(-1) @ v.repeat_interleave(3, 0)).transpose(1, 2).reshape(6, 4, 32))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    new.save_pretrained(tmp_path / "video", image_model=tmp_path / "image")
+    back = LatteDiT.from_pretrained(tmp_path / "video").eval()
+    assert back.config.temporal_text_attention == 32
+    with torch.no_grad():
+        torch.testing.assert_close(back(clip, t, text, keep), new(clip, t, text, keep), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="temporal_text_attention"):
+        DyDiT(new)

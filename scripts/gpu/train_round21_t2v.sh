@@ -16,6 +16,9 @@
 #   cG:  gG plus the counterfactual-caption contrast (twenty-second session; dit/caption_contrast.py): weight CONTRAST,
 #        margin MARGIN, at noise levels t/T >= CFROM; each step runs the model on the captions and on their
 #        counterfactuals (motions swapped), so it takes about twice as long
+#   agG, acG: gG / cG with a narrow cross-attention (width 32) from the temporal blocks to the caption added
+#        (--temporal-text-attention; dit/latte.py TemporalTextAttention): the inherited spatial cross-attention gives
+#        [SOT] ~90% of its mass and so passes the direction word ~0.1% of any gradient
 # EMA decay EMA (default 0.995: a type switch must not keep a large share of the ε weights in the average after
 # ~2,000 steps; 0.999 would keep 13%), sample metrics every EVAL_EVERY steps on 32 videos, best kept.
 # Usage: LIMIT=400 RUNS="v0 v1" bash scripts/gpu/train_round21_t2v.sh   (carry [".whl"], and BASE if not shipped)
@@ -42,10 +45,12 @@ TRAINABLE='temporal_blocks\.|spatial_blocks\.\d+\.cross_attn\.|caption_embed\.|c
 PIDS=()
 for r in $RUNS; do
   extra=()
-  case $r in t*) extra=(--temporal-text); trainable_more='|temporal_text\.' ;; *) trainable_more='' ;; esac
-  case ${r#t} in
-    g*) gamma=${r#*g}; kind=(--prediction-type epsilon); trainable=$TRAINABLE ;;
-    c*) gamma=${r#*c}; kind=(--prediction-type epsilon --caption-contrast "$CONTRAST" --contrast-margin "$MARGIN"
+  case $r in t*) extra=(--temporal-text); trainable_more='|temporal_text\.' ;;
+             a*) extra=(--temporal-text-attention 32); trainable_more='' ;;   # inside temporal_blocks.
+             *) trainable_more='' ;; esac
+  case ${r#[ta]} in
+    g*) gamma=${r##*g}; kind=(--prediction-type epsilon); trainable=$TRAINABLE ;;
+    c*) gamma=${r##*c}; kind=(--prediction-type epsilon --caption-contrast "$CONTRAST" --contrast-margin "$MARGIN"
                              --contrast-from "$CFROM"); trainable=$TRAINABLE ;;
     v*) gamma=${r#*v}; kind=(--prediction-type v_prediction); trainable="$TRAINABLE|final\." ;;
     *) echo "unknown run $r"; exit 2 ;;
