@@ -536,6 +536,11 @@ def main(argv=None) -> int:
     if set(args.fp8) - {"accurate", "fast"}:
         p.error(f"--fp8 takes accurate and/or fast, got {','.join(args.fp8)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    if args.batches:  # a workload none of whose batch sizes was asked for would be skipped without a row
+        idle = [n for n in names if not set(args.batches) & set(table[n]["batches"])]
+        if idle:
+            p.error(f"--batches {','.join(map(str, args.batches))} gives no batch size to "
+                    + "; ".join(f"{n} (it runs {', '.join(map(str, table[n]['batches']))})" for n in idle))
     out = Path(args.out)
     result = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": []}
     command = " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])

@@ -80,3 +80,15 @@ def test_diffusers_baseline_runs_under_its_presets_whatever_ours_run_under():
             if sd.runs_under(impl, p, ["cudagraphs"], ["default"])]
     assert plan == [("default", "diffusers"), ("cudagraphs", "ours"), ("cudagraphs", "ours-fp8")]
     assert sd.preset_order(["eager", "default"], ["eager", "default"]) == ["eager", "default"]
+
+
+def test_batches_that_leave_a_workload_nothing_are_refused(capsys):
+    """--batches 8 with latte512 (which runs batch 1 only) once measured PixArt alone without a word (H100,
+    2026-11-25): now it is an error naming the workload and its batch sizes."""
+    import pytest
+
+    from bench import sample_dit as sd
+
+    with pytest.raises(SystemExit):
+        sd.main(["--workloads", "pixart512,latte512", "--batches", "8", "--out", "/dev/null"])
+    assert "latte512 (it runs 1)" in capsys.readouterr().err
