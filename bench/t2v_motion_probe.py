@@ -13,7 +13,8 @@ Two more readings per timestep, on the same noisy inputs:
 - `output_change`: how much the model's output moves, relative to its size, when the caption's direction is swapped,
   its colour is changed ("red" -> the next colour) or its shape is changed (the next shape);
 - `attention`: the share of the cross-attention (all blocks, heads and image tokens) that goes to [SOT], to the
-  direction word, to the colour and shape words, and to [EOT].
+  direction word, to the colour and shape words, and to [EOT]; `temporal_text_attention`, the same for the temporal
+  blocks' text attention of a model that has one (`LatteDiT(temporal_text_attention=W)`).
 
     python bench/t2v_motion_probe.py --model weights/shapes-t2v --out bench/results/t2v_motion_probe.json
 """
@@ -105,6 +106,8 @@ def main():
                   "colour": token_positions(encoder, ids, COLOURS), "shape": token_positions(encoder, ids, SHAPES),
                   "eot": ids == encoder.tokenizer.eos_token_id}
         maps = CrossAttentionMaps(model)
+        has_text_attn = any(name.endswith("text_attn") for name, _ in model.named_modules())
+        temporal_maps = CrossAttentionMaps(model, "text_attn") if has_text_attn else None
         g = torch.Generator().manual_seed(args.seed + 1)
         for t in TIMESTEPS:
             eps = torch.randn(z.shape, generator=g)
@@ -113,12 +116,18 @@ def main():
             a = ddpm.alphas_cumprod[t]
             row, outs = {}, {}
             for name, (e, keep) in encoded.items():
-                with maps.recording() if name == "true" else contextlib.nullcontext():
+                recorders = [maps, temporal_maps] if name == "true" and temporal_maps is not None else \
+                    [maps] if name == "true" else []
+                with contextlib.ExitStack() as stack:
+                    for r in recorders:
+                        stack.enter_context(r.recording())
                     out = model(xt, tt, e, keep)
-                if name == "true":  # attention share per token group: mean over blocks, heads, image tokens
-                    A = torch.stack([m.mean((1, 2)) for m in maps.take()]).mean(0)  # (B', L), B' = B·F
+                # attention share per token group: mean over blocks, heads, image tokens; the spatial cross-attention
+                # and, where the model has it, the temporal blocks' text attention
+                for key, r in zip(("attention", "temporal_text_attention"), recorders):
+                    A = torch.stack([m.mean((1, 2)) for m in r.take()]).mean(0)  # (B', L), B' = B·F or B
                     A = A.view(n, -1, A.shape[-1]).mean(1)  # (B, L)
-                    row["attention"] = {g: round((A * mask).sum(-1).mean().item(), 5) for g, mask in groups.items()}
+                    row[key] = {g: round((A * mask).sum(-1).mean().item(), 5) for g, mask in groups.items()}
                 out = (out.sample if hasattr(out, "sample") else out)[:, :z.shape[1]]
                 if ddpm.config.prediction_type == "v_prediction":  # compare as ε: ε = √ᾱ v + √(1-ᾱ) x_t
                     out = a.sqrt() * out + (1 - a).sqrt() * xt

@@ -42,10 +42,12 @@ class CrossAttentionMaps:
     until `remove()` and do nothing outside `recording()`: registering and removing them around every step would
     make torch.compile recompile the model each time (it guards on the hooks)."""
 
-    def __init__(self, model: nn.Module):
-        self.modules = [m for name, m in model.named_modules() if name.endswith("cross_attn") and hasattr(m, "heads")]
+    def __init__(self, model: nn.Module, suffix: str = "cross_attn"):
+        """`suffix`: the modules recorded are those whose name ends so and that have `heads` (a LatteDiT's temporal
+        text attention: "text_attn")."""
+        self.modules = [m for name, m in model.named_modules() if name.endswith(suffix) and hasattr(m, "heads")]
         if not self.modules:
-            raise ValueError(f"{type(model).__name__} has no cross-attention to ground (a text model is needed)")
+            raise ValueError(f"{type(model).__name__} has no {suffix} attention to record (a text model is needed)")
         self.maps: list[Tensor] = []
         self.active = False
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]

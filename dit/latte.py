@@ -106,16 +106,23 @@ class TemporalTextAttention(nn.Module):
         self.proj = nn.Linear(width, hidden_size)
         self.qk_norm = QKNorm(self.HEAD_DIM)
 
-    def forward(self, x_MFD: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
-        """x (M, F, D), M = B·N sequences sample-major; text (B, L, D) -> the update (M, F, D)."""
+    def heads(self, x_MFD: Tensor, text_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, h, N·F, dh) from the x (M, F, D), M = B·N sequences sample-major; k, v (B, h, L, dh) from the text;
+        QK-norm applied (also read by dit/grounding.py CrossAttentionMaps to record the attention)."""
         M, F, D = x_MFD.shape
         B, L, _ = text_BLD.shape
         h, dh = self.num_heads, self.HEAD_DIM
-        q = self.q(self.norm(x_MFD)).view(B, (M // B) * F, h, dh).transpose(1, 2)  # (B, h, N·F, dh)
-        k, v = self.kv(text_BLD).view(B, L, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, dh)
+        q = self.q(self.norm(x_MFD)).view(B, (M // B) * F, h, dh).transpose(1, 2)
+        k, v = self.kv(text_BLD).view(B, L, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.qk_norm(q, k)
+        return q, k, v
+
+    def forward(self, x_MFD: Tensor, text_BLD: Tensor, text_keep_BL: Tensor | None) -> Tensor:
+        """x (M, F, D); text (B, L, D) -> the update (M, F, D)."""
+        M, F, _ = x_MFD.shape
+        q, k, v = self.heads(x_MFD, text_BLD)
         out = attention(q, k, v, key_padding_mask=text_keep_BL)  # (B, h, N·F, dh)
-        return self.proj(out.transpose(1, 2).reshape(M, F, h * dh))
+        return self.proj(out.transpose(1, 2).reshape(M, F, -1))
 
 
 class LatteTemporalBlock(nn.Module):

@@ -7,6 +7,7 @@ import torch
 
 from attention import attention
 from dit.grounding import CrossAttentionMaps, grounding_loss, object_masks, object_token_sets
+from dit.latte import LatteDiT
 from dit.pixart import PixArtDiT
 from shapes.scene import COLOURS, SHAPES
 
@@ -112,8 +113,11 @@ def test_targets_name_each_objects_phrase_and_cells():
 
 def test_a_model_without_cross_attention_is_refused():
     from dit.dit import DiT
-    with pytest.raises(ValueError, match="no cross-attention"):
+    with pytest.raises(ValueError, match="no cross_attn attention"):
         CrossAttentionMaps(DiT(sample_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2))
+    with pytest.raises(ValueError, match="no text_attn attention"):
+        CrossAttentionMaps(LatteDiT(sample_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                                    caption_channels=8, max_text_tokens=4, num_frames=2), "text_attn")
 
 
 def test_video_phrases_take_their_motion_words():

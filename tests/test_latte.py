@@ -582,3 +582,13 @@ def test_temporal_text_attention_starts_as_the_model_and_reads_the_caption(tmp_p
         torch.testing.assert_close(back(clip, t, text, keep), new(clip, t, text, keep), rtol=0, atol=0)
     with pytest.raises(ValueError, match="temporal_text_attention"):
         DyDiT(new)
+    # its attention can be recorded as the spatial cross-attention's is (bench/t2v_motion_probe.py reads it)
+    from dit.grounding import CrossAttentionMaps
+
+    maps = CrossAttentionMaps(new, "text_attn")
+    with torch.no_grad(), maps.recording():
+        new(clip, t, text, keep)
+    taken = maps.take()
+    assert len(taken) == 2 and taken[0].shape == (2, 2, 4 * 16, 5)  # (B, heads, N·F, L): 4x4 patches x 4 frames
+    torch.testing.assert_close(taken[0].sum(-1), torch.ones(2, 2, 64))
+    assert taken[0][0, ..., 3:].abs().max() == 0  # sample 0's padding
