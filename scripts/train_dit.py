@@ -64,6 +64,7 @@ from shapes import NUM_CLASSES  # noqa: E402
 from shapes.data import make_batch  # noqa: E402
 from shapes.render import render_layers, to_float  # noqa: E402
 from shapes.scene import COLOURS, SHAPES, class_name, frame_times, scenes_at  # noqa: E402
+from shapes.text import VIDEO_POSITION_PROB  # noqa: E402
 from training import (EMA, SpikeGuard, add_common_args, cosine_schedule, full, local, optimizer_step,  # noqa: E402
                       start_run, write_model_card)  # noqa: E402
 
@@ -135,6 +136,9 @@ def parse_args(argv=None):
                    help="caption contrast: the counterfactual's error must exceed the true caption's by this share")
     p.add_argument("--contrast-from", type=float, default=0.4, metavar="T_OVER_T",
                    help="caption contrast: only at noise levels t/T of at least this (where a motion is decided)")
+    p.add_argument("--video-position-prob", type=float, default=VIDEO_POSITION_PROB, metavar="P",
+                   help="shapes videos: the share of caption objects whose starting position is stated (the world's "
+                        "default %(default)s; 1 states it always, so the motion words decide where each object goes)")
     p.add_argument("--init-from-image", default=None, metavar="T2I",
                    help="video models: start from this text-to-image model (shipped name or folder, same width and "
                         "depth as --model): spatial blocks and embedders copied, temporal blocks start as identities "
@@ -267,21 +271,23 @@ class LatentData:
 
 def shapes_data(task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
                 tokenize: Callable | None = None, objects: tuple[int, int] = (1, 3),
-                targets: Callable | None = None, counterfactual: bool = False) -> LatentData:
+                targets: Callable | None = None, counterfactual: bool = False,
+                position_prob: float = VIDEO_POSITION_PROB) -> LatentData:
     """Rendered shapes data. `pool` 0: a fresh batch rendered and encoded every step (scene sampling and captions run
     on the CPU, ~60 ms per 256 scenes: it starves a GPU). `pool` N: N items rendered and encoded once up front (on
     the VAE's device, from `seed`), then every step draws its batch from them -- for a 2 M-parameter model,
     100k+ distinct scenes are plenty. A pool's captions are kept as token ids (`tokenize`), so steps skip the
     tokenizer too. `objects`: (min, max) objects per captioned scene. `targets(batch, token ids)` -> grounding
     targets (pool only) kept beside each item (`grounding_targets`). `counterfactual` (videos, pool only): each
-    item's counterfactual caption is kept too, as token ids."""
+    item's counterfactual caption is kept too, as token ids. `position_prob` (videos): the share of caption objects
+    whose starting position is stated."""
     size = vae.config.sample_size
     kind = {"class": "class", "text": "caption", "video": "video"}[task]
     if counterfactual and (task != "video" or not pool):
         raise ValueError("counterfactual captions come with video data from a pool (--pool N)")
 
     def fresh(seed: int, n: int, device):
-        extra = {"objects": objects} if task == "text" else {}
+        extra = {"objects": objects} if task == "text" else {"position_prob": position_prob} if task == "video" else {}
         b = make_batch(kind, seed, n, size=size, device=vae.device, num_frames=num_frames, **extra)
         if task == "class":
             return encode(vae, b["image"]).to(device), b["label"].to(device)
@@ -444,10 +450,13 @@ def parse_objects(spec: str) -> tuple[int, int]:
 
 def make_data(spec: str, task: str, vae: AutoencoderKL, num_frames: int = 8, pool: int = 0, seed: int = 0,
               tokenize: Callable | None = None, objects: str = "1-3", targets: Callable | None = None,
-              counterfactual: bool = False) -> LatentData:
+              counterfactual: bool = False, position_prob: float = VIDEO_POSITION_PROB) -> LatentData:
     """The one place a data source is chosen."""
     if spec == "shapes":
-        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects), targets, counterfactual)
+        return shapes_data(task, vae, num_frames, pool, seed, tokenize, parse_objects(objects), targets, counterfactual,
+                           position_prob)
+    if position_prob != VIDEO_POSITION_PROB:
+        raise ValueError("--video-position-prob sets how the shapes world captions its videos (--data shapes)")
     if targets is not None:
         raise ValueError("--grounding-loss needs the shapes world's object masks (--data shapes)")
     if counterfactual:
@@ -621,6 +630,10 @@ def main(args) -> dict:
             raise ValueError("--grounding-loss applies to text and video models (it grounds caption tokens)")
         targets = grounding_targets(text_encoder, model.config.sample_size // model.config.patch_size,
                                     vae.config.sample_size, model.config.num_frames if task == "video" else None)
+    if not 0 <= args.video_position_prob <= 1:
+        raise ValueError(f"--video-position-prob must be in [0, 1], got {args.video_position_prob}")
+    if args.video_position_prob != VIDEO_POSITION_PROB and task != "video":
+        raise ValueError("--video-position-prob applies to video models")
     contrast = None
     if args.caption_contrast:
         if task != "video":
@@ -630,7 +643,7 @@ def main(args) -> dict:
                              "of a forward the other doubles)")
     data = make_data(args.data, task, vae, getattr(model.config, "num_frames", 8), args.pool, args.seed,
                      text_encoder.tokenize if text_encoder is not None else None, args.objects, targets,
-                     counterfactual=bool(args.caption_contrast))
+                     counterfactual=bool(args.caption_contrast), position_prob=args.video_position_prob)
     if task == "class" and data.num_classes > model.config.num_classes:
         raise ValueError(f"the data has {data.num_classes} classes, the model only {model.config.num_classes}")
     if (args.p2_gamma or args.prediction_type) and args.objective != "ddpm":

@@ -37,7 +37,7 @@ from .scene import (
     sample_tiny_scenes,
     sample_video_scenes,
 )
-from .text import caption, counterfactual_video_caption, video_caption
+from .text import VIDEO_POSITION_PROB, caption, counterfactual_video_caption, video_caption
 from .vqa import SHORT_KINDS, make_question
 
 KINDS = ("class", "caption", "video", "control", "vqa", "tiny")
@@ -65,6 +65,7 @@ def make_batch(
     question_kinds=SHORT_KINDS,
     labels=None,
     objects: tuple[int, int] = (1, 3),
+    position_prob: float = VIDEO_POSITION_PROB,
 ) -> dict:
     """One batch of ``kind`` drawn with ``rng`` (Generator or seed). Keys: ``scenes`` (SceneBatch) and, by
     kind, ``image`` (B, 3, H, W) uint8, ``label`` (B,) int64, ``caption`` / ``canonical`` lists of str,
@@ -72,7 +73,8 @@ def make_batch(
     ``question`` / ``answer`` / ``question_kind`` lists of str; a video batch also has ``counterfactual``, each
     caption with its objects' motions replaced (``shapes.text.counterfactual_scene``). ``labels`` fixes the class ids of a class
     batch; ``paraphrase=False`` gives canonical captions; ``objects`` (min, max) bounds the objects per scene of the
-    caption / control / vqa kinds. ``size`` defaults to 64 px (256 px for tiny)."""
+    caption / control / vqa kinds; ``position_prob`` is the share of a video caption's objects whose starting position it
+    states. ``size`` defaults to 64 px (256 px for tiny)."""
     rng = as_rng(rng)
     size = size or (TINY_SIZE if kind == "tiny" else 64)
     if kind not in KINDS:
@@ -93,8 +95,8 @@ def make_batch(
             out["caption"], out["counterfactual"] = [], []
             for s in scenes:
                 twin = copy.deepcopy(rng)
-                out["caption"].append(video_caption(s, rng))
-                out["counterfactual"].append(counterfactual_video_caption(s, twin))
+                out["caption"].append(video_caption(s, rng, position_prob))
+                out["counterfactual"].append(counterfactual_video_caption(s, twin, position_prob))
         else:
             out["caption"] = out["canonical"]
             out["counterfactual"] = [counterfactual_video_caption(s) for s in scenes]

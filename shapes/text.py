@@ -179,10 +179,14 @@ def caption(scene: Scene, rng=None, relation_prob: float = 0.25, background_prob
     return text
 
 
-def video_caption(scene: Scene, rng=None) -> str:
+# Share of a paraphrased video caption's objects whose starting position is stated ("... in the top left moving right").
+VIDEO_POSITION_PROB = 0.3
+
+
+def video_caption(scene: Scene, rng=None, position_prob: float = VIDEO_POSITION_PROB) -> str:
     """Caption of a video scene: every object with its motion ("a green square moving to the right and a
-    small red star growing"). Sizes are left out for growing/shrinking objects; paraphrases may add the
-    starting position."""
+    small red star growing"). Sizes are left out for growing/shrinking objects; paraphrases add the starting
+    position of each object with probability ``position_prob``."""
     parts = []
     for o in scene.objects:
         size = None if o.motion in ("grow", "shrink") else o.size
@@ -193,7 +197,7 @@ def video_caption(scene: Scene, rng=None) -> str:
         if o.motion == "recolour" and mp.startswith("changing from"):
             colour = None  # the motion phrase names it
         text = object_phrase(o.shape, colour, size, rng)
-        if rng is not None and rng.random() < 0.3:
+        if rng is not None and rng.random() < position_prob:
             text += " " + position_phrase(o.cell, rng)
         parts.append(f"{text} {mp}")
     text = _join(parts)
@@ -222,10 +226,10 @@ def counterfactual_scene(scene: Scene) -> Scene:
     return replace(scene, objects=objs)
 
 
-def counterfactual_video_caption(scene: Scene, rng=None) -> str:
+def counterfactual_video_caption(scene: Scene, rng=None, position_prob: float = VIDEO_POSITION_PROB) -> str:
     """``video_caption`` of ``counterfactual_scene(scene)``: the same objects (and, given a copy of the rng the true
     caption was drawn with, mostly the same wording) with other motions."""
-    return video_caption(counterfactual_scene(scene), rng)
+    return video_caption(counterfactual_scene(scene), rng, position_prob)
 
 
 def captions(batch: SceneBatch, rng=None, video: bool = False, **kw) -> list[str]:
@@ -380,6 +384,7 @@ __all__ = [
     "position_phrase",
     "motion_phrase",
     "COUNTERFACTUAL_MOTION",
+    "VIDEO_POSITION_PROB",
     "counterfactual_scene",
     "counterfactual_video_caption",
     "class_caption",

@@ -375,3 +375,17 @@ def test_render_on_gpu_matches_cpu():
     assert (cpu.int() - gpu.int()).abs().max() <= 1
     t = sample_tiny_scenes(np.random.default_rng(0), 4)
     assert shapes.render(t, 256, device="cuda").shape == (4, 3, 256, 256)
+
+
+def test_video_captions_state_the_start_position_as_often_as_asked():
+    """make_batch(..., position_prob): 1 states every object's starting cell (parsed back equal to the scene's), 0 none;
+    the counterfactual captions follow the same setting."""
+    from shapes.data import make_batch
+    from shapes.text import parse_caption
+
+    for prob in (0.0, 1.0):
+        b = make_batch("video", 3, 24, size=16, num_frames=2, position_prob=prob)
+        for scene, cap, counter in zip(b["scenes"].to_scenes(), b["caption"], b["counterfactual"]):
+            for text in (cap, counter):
+                cells = [o.cell for o in parse_caption(text).objects]
+                assert cells == ([o.cell for o in scene.objects] if prob else [None] * len(scene.objects)), text
