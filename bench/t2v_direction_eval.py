@@ -31,7 +31,7 @@ from dit.text_pipelines import TextToVideoPipeline  # noqa: E402
 from shapes.analyse import analyse_batch  # noqa: E402
 from shapes.metrics import track_objects  # noqa: E402
 from shapes.scene import MOTIONS, sample_video_scenes  # noqa: E402
-from shapes.text import object_phrase, motion_phrase, position_phrase  # noqa: E402
+from shapes.text import motion_phrase, object_phrase, position_phrase  # noqa: E402
 
 DIRECTIONS = ("left", "right", "up", "down")
 

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import Tensor
 

@@ -472,13 +472,10 @@ def test_save_over_image_model_from_the_gpu(tmp_path):
     assert all(torch.equal(v.cpu(), back.state_dict()[k]) for k, v in video.state_dict().items())
 
 
-def test_temporal_text_modulation_starts_as_the_model_and_reads_the_caption(tmp_path):
-    """with_temporal_text_modulation: the copy computes what the model does (zero init), the new linear gets
-    gradients, once trained the caption changes the temporal blocks (frames then depend on the caption through them
-    even with the spatial cross-attention off), padded tokens do not count, and it saves over the image model and
-    loads back with the flag. The DyDiT's Latte path runs it too."""
-    from dit.dydit import DyDiT
-    from dit.latte import init_from_image_model, with_temporal_text_modulation
+def _trained_video_and_inputs(tmp_path):
+    """A video model started from an image model (saved to tmp_path/image) with its temporal blocks moved off the
+    identity, the generator that drew the inputs, and (clip, t, text, keep) with sample 0's last two tokens padded."""
+    from dit.latte import init_from_image_model
 
     image, video = _image_and_video(depth=2)
     image.save_pretrained(tmp_path / "image")
@@ -489,6 +486,18 @@ def test_temporal_text_modulation_starts_as_the_model_and_reads_the_caption(tmp_
     g = torch.Generator().manual_seed(0)
     clip, t = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10, 700])
     text, keep = torch.randn(2, 5, 24, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    return video, g, (clip, t, text, keep)
+
+
+def test_temporal_text_modulation_starts_as_the_model_and_reads_the_caption(tmp_path):
+    """with_temporal_text_modulation: the copy computes what the model does (zero init), the new linear gets
+    gradients, once trained the caption changes the temporal blocks (frames then depend on the caption through them
+    even with the spatial cross-attention off), padded tokens do not count, and it saves over the image model and
+    loads back with the flag. The DyDiT's Latte path runs it too."""
+    from dit.dydit import DyDiT
+    from dit.latte import with_temporal_text_modulation
+
+    video, g, (clip, t, text, keep) = _trained_video_and_inputs(tmp_path)
     new = with_temporal_text_modulation(video)
     assert new.config.temporal_text_modulation and with_temporal_text_modulation(new) is new
     with torch.no_grad():
@@ -528,17 +537,9 @@ def test_temporal_text_attention_starts_as_the_model_and_reads_the_caption(tmp_p
     tokens do not count, it equals a hand computation of its attention, it saves over the image model and loads back,
     and DyDiT refuses it with a clear error."""
     from dit.dydit import DyDiT
-    from dit.latte import init_from_image_model, with_temporal_text_attention
+    from dit.latte import with_temporal_text_attention
 
-    image, video = _image_and_video(depth=2)
-    image.save_pretrained(tmp_path / "image")
-    init_from_image_model(video, image)
-    with torch.no_grad():
-        for p in video.temporal_blocks.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(0)
-    clip, t = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10, 700])
-    text, keep = torch.randn(2, 5, 24, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    video, g, (clip, t, text, keep) = _trained_video_and_inputs(tmp_path)
     new = with_temporal_text_attention(video, 32)
     assert new.config.temporal_text_attention == 32 and with_temporal_text_attention(new, 32) is new
     with pytest.raises(ValueError, match="already has"):
