@@ -11,7 +11,9 @@
 #   fcontX@FOLDER: contX with the high-noise floor (twenty-first session): every sample at noise level >= FLOOR_FROM
 #             executes at least FLOOR of the dense FLOPs (--high-noise-floor; the shipped routers keep 0.32 at t >= 800)
 #   pcontX@FOLDER: contX with the data loss P2-weighted by gamma P2 (--p2-gamma), so that the routers weigh the
-#             high-noise steps more against the FLOPs they save (twenty-first session; not yet run)
+#             high-noise steps more against the FLOPs they save (run in the twenty-second session: no change)
+#   ffreshX:  freshX with the high-noise floor from the first step (the fcont runs started from routers and adapters
+#             fitted without it, and lost quality they did not win back; twenty-second session, not yet run)
 # Every run: lr LR (fresh: FRESH_LR), global grad norm clipped to CLIP, cosine decay to the time limit, grounding
 # weight GROUND, a new data pool of 40,000 scenes with 1-2 objects (the dense model's data) drawn with seed SEED.
 # Usage: LIMIT=400 RUNS="rebase0.58 fresh0.58" bash scripts/gpu/dydit_t2i_round20.sh   (carry [".whl"], and each
@@ -50,6 +52,8 @@ for spec in $RUNS; do
   case $run in
     rebase*) extra=(--init-from weights/shapes-dydit-t2i --rebase --lr "$LR" --lam-hold 0 --lam-reach 0) ;;
     fresh*)  extra=(--lr "$FRESH_LR" --lam-hold 100 --lam-reach "$RAMP") ;;
+    ffresh*) extra=(--lr "$FRESH_LR" --lam-hold 100 --lam-reach "$RAMP" --high-noise-floor "$FLOOR"
+                    --high-noise-from "$FLOOR_FROM") ;;
     cont*)   extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0) ;;
     dcont*)  extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0 --distill "$DISTILL") ;;
     fcont*)  extra=(--init-from "${spec#*@}" --lr "$LR" --lam-hold 0 --lam-reach 0 --high-noise-floor "$FLOOR"
