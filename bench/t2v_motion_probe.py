@@ -106,8 +106,7 @@ def main():
                   "colour": token_positions(encoder, ids, COLOURS), "shape": token_positions(encoder, ids, SHAPES),
                   "eot": ids == encoder.tokenizer.eos_token_id}
         maps = CrossAttentionMaps(model)
-        has_text_attn = any(name.endswith("text_attn") for name, _ in model.named_modules())
-        temporal_maps = CrossAttentionMaps(model, "text_attn") if has_text_attn else None
+        temporal_maps = CrossAttentionMaps(model, "text_attn") if model.config.get("temporal_text_attention") else None
         g = torch.Generator().manual_seed(args.seed + 1)
         for t in TIMESTEPS:
             eps = torch.randn(z.shape, generator=g)
@@ -116,8 +115,7 @@ def main():
             a = ddpm.alphas_cumprod[t]
             row, outs = {}, {}
             for name, (e, keep) in encoded.items():
-                recorders = [maps, temporal_maps] if name == "true" and temporal_maps is not None else \
-                    [maps] if name == "true" else []
+                recorders = [r for r in (maps, temporal_maps) if r is not None] if name == "true" else []
                 with contextlib.ExitStack() as stack:
                     for r in recorders:
                         stack.enter_context(r.recording())

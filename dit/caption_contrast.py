@@ -33,7 +33,8 @@ from torch import Tensor
 
 
 def contrast_loss(err_true: Tensor, err_counter: Tensor, weight: Tensor, active: Tensor, margin: float) -> Tensor:
-    """mean over the batch of weight · relu(err_true - err_counter + margin · sg(err_true)) on the active rows (B,)."""
+    """Mean over the batch of weight · relu(err_true - err_counter + margin · sg(err_true)) on the active rows
+    (all (B,))."""
     hinge = torch.relu(err_true - err_counter + margin * err_true.detach())
     return (weight * hinge * active.to(hinge.dtype)).mean()
 
@@ -51,7 +52,8 @@ def _stack_text(cond, counter):
     tokenizer padded to its context length, so their shapes agree."""
     (tok, keep), (tok2, keep2) = cond, counter
     if tok.shape != tok2.shape:
-        raise ValueError(f"caption and counterfactual tokens differ in shape: {tuple(tok.shape)} vs {tuple(tok2.shape)}")
+        raise ValueError(f"caption and counterfactual tokens differ in shape: {tuple(tok.shape)} vs "
+                         f"{tuple(tok2.shape)}")
     return torch.cat([tok, tok2]), torch.cat([keep, keep2])
 
 
@@ -74,8 +76,8 @@ class CaptionContrast:
         B = x0.shape[0]
         x_t, model_t = obj.noised(x0, noise, t_B)
         out = model_fn(torch.cat([x_t, x_t]), torch.cat([model_t, model_t]), _stack_text(cond, counter))
-        terms = obj.loss_terms(out[:B], x0, x_t, noise, t_B)
         err_true = obj.prediction_error(out[:B], x0, x_t, noise, t_B)
+        terms = obj.loss_terms(out[:B], x0, x_t, noise, t_B, error=err_true)
         err_counter = obj.prediction_error(out[B:], x0, x_t, noise, t_B)
         active = caption_kept.to(t_B.device) & (obj.noise_level(t_B) >= self.noise_from)
         contrast = contrast_loss(err_true, err_counter, obj.sample_weight(t_B), active, self.margin)

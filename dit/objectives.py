@@ -183,8 +183,10 @@ class DDPMObjective:
         x_t, model_t = self.noised(x0, noise, t_B)
         return self.loss_terms(model_fn(x_t, model_t, cond), x0, x_t, noise, t_B)
 
-    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> dict:
-        """The loss dict (see the module docstring) of a model output `out` for x_t = noised(x0, noise, t)."""
+    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor,
+                   error: Tensor | None = None) -> dict:
+        """The loss dict (see the module docstring) of a model output `out` for x_t = noised(x0, noise, t); `error`:
+        its `prediction_error`, when the caller has it already."""
         C = x0.shape[1]
         if out.shape[1] not in (C, 2 * C):
             raise ValueError(f"model returned {out.shape[1]} channels for {C}-channel latents (expected {C} or {2 * C})")
@@ -194,7 +196,7 @@ class DDPMObjective:
             eps = abar.sqrt() * pred + (1 - abar).sqrt() * x_t  # ε = √ᾱ v + √(1-ᾱ) x_t, for the VLB's mean
         else:
             eps = pred
-        mse = self.prediction_error(out, x0, x_t, noise, t_B)
+        mse = self.prediction_error(out, x0, x_t, noise, t_B) if error is None else error
         losses = {"mse": mse.mean()}
         loss = mse if self.loss_weights is None else mse * self.sample_weight(t_B)
         if out.shape[1] == 2 * C:
@@ -259,8 +261,9 @@ class FlowMatchingObjective:
         x_t, model_t = self.noised(x0, noise, t_B)
         return self.loss_terms(model_fn(x_t, model_t, cond), x0, x_t, noise, t_B)
 
-    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor) -> dict:
-        mse = self.prediction_error(out, x0, x_t, noise, t_B).mean()
+    def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t_B: Tensor,
+                   error: Tensor | None = None) -> dict:
+        mse = (self.prediction_error(out, x0, x_t, noise, t_B) if error is None else error).mean()
         return {"loss": mse, "mse": mse.detach()}
 
 

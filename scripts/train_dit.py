@@ -634,7 +634,6 @@ def main(args) -> dict:
         raise ValueError(f"--video-position-prob must be in [0, 1], got {args.video_position_prob}")
     if args.video_position_prob != VIDEO_POSITION_PROB and task != "video":
         raise ValueError("--video-position-prob applies to video models")
-    contrast = None
     if args.caption_contrast:
         if task != "video":
             raise ValueError("--caption-contrast applies to video models (its counterfactuals change the motions)")
@@ -653,8 +652,8 @@ def main(args) -> dict:
         {"timestep_sampling": args.timestep_sampling} if args.objective == "flow" else
         {"vlb_weight": args.vlb_weight, "p2_gamma": args.p2_gamma, "p2_k": args.p2_k,
          "prediction_type": args.prediction_type or prediction_type_of(args.model)}))
-    if args.caption_contrast:
-        contrast = CaptionContrast(objective, args.caption_contrast, args.contrast_margin, args.contrast_from)
+    contrast = CaptionContrast(objective, args.caption_contrast, args.contrast_margin, args.contrast_from) \
+        if args.caption_contrast else None
     if args.trainable:
         if args.lora:
             raise ValueError("--trainable with --lora: LoRA already decides what trains (its adapters)")
@@ -759,7 +758,8 @@ def main(args) -> dict:
                     terms = contrast(model_fn, x0_all[rows], take(cond_all, rows), take(counter_all, rows),
                                      (t_all[rows], noise_all[rows]), kept_all[rows])
                 else:
-                    terms = objective(model_fn, x0_all[rows], take(cond_all, rows), draws=(t_all[rows], noise_all[rows]))
+                    terms = objective(model_fn, x0_all[rows], take(cond_all, rows),
+                                      draws=(t_all[rows], noise_all[rows]))
                 if maps is not None:
                     masks, tokens = masks_all[rows], tokens_all[rows]
                     if masks.ndim == 4:  # video (b, F, K, N): every frame grounded on its own

@@ -71,10 +71,10 @@ def make_batch(
     kind, ``image`` (B, 3, H, W) uint8, ``label`` (B,) int64, ``caption`` / ``canonical`` lists of str,
     ``video`` (B, T, 3, H, W) uint8, ``control`` (B, 3, H, W) uint8 and ``maps`` (raw ``ControlMaps``),
     ``question`` / ``answer`` / ``question_kind`` lists of str; a video batch also has ``counterfactual``, each
-    caption with its objects' motions replaced (``shapes.text.counterfactual_scene``). ``labels`` fixes the class ids of a class
-    batch; ``paraphrase=False`` gives canonical captions; ``objects`` (min, max) bounds the objects per scene of the
-    caption / control / vqa kinds; ``position_prob`` is the share of a video caption's objects whose starting position it
-    states. ``size`` defaults to 64 px (256 px for tiny)."""
+    caption with its objects' motions replaced (``shapes.text.counterfactual_scene``). ``labels`` fixes the class
+    ids of a class batch; ``paraphrase=False`` gives canonical captions; ``objects`` (min, max) bounds the objects
+    per scene of the caption / control / vqa kinds; ``position_prob`` is the share of a video caption's objects whose
+    starting position it states. ``size`` defaults to 64 px (256 px for tiny)."""
     rng = as_rng(rng)
     size = size or (TINY_SIZE if kind == "tiny" else 64)
     if kind not in KINDS:
